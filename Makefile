@@ -1,0 +1,45 @@
+# `make demo` and `make test` each do the whole set-up from a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BNCTL  := $(VENV)/bin/bnctl
+PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+OUT    := build/demo
+
+.PHONY: demo test bench samples clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.demo-installed: pyproject.toml constraints.txt | $(PY)
+	$(PIP) -e '.[plot,parquet]'
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml constraints.txt | $(PY)
+	$(PIP) -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	@mkdir -p $(OUT)
+	@echo "\$$ bnctl inspect samples/checkpoints/sample.pt"
+	@$(BNCTL) inspect samples/checkpoints/sample.pt
+	@echo "\n\$$ bnctl inspect samples/checkpoints/sample.onnx --format markdown"
+	@$(BNCTL) inspect samples/checkpoints/sample.onnx --format markdown
+	@echo "\n\$$ bnctl inspect samples/broken/nan_stats.pt --plot $(OUT)/nan_stats.png"
+	@$(BNCTL) inspect samples/broken/nan_stats.pt --plot $(OUT)/nan_stats.png
+	@echo "\n\$$ bnctl inspect samples/broken/train_mode.torchscript.pt --format json --output $(OUT)/train_mode.json"
+	@$(BNCTL) inspect samples/broken/train_mode.torchscript.pt --format json --output $(OUT)/train_mode.json
+	@echo "\n\$$ bnctl inspect samples/checkpoints/sample.module.pt   # a pickled module: refused without --trust"
+	@$(BNCTL) inspect samples/checkpoints/sample.module.pt || true
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.test-installed
+	$(PY) benchmarks/bench_inspect.py
+
+samples: $(VENV)/.test-installed
+	$(PY) samples/make_samples.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .hypothesis

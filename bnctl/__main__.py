@@ -1,0 +1,5 @@
+"""``python -m bnctl`` runs the CLI."""
+
+from bnctl.cli import main
+
+main()

@@ -1,0 +1,185 @@
+"""The ``bnctl`` command line: options -> library call -> render. No torch logic here.
+
+Heavy modules (torch, pandas, the library) are imported inside the commands, so
+``bnctl --help`` and ``bnctl inspect --help`` answer at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import io
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .errors import BnctlError, InputError
+from .flags import FLAGS
+
+app = typer.Typer(
+    name="bnctl",
+    help="Inspect, audit, recalibrate, fold, convert and export the BatchNorm layers of trained PyTorch models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+_state = {"debug": False}
+
+# --- options shared by the commands that read a model -----------------------------------
+
+PathArg = Annotated[
+    Path,
+    typer.Argument(help="Checkpoint: state_dict/.ckpt (.pt .pth .bin), safetensors, TorchScript, .pt2, ONNX.", show_default=False),
+]
+ArchOpt = Annotated[
+    Optional[str],
+    typer.Option("--arch", help="Build the model to load a state_dict into: 'pkg.module:factory' or 'path/file.py:factory'.", rich_help_panel="Model"),
+]
+ArchArgOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--arch-arg", help="Keyword argument for the --arch factory, name=value (a Python literal). Repeatable.", rich_help_panel="Model"),
+]
+KeyOpt = Annotated[
+    Optional[str],
+    typer.Option("--key", help="Entry of a training checkpoint to read (state_dict, model, ema, ...). Default: the most likely one.", rich_help_panel="Model"),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option("--trust", help="Allow loading pickled Python objects (whole modules). This runs code from the file.", rich_help_panel="Model"),
+]
+
+
+class InspectFormat(str, enum.Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    parquet = "parquet"
+    markdown = "markdown"
+
+
+def _fail(message: str, tip: str | None, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    if tip:
+        typer.echo(f"tip: {tip}", err=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(command):
+    """Turn a :class:`BnctlError` into ``error:``/``tip:`` lines and its exit code.
+
+    Any other exception is an internal error: one line and exit 2, the traceback only
+    with ``--debug``.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except BnctlError as exc:
+            if _state["debug"]:
+                raise
+            _fail(exc.message, exc.tip, exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", None, 130)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence for the user
+            if _state["debug"]:
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {exc}", "rerun with --debug and report the traceback", 2)
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bnctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _parse_arch_args(items: list[str] | None) -> dict:
+    from .arch import parse_arch_args
+
+    return parse_arch_args(items or [])
+
+
+def _emit_text(text: str, output: Path | None) -> None:
+    from . import _atomic
+
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        _atomic.write_text(output, text)
+        typer.echo(f"wrote {output}", err=True)
+
+
+@app.command(
+    epilog="Flags: " + "; ".join(f"[bold]{k}[/bold]: {v}" for k, v in FLAGS.items()),
+)
+@handles_errors
+def inspect(
+    path: PathArg,
+    arch: ArchOpt = None,
+    arch_arg: ArchArgOpt = None,
+    key: KeyOpt = None,
+    trust: TrustOpt = False,
+    fmt: Annotated[
+        Optional[InspectFormat],
+        typer.Option("--format", "-f", help="Output format. Default: table, or what --output's extension says.", show_default=False),
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the output to this file (atomically) instead of stdout.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw running_var and |gamma| per layer to this PNG (needs bnctl[plot]).")] = None,
+) -> None:
+    """Show each BatchNorm layer's statistics and affine parameters, and flag what is unhealthy."""
+    from . import render
+    from .inspection import inspect as run_inspect
+
+    chosen = fmt.value if fmt else (render.format_from_suffix(output) if output else None) or "table"
+    if chosen == "parquet" and output is None:
+        raise InputError("--format parquet writes a binary file and needs --output", "add --output layers.parquet")
+    result = run_inspect(path, arch=arch, arch_args=_parse_arch_args(arch_arg), key=key, trust=trust)
+    for note in result.notes if chosen != "table" else ():
+        typer.echo(f"note: {note}", err=True)
+    if chosen == "table":
+        from rich.console import Console
+
+        if output is None:
+            Console(soft_wrap=False).print(render.inspect_table(result))
+        else:
+            console = Console(record=True, file=io.StringIO(), width=200)
+            console.print(render.inspect_table(result))
+            _emit_text(console.export_text(), output)
+    elif chosen == "json":
+        _emit_text(render.to_json(result), output)
+    elif chosen == "csv":
+        _emit_text(render.to_csv(result), output)
+    elif chosen == "markdown":
+        _emit_text(render.to_markdown(result), output)
+    else:
+        render.write_parquet(result, output)
+        typer.echo(f"wrote {output}", err=True)
+    if plot is not None:
+        render.plot(result, plot)
+        typer.echo(f"wrote {plot}", err=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,15 @@
+"""The health flags of ``bnctl inspect``: names (a JSON contract) and meanings. Imports nothing heavy."""
+
+#: Every flag inspect can raise, with what it means. The names are part of the JSON contract.
+FLAGS: dict[str, str] = {
+    "nonfinite": "NaN or Inf in running statistics or affine parameters: every output becomes NaN",
+    "negative_var": "running_var has negative entries, impossible for a variance: the file is corrupted",
+    "var_below_eps": "running_var below eps: the layer divides by ~sqrt(eps) and amplifies noise",
+    "never_updated": "running_mean is all 0 and running_var all 1: initial values, never estimated from data",
+    "no_running_stats": "track_running_stats=False: eval mode normalizes with the batch's own statistics",
+    "dead_channels": "some channels have |weight| ~ 0: they output a constant (their bias)",
+    "fp16_risk": "statistics or the folded scale |weight|/sqrt(var+eps) leave float16's range or precision",
+    "momentum_zero": "momentum is 0: the running statistics can never change",
+    "train_mode": "saved in train mode: inference would use batch statistics",
+    "unmaterialized": "a lazy BatchNorm that never saw an input: it has no tensors yet",
+}

@@ -1,0 +1,190 @@
+"""Turn results into what people and scripts read: rich tables, JSON, CSV, Parquet, Markdown, PNG.
+
+Functions here return text or write files; printing is the CLI's job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from . import _atomic
+from .errors import InputError, MissingExtraError
+from .inspection import InspectResult
+from .stats import FLAGS, flag_counts
+
+TABULAR = ("csv", "parquet", "markdown")
+_SEVERE = {"nonfinite", "negative_var", "never_updated", "train_mode", "no_running_stats"}
+
+
+def format_from_suffix(path: Path) -> str | None:
+    """The output format an ``--output`` file name implies, if any."""
+    return {".json": "json", ".csv": "csv", ".parquet": "parquet", ".md": "markdown", ".txt": "table"}.get(path.suffix.lower())
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _unknown(value: Any, fmt=str) -> str:
+    return "[dim]?[/dim]" if value is None else fmt(value)
+
+
+def summary_line(result: InspectResult) -> str:
+    """``27 BatchNorm layers, 2 flagged (nonfinite 1, never_updated 1) in x.pt [torch state_dict]``."""
+    n = len(result.rows)
+    if n == 0:
+        return f"no BatchNorm layers found in {result.source} [{result.description}]"
+    counts = flag_counts(result.rows)
+    flagged = len(result.flagged)
+    detail = f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else ""
+    noun = "layer" if n == 1 else "layers"
+    return f"{n} BatchNorm {noun}, {flagged} flagged{detail} in {result.source} [{result.description}]"
+
+
+def inspect_table(result: InspectResult, *, max_details: int = 20):
+    """A rich renderable: the layer table, the flag details, the notes and the summary line."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for title, justify in (
+        ("layer", "left"), ("kind", "left"), ("C", "right"), ("eps", "right"), ("momentum", "right"),
+        ("batches", "right"), ("|mean| max", "right"), ("var min", "right"), ("var max", "right"),
+        ("|γ| min", "right"), ("|β| max", "right"), ("flags", "left"),
+    ):
+        table.add_column(title, justify=justify, no_wrap=title != "flags")
+    for row in result.rows:
+        momentum = "cumulative" if row["averaging"] == "cumulative" else _unknown(row["momentum"], "{:g}".format)
+        flags = ", ".join(
+            f"[{'red' if f in _SEVERE else 'yellow'}]{f}[/]" for f in row["flags"]
+        )
+        table.add_row(
+            row["name"] or "(root)",
+            _unknown(row["kind"]),
+            str(row["num_features"]),
+            _unknown(row["eps"], "{:g}".format),
+            momentum,
+            _unknown(row["num_batches_tracked"]),
+            *(_num(row[c]) for c in ("mean_absmax", "var_min", "var_max", "weight_absmin", "bias_absmax")),
+            flags,
+        )
+    parts: list[Any] = [table] if result.rows else []
+    details = [(row["name"], d) for row in result.rows for d in row["details"]]
+    if details:
+        parts.append(Text(""))
+        for name, detail in details[:max_details]:
+            parts.append(Text.assemble(("  " + (name or "(root)"), "bold"), ": ", detail))
+        if len(details) > max_details:
+            parts.append(Text(f"  ... {len(details) - max_details} more (--format json lists all)", style="dim"))
+    for note in result.notes:
+        parts.append(Text(f"note: {note}", style="dim"))
+    parts.append(Text(""))
+    parts.append(Text(summary_line(result), style="bold"))
+    return Group(*parts)
+
+
+def to_json(result: InspectResult) -> str:
+    """The JSON contract of ``bnctl inspect --format json`` (strict JSON: no NaN)."""
+    return json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
+
+
+def _flat_table(result: InspectResult):
+    df = result.table()
+    df["flags"] = df["flags"].map(";".join)
+    df["details"] = df["details"].map("; ".join)
+    return df
+
+
+def to_csv(result: InspectResult) -> str:
+    """One CSV row per layer; list columns joined with ';'; unknown values empty."""
+    return _flat_table(result).to_csv(index=False)
+
+
+def to_markdown(result: InspectResult) -> str:
+    """A GitHub-flavoured Markdown table of the main columns, then the summary line."""
+    df = _flat_table(result)[
+        ["name", "kind", "num_features", "eps", "momentum", "num_batches_tracked",
+         "mean_absmax", "var_min", "var_max", "weight_absmin", "flags"]
+    ]
+    df = df.astype(object).where(df.notna(), "?")
+    return df.to_markdown(index=False, floatfmt=".3g") + f"\n\n{summary_line(result)}\n"
+
+
+def write_parquet(result: InspectResult, dest: Path) -> None:
+    """Write the full table (list columns kept as lists) to ``dest`` atomically."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError("pyarrow", "parquet", "--format parquet") from exc
+    df = result.table()
+    with _atomic.atomic_path(dest) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def plot(result: InspectResult, dest: Path) -> None:
+    """Draw each layer's running_var and |weight| spread (log scale), flagged layers in red.
+
+    One column per layer, in model order: a bar from the smallest to the largest channel
+    value with a dot at the median; red layers carry a flag; a cross at the bottom marks a
+    layer whose values cannot sit on a log axis (non-finite, negative or zero).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise MissingExtraError("matplotlib", "plot", "--plot") from exc
+    import torch
+
+    if dest.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise InputError(f"--plot {dest}: the file name must end in .png, .svg or .pdf", f"e.g. --plot {dest.with_suffix('.png')}")
+    layers = result.layers
+    n = max(len(layers), 1)
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.28 * n + 2), 7), sharex=True)
+    panels = (("running_var", "running_var per channel", "var"), ("weight", "|γ| (weight) per channel", "gamma"))
+    for ax, (attr, label, _) in zip(axes, panels):
+        for i, (layer, row) in enumerate(zip(layers, result.rows)):
+            t = getattr(layer, attr)
+            color = "tab:red" if row["flags"] else "tab:blue"
+            if t is None or t.numel() == 0:
+                continue
+            v = t.detach().double().abs() if attr == "weight" else t.detach().double()
+            ok = v[torch.isfinite(v) & (v > 0)]
+            if ok.numel() < v.numel():
+                ax.plot([i], [0.02], marker="x", color="tab:red", transform=ax.get_xaxis_transform(), clip_on=False)
+            if ok.numel():
+                ax.vlines(i, float(ok.min()), float(ok.max()), color=color, linewidth=3, alpha=0.6)
+                ax.plot([i], [float(ok.median())], "o", color=color, markersize=3)
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(True, axis="y", alpha=0.3)
+    eps = next((l.eps for l in layers if l.eps is not None), None)
+    axes[0].axhline(eps if eps is not None else 1e-5, color="gray", linestyle="--", linewidth=1, label="eps" if eps else "1e-5 (eps unknown)")
+    axes[0].legend(loc="upper right", fontsize=8)
+    axes[1].set_xticks(range(len(layers)))
+    axes[1].set_xticklabels([l.name or "(root)" for l in layers], rotation=90, fontsize=7)
+    counts = flag_counts(result.rows)
+    subtitle = ", ".join(f"{k} {v}" for k, v in counts.items()) or "no flags"
+    fig.suptitle(f"{Path(result.source).name}: {len(layers)} BatchNorm layers ({subtitle})\nred = flagged layer; x = non-finite, negative or zero values", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format=dest.suffix.lower().lstrip("."), dpi=110)
+    plt.close(fig)
+    _atomic.write_bytes(dest, buf.getvalue())
+
+
+def flag_help() -> str:
+    """The flags and their meaning, one per line (for ``inspect --help`` and the README)."""
+    return "\n".join(f"{name}: {text}" for name, text in FLAGS.items())

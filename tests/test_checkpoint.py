@@ -1,0 +1,245 @@
+"""Reading every supported format, choosing entries of training checkpoints, refusing bad input."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+from bnctl import checkpoint, layers
+from bnctl.checkpoint import Format
+from bnctl.errors import InputError, UnsafeCheckpointError
+from conftest import BROKEN, CHECKPOINTS
+
+BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
+
+SAMPLE_FORMATS = {
+    "sample.pt": Format.TORCH,
+    "sample.safetensors": Format.SAFETENSORS,
+    "sample.ckpt": Format.TORCH,
+    "sample.torchscript.pt": Format.TORCHSCRIPT,
+    "sample.pt2": Format.EXPORT,
+    "sample.onnx": Format.ONNX,
+    "sample.module.pt": Format.TORCH,
+}
+
+
+def bn_names(reference):
+    return sorted(k.rpartition(".")[0] for k in reference if k.endswith("running_mean"))
+
+
+@pytest.mark.parametrize("name,fmt", SAMPLE_FORMATS.items())
+def test_format_is_detected_from_content(name, fmt, tmp_path):
+    src = CHECKPOINTS / name
+    assert checkpoint.detect_format(src) is fmt
+    renamed = tmp_path / "model.bin"  # the extension says nothing
+    renamed.write_bytes(src.read_bytes())
+    assert checkpoint.detect_format(renamed) is fmt
+
+
+@pytest.mark.parametrize("name", SAMPLE_FORMATS)
+def test_every_sample_format_gives_the_reference_bn_tensors(name, reference):
+    ckpt = checkpoint.load(CHECKPOINTS / name, trust=name == "sample.module.pt")
+    found = {layer.name.removeprefix("model."): layer for layer in layers.find(ckpt)}
+    assert sorted(found) == bn_names(reference)
+    for bn, layer in found.items():
+        for attr in BN_SUFFIXES:
+            torch.testing.assert_close(getattr(layer, attr), reference[f"{bn}.{attr}"], rtol=0, atol=0)
+        assert layer.num_features == reference[f"{bn}.running_mean"].numel()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_reading_bn_layers_does_not_read_the_big_tensors(tmp_path, fmt):
+    from safetensors.torch import save_file
+
+    big = {"features.0.weight": torch.ones(64 * 2**20 // 4 * 4)}  # 256 MB of conv weight
+    bn = {f"features.1.{s}": torch.rand(64) for s in BN_SUFFIXES}
+    path = tmp_path / "big.bin"
+    if fmt == "torch":
+        torch.save({**big, **bn}, path)
+    else:
+        save_file({**big, **bn}, path)
+    del big
+    before = _rss_bytes()
+    ckpt = checkpoint.load(path)
+    from bnctl import stats
+
+    rows = stats.rows(layers.find(ckpt))
+    grown = _rss_bytes() - before
+    assert [r["name"] for r in rows] == ["features.1"]
+    assert grown < 64 * 2**20, f"resident memory grew by {grown / 2**20:.0f} MiB reading a 256 MiB file"
+
+
+def test_safetensors_reads_only_requested_keys(monkeypatch):
+    ckpt = checkpoint.load(CHECKPOINTS / "sample.safetensors")
+    read = []
+    original = ckpt.tensors._file.get_tensor
+    monkeypatch.setattr(ckpt.tensors, "_file", type("F", (), {"get_tensor": lambda self, k: read.append(k) or original(k)})())
+    layers.find(ckpt)
+    assert read and all(k.rpartition(".")[2] in (*BN_SUFFIXES, "num_batches_tracked") for k in read)
+    assert not any("conv" in k for k in read)
+
+
+def test_legacy_torch_format(tmp_path, reference):
+    path = tmp_path / "legacy.pth"
+    torch.save(reference, path, _use_new_zipfile_serialization=False)
+    assert checkpoint.detect_format(path) is Format.TORCH_LEGACY
+    ckpt = checkpoint.load(path)
+    torch.testing.assert_close(ckpt.tensors["stem.1.running_var"], reference["stem.1.running_var"])
+
+
+@pytest.mark.parametrize(
+    "wrap,expected_key",
+    [
+        (lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3}, "model"),
+        (lambda sd: {"model_state_dict": sd, "optimizer_state_dict": {}, "epoch": 1}, "model_state_dict"),
+        (lambda sd: {"ema": sd, "step": 10}, "ema"),
+        (lambda sd: {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 0}, "state_dict"),
+        (lambda sd: {"ema": {"module": sd}, "step": 10}, "ema.module"),
+    ],
+)
+def test_training_checkpoint_entries(tmp_path, reference, wrap, expected_key):
+    path = tmp_path / "train.pt"
+    torch.save(wrap(reference), path)
+    ckpt = checkpoint.load(path)
+    assert ckpt.key == expected_key
+    assert len(layers.find(ckpt)) == len(bn_names(reference))
+
+
+def test_key_chooses_between_model_and_ema(tmp_path, reference):
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in reference.items()}
+    path = tmp_path / "both.pt"
+    torch.save({"model": reference, "ema": ema, "epoch": 5}, path)
+    default = checkpoint.load(path)
+    chosen = checkpoint.load(path, key="ema")
+    assert default.key == "model" and set(default.candidates) == {"model", "ema"}
+    torch.testing.assert_close(chosen.tensors["stem.1.running_mean"], reference["stem.1.running_mean"] + 1)
+    with pytest.raises(InputError, match="not an entry"):
+        checkpoint.load(path, key="nope")
+
+
+def test_dict_without_weights_is_refused(tmp_path):
+    path = tmp_path / "meta.pt"
+    torch.save({"epoch": 3, "lr": 0.1}, path)
+    with pytest.raises(InputError, match="no state_dict"):
+        checkpoint.load(path)
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        checkpoint.load(tmp_path / "missing.pt")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(InputError, match="is a directory"):
+        checkpoint.load(tmp_path)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(InputError, match="is empty"):
+        checkpoint.load(tmp_path / "empty.pt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.pt").write_text("these are not weights\n")
+    with pytest.raises(InputError, match="not a checkpoint bnctl can read"):
+        checkpoint.load(tmp_path / "notes.pt")
+
+
+@pytest.mark.parametrize("name", ["sample.pt", "sample.torchscript.pt", "sample.pt2", "sample.safetensors", "sample.onnx"])
+def test_truncated_files(tmp_path, name):
+    data = (CHECKPOINTS / name).read_bytes()
+    path = tmp_path / name
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError):
+        layers.find(checkpoint.load(path))
+
+
+def test_corrupted_zip_member(tmp_path):
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes((CHECKPOINTS / "sample.pt").read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+    with open(path, "r+b") as f:  # garble the pickle's bytes inside the archive
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        f.seek(info.header_offset + 30 + name_len + extra_len + 2)
+        f.write(b"\xff" * 16)
+    with pytest.raises(InputError):
+        checkpoint.load(path)
+
+
+def test_zip_that_is_not_pytorch(tmp_path):
+    path = tmp_path / "arrays.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", b"123")
+    with pytest.raises(InputError, match="not a PyTorch file"):
+        checkpoint.load(path)
+
+
+def test_onnx_with_missing_external_data(tmp_path):
+    import onnx
+
+    model = onnx.load(CHECKPOINTS / "sample.onnx")
+    onnx.save(model, tmp_path / "big.onnx", save_as_external_data=True, all_tensors_to_one_file=True, location="big.onnx.data", size_threshold=0)
+    (tmp_path / "big.onnx.data").unlink()
+    with pytest.raises(InputError, match="cannot read .* as an ONNX model"):
+        checkpoint.load(tmp_path / "big.onnx")
+
+
+def test_pickled_module_needs_trust():
+    with pytest.raises(UnsafeCheckpointError, match=r"\(bnctl.models.SampleNet\).*--trust"):
+        checkpoint.load(CHECKPOINTS / "sample.module.pt")
+    assert checkpoint.load(CHECKPOINTS / "sample.module.pt", trust=True).module is not None
+
+
+class _Payload:
+    """Unpickling this calls os.system, which would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["torch", "pickle"])
+def test_malicious_pickle_does_not_execute(tmp_path, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {"state_dict": {"x": torch.zeros(1)}, "hook": _Payload(marker)}
+    if writer == "torch":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=4))
+    with pytest.raises(UnsafeCheckpointError, match="--trust"):
+        checkpoint.load(path)
+    assert not marker.exists()
+    # the payload is real: with --trust it runs (which is why --trust must be asked for)
+    checkpoint.load(path, trust=True)
+    assert marker.exists()
+
+
+def test_trust_with_unimportable_class(tmp_path):
+    path = tmp_path / "module.pt"
+    data = (CHECKPOINTS / "sample.module.pt").read_bytes().replace(b"bnctl.models", b"gone.modelsx")
+    path.write_bytes(data)
+    with pytest.raises(InputError):
+        checkpoint.load(path, trust=True)
+
+
+def test_broken_samples_are_readable():
+    for path in BROKEN.iterdir():
+        assert layers.find(checkpoint.load(path)), path
