@@ -157,10 +157,12 @@ def inspect(
         from rich.console import Console
 
         if output is None:
-            Console(soft_wrap=False).print(render.inspect_table(result))
+            # piped output keeps whole lines; a terminal gets the table fitted to its width
+            console = Console(width=None if sys.stdout.isatty() else 250)
+            console.print(render.inspect_table(result, width=console.width))
         else:
             console = Console(record=True, file=io.StringIO(), width=200)
-            console.print(render.inspect_table(result))
+            console.print(render.inspect_table(result, width=console.width))
             _emit_text(console.export_text(), output)
     elif chosen == "json":
         _emit_text(render.to_json(result), output)

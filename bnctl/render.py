@@ -51,34 +51,38 @@ def summary_line(result: InspectResult) -> str:
     return f"{n} BatchNorm {noun}, {flagged} flagged{detail} in {result.source} [{result.description}]"
 
 
-def inspect_table(result: InspectResult, *, max_details: int = 20):
+#: table columns: (title, value of a row, shown on a narrow terminal too)
+_COLUMNS = (
+    ("layer", lambda r: r["name"] or "(root)", True),
+    ("kind", lambda r: _unknown(r["kind"]), True),
+    ("C", lambda r: str(r["num_features"]), True),
+    ("eps", lambda r: _unknown(r["eps"], "{:g}".format), False),
+    ("momentum", lambda r: "cumulative" if r["averaging"] == "cumulative" else _unknown(r["momentum"], "{:g}".format), False),
+    ("batches", lambda r: _unknown(r["num_batches_tracked"]), False),
+    ("|mean| max", lambda r: _num(r["mean_absmax"]), False),
+    ("var min", lambda r: _num(r["var_min"]), True),
+    ("var max", lambda r: _num(r["var_max"]), True),
+    ("|γ| min", lambda r: _num(r["weight_absmin"]), True),
+    ("|β| max", lambda r: _num(r["bias_absmax"]), False),
+    ("flags", lambda r: ", ".join(f"[{'red' if f in _SEVERE else 'yellow'}]{f}[/]" for f in r["flags"]), True),
+)
+#: below this terminal width the table keeps only the columns marked for narrow terminals
+WIDE = 130
+
+
+def inspect_table(result: InspectResult, *, width: int = WIDE, max_details: int = 20):
     """A rich renderable: the layer table, the flag details, the notes and the summary line."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
+    columns = [c for c in _COLUMNS if width >= WIDE or c[2]]
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for title, justify in (
-        ("layer", "left"), ("kind", "left"), ("C", "right"), ("eps", "right"), ("momentum", "right"),
-        ("batches", "right"), ("|mean| max", "right"), ("var min", "right"), ("var max", "right"),
-        ("|γ| min", "right"), ("|β| max", "right"), ("flags", "left"),
-    ):
-        table.add_column(title, justify=justify, no_wrap=title != "flags")
+    for title, _, _ in columns:
+        table.add_column(title, justify="left" if title in ("layer", "kind", "flags") else "right",
+                         no_wrap=title != "flags", overflow="fold")
     for row in result.rows:
-        momentum = "cumulative" if row["averaging"] == "cumulative" else _unknown(row["momentum"], "{:g}".format)
-        flags = ", ".join(
-            f"[{'red' if f in _SEVERE else 'yellow'}]{f}[/]" for f in row["flags"]
-        )
-        table.add_row(
-            row["name"] or "(root)",
-            _unknown(row["kind"]),
-            str(row["num_features"]),
-            _unknown(row["eps"], "{:g}".format),
-            momentum,
-            _unknown(row["num_batches_tracked"]),
-            *(_num(row[c]) for c in ("mean_absmax", "var_min", "var_max", "weight_absmin", "bias_absmax")),
-            flags,
-        )
+        table.add_row(*(value(row) for _, value, _ in columns))
     parts: list[Any] = [table] if result.rows else []
     details = [(row["name"], d) for row in result.rows for d in row["details"]]
     if details:
@@ -175,6 +179,9 @@ def plot(result: InspectResult, dest: Path) -> None:
     axes[0].legend(loc="upper right", fontsize=8)
     axes[1].set_xticks(range(len(layers)))
     axes[1].set_xticklabels([l.name or "(root)" for l in layers], rotation=90, fontsize=7)
+    for label, row in zip(axes[1].get_xticklabels(), result.rows):
+        if row["flags"]:
+            label.set_color("tab:red")
     counts = flag_counts(result.rows)
     subtitle = ", ".join(f"{k} {v}" for k, v in counts.items()) or "no flags"
     fig.suptitle(f"{Path(result.source).name}: {len(layers)} BatchNorm layers ({subtitle})\nred = flagged layer; x = non-finite, negative or zero values", fontsize=10)

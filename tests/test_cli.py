@@ -205,3 +205,16 @@ def test_python_dash_m_and_console_script():
     script = Path(sys.executable).with_name("bnctl")
     proc = subprocess.run([str(script), "inspect", str(CHECKPOINTS / "sample.pt"), "-f", "json"], capture_output=True, text=True)
     assert proc.returncode == 0 and len(json.loads(proc.stdout)["layers"]) == 10
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_table_keeps_layer_and_flags_at_any_width(width):
+    from rich.console import Console
+
+    from bnctl import inspection, render
+
+    result = inspection.inspect(BROKEN / "nan_stats.pt")
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(render.inspect_table(result, width=width))
+    line = next(l for l in console.export_text().splitlines() if l.startswith("layers.2.bn2 "))
+    assert "nonfinite" in line and len(line.rstrip()) <= width
