@@ -10,6 +10,8 @@ the tensors a caller touches are read from disk.
 from __future__ import annotations
 
 import enum
+import io
+import json
 import pickle
 import re
 import warnings
@@ -209,6 +211,8 @@ def load(path: str | Path, *, key: str | None = None, trust: bool = False) -> Ch
     if fmt is Format.TORCHSCRIPT:
         return Checkpoint(path, fmt, module=_guarded(path, "TorchScript", lambda: torch.jit.load(str(path), map_location="cpu")))
     if fmt is Format.EXPORT:
+        if not trust:
+            _check_export_pickles(path)
         return Checkpoint(path, fmt, program=_guarded(path, "torch.export", lambda: torch.export.load(str(path))))
     if fmt is Format.ONNX:
         return Checkpoint(path, fmt, onnx_model=_load_onnx(path))
@@ -226,6 +230,39 @@ def _guarded(path: Path, what: str, loader):
                 f"cannot read {path} as a {what} archive: {_first_line(exc)}",
                 "the file may be damaged or written by a newer PyTorch; save it again",
             ) from exc
+
+
+def _check_export_pickles(path: Path) -> None:
+    """Refuse a .pt2 whose pickled members need more than the weights-only unpickler.
+
+    ``torch.export.load`` unpickles the example inputs with a fallback to
+    ``weights_only=False``, and weights or constants marked ``use_pickle`` without the
+    restriction at all: a crafted archive runs code there. Every such member must load
+    with ``weights_only=True`` first.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            pickled = [n for n in names if n.endswith(".pt")]  # sample inputs, legacy weights/constants
+            for config in (n for n in names if n.endswith("_config.json")):
+                folder = config.rpartition("/")[0]
+                for entry in json.loads(archive.read(config)).get("config", {}).values():
+                    if entry.get("use_pickle"):
+                        pickled.append(f"{folder}/{entry['path_name']}")
+            for name in sorted(set(pickled) & names):
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
+                except Exception as exc:  # noqa: BLE001 - torch.export.load would retry it unrestricted
+                    match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+                    needs = f" ({match.group(1)})" if match else ""
+                    raise UnsafeCheckpointError(
+                        f"{path}: its member {name} pickles Python objects{needs}; torch.export.load would run code "
+                        "from the file, which bnctl does only with --trust",
+                        "only if you trust where it came from: add --trust",
+                    ) from exc
+    except (zipfile.BadZipFile, json.JSONDecodeError, KeyError, AttributeError) as exc:
+        raise InputError(f"cannot read {path} as a torch.export archive: {_first_line(exc)}",
+                         "the file is damaged; save it again with torch.export.save") from exc
 
 
 def _load_safetensors(path: Path, key: str | None) -> Checkpoint:
