@@ -26,6 +26,7 @@ class InspectResult:
     rows: list[dict[str, Any]]
     key: str | None = None
     notes: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def flagged(self) -> list[dict[str, Any]]:
@@ -52,6 +53,7 @@ class InspectResult:
                 "flags": stats.flag_counts(self.rows),
             },
             "notes": self.notes,
+            "metadata": {k: _json_value(v) for k, v in self.metadata.items()},
         }
 
 
@@ -117,4 +119,5 @@ def inspect(
         rows=stats.rows(found),
         key=checkpoint.key,
         notes=notes,
+        metadata=checkpoint.metadata,
     )

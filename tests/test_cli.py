@@ -128,6 +128,9 @@ def test_key_and_notes(cli):
     result = cli("inspect", CHECKPOINTS / "sample.ckpt", "-f", "json")
     doc = json.loads(result.stdout)
     assert doc["key"] == "state_dict" and doc["layers"][0]["name"] == "model.stem.1"
+    assert doc["metadata"]["epoch"] == 9 and doc["metadata"]["global_step"] == 620
+    safetensors = json.loads(cli("inspect", CHECKPOINTS / "sample.safetensors", "-f", "json").stdout)
+    assert safetensors["metadata"] == {"arch": "bnctl.models:sample_net"}
     assert "note:" in result.stderr
 
 
