@@ -280,3 +280,19 @@ def test_malicious_export_archive_does_not_execute(tmp_path, where):
         with contextlib.suppress(Exception):  # torch's own warning afterwards has a bad format string
             torch.export.load(path)
         assert marker.exists()
+
+
+@pytest.mark.parametrize("member", ["data.pkl", "constants.pkl"])
+def test_malicious_torchscript_archive_does_not_execute(tmp_path, member):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.torchscript.pt"
+    with zipfile.ZipFile(CHECKPOINTS / "sample.torchscript.pt") as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("/" + member):
+                data = pickle.dumps(_Payload(marker), protocol=2)
+            dst.writestr(info, data)
+    assert checkpoint.detect_format(path) is Format.TORCHSCRIPT
+    with pytest.raises(InputError):
+        checkpoint.load(path)
+    assert not marker.exists()
