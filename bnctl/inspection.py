@@ -35,9 +35,7 @@ class InspectResult:
 
     def table(self):
         """The rows as a pandas DataFrame (columns: :data:`bnctl.stats.COLUMNS`)."""
-        import pandas as pd
-
-        return pd.DataFrame(self.rows, columns=list(stats.COLUMNS))
+        return stats.table(self.rows)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of DESIGN.md's contract; NaN and Inf become null."""

@@ -14,7 +14,7 @@ from typing import Any
 from . import _atomic
 from .errors import InputError, MissingExtraError
 from .inspection import InspectResult
-from .stats import FLAGS, flag_counts
+from .stats import flag_counts
 
 TABULAR = ("csv", "parquet", "markdown")
 _SEVERE = {"nonfinite", "negative_var", "never_updated", "train_mode", "no_running_stats"}
@@ -191,7 +191,3 @@ def plot(result: InspectResult, dest: Path) -> None:
     plt.close(fig)
     _atomic.write_bytes(dest, buf.getvalue())
 
-
-def flag_help() -> str:
-    """The flags and their meaning, one per line (for ``inspect --help`` and the README)."""
-    return "\n".join(f"{name}: {text}" for name, text in FLAGS.items())

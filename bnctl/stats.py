@@ -7,7 +7,6 @@ that hides it); a summary of a tensor the file does not hold is NaN too, and the
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -46,7 +45,7 @@ def summarize(layer: BNLayer) -> dict[str, Any]:
     """One row: the layer's identity, summaries of its tensors, its flags and their details."""
     mean, var = _f64(layer.running_mean), _f64(layer.running_var)
     weight, bias = _f64(layer.weight), _f64(layer.bias)
-    eps = layer.eps if layer.eps is not None else DEFAULT_EPS
+    eps = eps_of(layer)
     scale = None
     if var is not None:
         scale = (weight.abs() if weight is not None else torch.ones_like(var)) / torch.sqrt(var + eps)
@@ -144,11 +143,11 @@ def rows(layers: list[BNLayer]) -> list[dict[str, Any]]:
     return [summarize(layer) for layer in layers]
 
 
-def table(layers: list[BNLayer]):
-    """The rows as a pandas DataFrame with the columns of :data:`COLUMNS`."""
+def table(row_list: list[dict[str, Any]]):
+    """Rows as a pandas DataFrame with the columns of :data:`COLUMNS`."""
     import pandas as pd
 
-    return pd.DataFrame(rows(layers), columns=list(COLUMNS))
+    return pd.DataFrame(row_list, columns=list(COLUMNS))
 
 
 def flag_counts(row_list: list[dict[str, Any]]) -> dict[str, int]:

@@ -90,7 +90,6 @@ def test_export_program_counts_a_layer_called_twice():
 
 def _onnx_bn(training_mode: int | None, outputs: int = 1):
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     c = 3
