@@ -216,13 +216,14 @@ def fold_model(model: Any, feeds: dict[str, np.ndarray]) -> tuple[Any, list[dict
             continue
         fn = fold_math.fold_after if side == "after" else fold_math.fold_before
         new_w, new_b = fn(torch.from_numpy(np.array(weight, dtype=np.float64)), None if bias is None else torch.from_numpy(np.array(bias, dtype=np.float64)), scale, shift, kind, groups)
+        into = node_name(layer)
         _write_layer(graph, layer, new_w, new_b, graph.const[layer.input[1]].dtype)
         if side == "after":
             layer.output[0] = bn.output[0]
         else:
             layer.input[0] = bn.input[0]
         new.graph.node.remove(bn)
-        folded.append({"bn": name, "into": node_name(layer), "side": side, "note": None})
+        folded.append({"bn": name, "into": into, "side": side, "note": None})
     graph.prune()
     return new, folded, skipped, len(bns)
 
