@@ -178,6 +178,81 @@ def inspect(
         typer.echo(f"wrote {plot}", err=True)
 
 
+class FoldFormat(str, enum.Enum):
+    table = "table"
+    json = "json"
+
+
+class FoldTo(str, enum.Enum):
+    pt2 = "pt2"
+    onnx = "onnx"
+    torchscript = "torchscript"
+    state_dict = "state-dict"
+    module = "module"
+
+
+InputShapeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--input-shape", help="Shape of a random check input, e.g. 1,3,224,224. Repeat once per model input.", rich_help_panel="Check inputs"),
+]
+DataOpt = Annotated[
+    Optional[Path],
+    typer.Option("--data", help="Folder of images (RGB, [0,1]) or .npy/.pt tensors: up to 16 become the check inputs.", rich_help_panel="Check inputs"),
+]
+
+
+@app.command()
+@handles_errors
+def fold(
+    path: PathArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the folded model (atomically; never the input).", show_default=False)],
+    arch: ArchOpt = None,
+    arch_arg: ArchArgOpt = None,
+    key: KeyOpt = None,
+    trust: TrustOpt = False,
+    input_shape: InputShapeOpt = None,
+    data: DataOpt = None,
+    to: Annotated[
+        Optional[FoldTo],
+        typer.Option("--to", help="Output format. Default: the extension (.pt2 .onnx .safetensors .ts), else TorchScript for TorchScript input, ONNX for ONNX, pt2 otherwise.", show_default=False),
+    ] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest output change allowed, relative to the largest |output|. Beyond it: exit 1, nothing written.")] = 1e-4,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random check inputs.")] = 0,
+    fmt: Annotated[FoldFormat, typer.Option("--format", "-f", help="Report format.")] = FoldFormat.table,
+) -> None:
+    """Fold BatchNorm into the conv/linear layers next to it, check the outputs did not change, write the model."""
+    from . import render
+    from .fold_file import fold_file
+    from .verify import parse_shape
+    from .writers import Target
+
+    report = fold_file(
+        path,
+        output,
+        arch=arch,
+        arch_args=_parse_arch_args(arch_arg),
+        key=key,
+        trust=trust,
+        input_shapes=[parse_shape(s) for s in input_shape or []],
+        data=data,
+        to=Target(to.value) if to else None,
+        tolerance=tolerance,
+        seed=seed,
+    )
+    if fmt == FoldFormat.json:
+        sys.stdout.write(render.fold_json(report))
+    else:
+        from rich.console import Console
+
+        Console(width=None if sys.stdout.isatty() else 160).print(render.fold_table(report))
+    if not report.ok:
+        _fail(
+            f"the folded model's outputs moved by {report.max_rel_error:.3g} (relative), beyond --tolerance {tolerance:g}: nothing written",
+            "look at the layers folded above; raise --tolerance only if that change is acceptable",
+            1,
+        )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -50,6 +50,10 @@ class FoldReport:
     tolerance: float = DEFAULT_TOLERANCE
     inputs: str = ""
     notes: list[str] = field(default_factory=list)
+    output: str | None = None
+    format: str | None = None
+    written: bool = False
+    reference: list[torch.Tensor] = field(default_factory=list, repr=False)  # the original's outputs
 
     @property
     def ok(self) -> bool:
@@ -74,6 +78,9 @@ class FoldReport:
             "ok": self.ok,
             "inputs": self.inputs,
             "notes": self.notes,
+            "output": self.output,
+            "output_format": self.format,
+            "written": self.written,
         }
 
 
@@ -442,7 +449,7 @@ def fold(
         original = copy.deepcopy(model).eval()
         path = "fx"
     reference = reference_outputs(original, inputs)
-    report = FoldReport(path=path, tolerance=tolerance, inputs=", ".join(f"{tuple(t.shape)}" for t in inputs if isinstance(t, torch.Tensor)))
+    report = FoldReport(path=path, tolerance=tolerance, reference=reference, inputs=", ".join(f"{tuple(t.shape)}" for t in inputs if isinstance(t, torch.Tensor)))
 
     traced = None
     if isinstance(original, torch.jit.ScriptModule):

@@ -191,3 +191,43 @@ def plot(result: InspectResult, dest: Path) -> None:
     plt.close(fig)
     _atomic.write_bytes(dest, buf.getvalue())
 
+
+
+# --- fold -------------------------------------------------------------------------------
+
+
+def fold_summary(report: Any) -> str:
+    """``Folded 10 of 10 BatchNorm layers (fx trace); ... max rel error 6.9e-08 (tolerance 1e-04)``."""
+    path = {"fx": "torch.fx trace", "torch.export": "torch.export graph", "module-tree": "module tree, each pair verified", "onnx": "ONNX graph"}.get(report.path, report.path)
+    text = f"Folded {len(report.folded)} of {report.bn_before} BatchNorm layers ({path}); {report.bn_after} left."
+    if report.max_abs_error is not None:
+        text += f" Outputs on {report.inputs}: max abs error {report.max_abs_error:.2g}, max rel error {report.max_rel_error:.2g} (tolerance {report.tolerance:g})."
+    if report.written:
+        text += f" Wrote {report.output} ({report.format})."
+    return text
+
+
+def fold_table(report: Any):
+    """A rich renderable: one row per BN (folded, or kept and why), notes, the summary line."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for title in ("BatchNorm", "", "folded into / why not"):
+        table.add_column(title, overflow="fold")
+    for entry in report.folded:
+        where = f"{entry['into']} ({'the layer before' if entry['side'] == 'after' else 'the layer after'})"
+        if entry.get("note"):
+            where += f" [dim]- {entry['note']}[/]"
+        table.add_row(entry["bn"], "[green]folded[/]", where)
+    for entry in report.skipped:
+        table.add_row(entry["bn"], "[yellow]kept[/]", entry["reason"])
+    parts: list[Any] = [table] if report.folded or report.skipped else []
+    parts += [Text(f"note: {n}", style="dim") for n in report.notes]
+    parts.append(Text(fold_summary(report), style="bold" if report.ok else "bold red"))
+    return Group(*parts)
+
+
+def fold_json(report: Any) -> str:
+    return json.dumps(report.to_dict(), indent=2) + "\n"

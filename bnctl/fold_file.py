@@ -1,0 +1,130 @@
+"""Fold a checkpoint file into an output file: read, fold, build the output, check it, write.
+
+Nothing is written unless the artifact about to be written computes the original model's
+outputs within the tolerance; the input file is never overwritten.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from . import checkpoint as ckpt_mod
+from . import verify, writers
+from .errors import InputError
+from .fold import DEFAULT_TOLERANCE, FoldReport, fold
+from .inspection import open_model
+from .writers import Target
+
+
+def _check_inputs(checkpoint: ckpt_mod.Checkpoint, shapes: Sequence[Sequence[int]], data: Path | None, seed: int) -> tuple | None:
+    if shapes:
+        return verify.random_inputs(shapes, seed)
+    if data is not None:
+        from .data import example_batch
+
+        return (example_batch(data),)
+    return None
+
+
+def default_target(checkpoint: ckpt_mod.Checkpoint, output: Path) -> Target:
+    """What to write when ``--to`` is not given: the output's extension, else by input
+    (TorchScript stays TorchScript, ONNX stays ONNX, anything else becomes a .pt2 program)."""
+    if (by_suffix := writers.target_from_suffix(output)) is not None:
+        return by_suffix
+    if checkpoint.format == ckpt_mod.Format.TORCHSCRIPT:
+        return Target.TORCHSCRIPT
+    if checkpoint.format == ckpt_mod.Format.ONNX:
+        return Target.ONNX
+    return Target.PT2
+
+
+def fold_file(
+    path: str | Path,
+    output: str | Path,
+    *,
+    arch: str | None = None,
+    arch_args: Mapping[str, Any] | None = None,
+    key: str | None = None,
+    trust: bool = False,
+    input_shapes: Sequence[Sequence[int]] = (),
+    data: Path | None = None,
+    to: Target | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+) -> FoldReport:
+    """Fold the model in ``path`` and write it to ``output`` if it checks out.
+
+    ``report.written`` says whether the file was written; ``report.ok`` is False (and nothing
+    written) when the outputs moved more than ``tolerance``.
+    """
+    path, output = Path(path), Path(output)
+    if output.exists() and path.exists() and output.resolve() == path.resolve():
+        raise InputError(f"refusing to overwrite the input {path}", "write the folded model to another file with -o")
+    checkpoint, module, _notes = open_model(path, arch=arch, arch_args=arch_args, key=key, trust=trust)
+    target = to or default_target(checkpoint, output)
+    inputs = _check_inputs(checkpoint, input_shapes, data, seed)
+    if checkpoint.format == ckpt_mod.Format.ONNX:
+        return _fold_onnx(checkpoint, output, target, inputs, tolerance, seed)
+    if checkpoint.format == ckpt_mod.Format.TORCHSCRIPT and target not in (Target.TORCHSCRIPT, Target.STATE_DICT):
+        raise InputError(f"a TorchScript model can be written as torchscript or state-dict, not {target.value}", "use --to torchscript, or fold the original checkpoint with --arch")
+    if checkpoint.content == "state_dict":
+        if module is None:
+            raise InputError(f"{path.name} holds a state_dict: folding needs the model it belongs to", "pass --arch pkg.module:factory (and --arch-arg name=value) to build it")
+        model = module
+    else:
+        model = checkpoint.module if checkpoint.module is not None else checkpoint.program
+    if inputs is None and checkpoint.program is None:
+        raise InputError("folding needs example inputs to trace and check the model", "pass --input-shape 1,3,224,224 (once per model input) or --data DIR")
+    if checkpoint.program is not None and inputs is None:
+        inputs = tuple(checkpoint.program.example_inputs[0])
+    folded, report = fold(model, inputs, tolerance=tolerance, keep_modules=target == Target.STATE_DICT)
+    report.output, report.format = str(output), target.value
+    if target == Target.STATE_DICT:
+        report.notes.append("state-dict output keeps every BN module; use --to pt2 to drop them")
+    if not report.ok:
+        return report
+    artifact = writers.build(folded, target, inputs, output)
+    errors = verify.compare(report.reference, verify.run(artifact.run, inputs))
+    report.max_abs_error = max(report.max_abs_error or 0.0, errors[0])
+    report.max_rel_error = max(report.max_rel_error or 0.0, errors[1])
+    if report.ok:
+        writers.save(artifact, output)
+        report.written = True
+    return report
+
+
+def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, inputs: tuple | None, tolerance: float, seed: int) -> FoldReport:
+    import onnx
+
+    from . import onnx_graph
+
+    if target != Target.ONNX:
+        raise InputError(f"an ONNX graph can only be written as ONNX, not {target.value}", "write to a .onnx file, or fold the PyTorch checkpoint instead")
+    model = checkpoint.onnx_model
+    feeds = onnx_graph.input_feeds(model, [tuple(t.shape) for t in inputs] if inputs else None, seed)
+    if inputs is not None:
+        feeds = {n: t.numpy().astype(v.dtype) for (n, v), t in zip(feeds.items(), inputs)}
+    try:
+        reference = onnx_graph.run(model, feeds)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime refusing the inputs
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(f"ONNX Runtime rejects the check inputs ({report_shapes(feeds)}): {first[:300]}", "pass --input-shape with the graph's input shape") from exc
+    new, folded, skipped, count = onnx_graph.fold_model(model, feeds)
+    onnx.checker.check_model(new)
+    report = FoldReport(path="onnx", folded=folded, skipped=skipped, bn_before=count, bn_after=count - len(folded), tolerance=tolerance)
+    report.inputs = report_shapes(feeds)
+    report.max_abs_error, report.max_rel_error = verify.compare(reference, onnx_graph.run(new, feeds))
+    report.output, report.format = str(output), target.value
+    if report.ok:
+        from . import _atomic
+
+        _atomic.write_bytes(output, new.SerializeToString())
+        report.written = True
+    return report
+
+
+def report_shapes(feeds: Mapping[str, Any]) -> str:
+    return ", ".join(str(tuple(v.shape)) for v in feeds.values())
