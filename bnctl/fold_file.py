@@ -111,7 +111,7 @@ def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, in
         reference = onnx_graph.run(model, feeds)
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime refusing the inputs
         first = str(exc).strip().splitlines()[0]
-        raise InputError(f"ONNX Runtime rejects the check inputs ({report_shapes(feeds)}): {first[:300]}", "pass --input-shape with the graph's input shape") from exc
+        raise InputError(f"ONNX Runtime cannot run the graph on the check inputs ({report_shapes(feeds)}): {first[:300]}", "pass --input-shape with the graph's input shape, or check the opset and IR version onnxruntime supports") from exc
     new, folded, skipped, count = onnx_graph.fold_model(model, feeds)
     onnx.checker.check_model(new)
     report = FoldReport(path="onnx", folded=folded, skipped=skipped, bn_before=count, bn_after=count - len(folded), tolerance=tolerance)

@@ -69,8 +69,14 @@ def save(artifact: Artifact, dest: Path) -> None:
         artifact.write(tmp)
 
 
+def _free_batch(inputs: tuple) -> tuple:
+    """Dynamic-shape spec leaving each input's batch dim free where the model allows it
+    (``Dim.AUTO`` specializes where it does not, e.g. a batch of 1)."""
+    return tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in inputs)
+
+
 def _pt2(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
-    program = torch.export.export(model, inputs)
+    program = torch.export.export(model, inputs, dynamic_shapes=_free_batch(inputs))
 
     def write(p: Path) -> None:
         with open(p, "wb") as f:  # a file object: torch.export.save wants a .pt2 name otherwise
@@ -127,7 +133,7 @@ def _onnx(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, inputs, dynamo=True, external_data=False, verbose=False)
+            program = torch.onnx.export(model, inputs, dynamo=True, external_data=False, verbose=False, dynamic_shapes=_free_batch(inputs))
     finally:
         logger.setLevel(level)
     proto = program.model_proto
