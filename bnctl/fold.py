@@ -16,10 +16,11 @@ errors are in the report.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -29,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from . import graph as g
+from . import graph_fold as gf
 from . import verify
 from .errors import InputError
 from .fold_math import Kind, bn_scale_shift, fold_after, fold_before, identity_bn, in_channels, out_channels
@@ -82,229 +84,6 @@ class FoldReport:
             "output_format": self.format,
             "written": self.written,
         }
-
-
-# --- the graph path ---------------------------------------------------------------------
-
-
-def _bn_refusal(gm: nn.Module, bn: g.BNCall) -> str | None:
-    """Why this BN cannot be folded whatever its neighbours are, or None."""
-    if bn.targets["running_mean"] is None or bn.targets["running_var"] is None:
-        return "it has no running statistics (track_running_stats=False): it normalizes with batch statistics"
-    if bn.training:
-        return "it is still in train mode after model.eval() (batch statistics)"
-    if "<computed>" in bn.targets.values():
-        return "its statistics or affine parameters are computed in forward, not stored"
-    if bn.extra_outputs_used():
-        return "its saved mean/var outputs are read"
-    var = g.get_attr(gm, bn.targets["running_var"])
-    mean = g.get_attr(gm, bn.targets["running_mean"])
-    if not (torch.isfinite(var).all() and torch.isfinite(mean).all()):
-        return "its running statistics are not finite"
-    if (var.double() + bn.eps <= 0).any():
-        return "running_var + eps is not positive"
-    return None
-
-
-def _scale_shift(gm: nn.Module, bn: g.BNCall) -> tuple[torch.Tensor, torch.Tensor]:
-    t = {k: (g.get_attr(gm, v) if v else None) for k, v in bn.targets.items()}
-    return bn_scale_shift(t["running_mean"], t["running_var"], bn.eps, t["weight"], t["bias"])
-
-
-def _layer_refusal(gm: nn.Module, layer: g.LayerCall, channels: int, side: str, bn: g.BNCall) -> str | None:
-    """Why this BN cannot fold into ``layer`` on ``side``, whatever the wiring, or None."""
-    if layer.weight_target is None:
-        return f"the weight of {layer.name} is computed in forward, not read from a parameter"
-    if not layer.bias_ok:
-        return f"the bias of {layer.name} is computed in forward, not read from a parameter"
-    weight = g.get_attr(gm, layer.weight_target)
-    if not weight.is_floating_point():
-        return f"{layer.name} has a {weight.dtype} weight"
-    count = out_channels(weight, layer.kind, layer.groups) if side == "after" else in_channels(weight, layer.kind, layer.groups)
-    if count != channels:
-        return f"{layer.name} has {count} {'output' if side == 'after' else 'input'} channels, the BN {channels}"
-    if layer.kind == "linear":
-        rank = g.input_rank(bn.input)
-        if rank != 2:
-            return f"the BN normalizes dim 1 of a {rank}-D input, but {layer.name} (linear) works on the last dim"
-    return None
-
-
-def _producer(gm: nn.Module, bn: g.BNCall, channels: int) -> tuple[g.LayerCall | None, str]:
-    """The conv/linear call whose output only this BN reads, or None and why not."""
-    layer = g.layer_call(bn.input)
-    if layer is None:
-        return None, f"its input comes from {g.describe(bn.input)}"
-    others = [u for u in bn.input.users if u is not bn.node]
-    if others:
-        return None, f"the output of {layer.name} is also read by {', '.join(g.describe(u) for u in others)}"
-    return (None, why) if (why := _layer_refusal(gm, layer, channels, "after", bn)) else (layer, "")
-
-
-def _consumer(gm: nn.Module, bn: g.BNCall, channels: int, shift: torch.Tensor) -> tuple[g.LayerCall | None, str, str | None]:
-    """The conv/linear call that alone reads this BN's output, where folding is exact.
-
-    Returns the layer (or None and why not) and a note on padding looked through.
-    """
-    users = list(bn.output.users)
-    if len(users) != 1:
-        names = ", ".join(g.describe(u) for u in users) or "nothing"
-        return None, f"its output goes to {len(users)} places ({names})", None
-    user, note = users[0], None
-    if g.mirror_pad(user) and user.args[0] is bn.output and len(user.users) == 1:
-        user, note = next(iter(user.users)), "through reflect/replicate padding"
-    layer = g.layer_call(user)
-    if layer is None or layer.args["input"] is not (bn.output if note is None else users[0]):
-        return None, f"its output goes to {g.describe(user)}", None
-    if layer.kind == "conv_transpose":
-        return None, f"it precedes {layer.name} (transposed conv): border outputs see fewer taps, so its shift is not a bias", None
-    if (why := _layer_refusal(gm, layer, channels, "before", bn)) is not None:
-        return None, why, None
-    if note is None and layer.zero_pads() and bool(shift.abs().max() > 0):
-        return None, f"it precedes {layer.name}, which pads with zeros that never went through the BN (not exact)", None
-    return layer, "", note
-
-
-def _fresh(owner: nn.Module, base: str) -> str:
-    name, i = base, 1
-    while hasattr(owner, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
-def _store(gm: nn.Module, target: str, value: torch.Tensor, like: torch.Tensor | None) -> None:
-    """Put ``value`` at ``target`` (a new Parameter, or a buffer where a buffer was)."""
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path)
-    if name in owner._buffers:
-        owner._buffers[name] = value.detach()
-        return
-    requires_grad = bool(like.requires_grad) if like is not None else False
-    if name in owner.__dict__:
-        delattr(owner, name)
-    owner._parameters[name] = nn.Parameter(value.detach(), requires_grad=requires_grad)
-
-
-def _point_to(gm: fx.GraphModule, layer: g.LayerCall, arg: str, target: str) -> None:
-    """Make argument ``arg`` of the layer call read attribute ``target``."""
-    current = layer.args.get(arg)
-    if isinstance(current, fx.Node) and current.op == "get_attr" and current.target == target:
-        return
-    with gm.graph.inserting_before(layer.node):
-        node = gm.graph.get_attr(target)
-    g.set_arg(layer.node, layer.signature, arg, node)
-
-
-def _fold_pair(gm: fx.GraphModule, bn: g.BNCall, layer: g.LayerCall, side: str, scale: torch.Tensor, shift: torch.Tensor) -> str | None:
-    """Rewrite the layer's weights to include the BN, and take the BN out of the graph.
-
-    A layer whose parameters other calls also read gets folded copies for this call
-    (returns a note saying so); the other calls keep the originals.
-    """
-    w_target = layer.weight_target
-    b_target = layer.bias_node.target if layer.bias_node is not None else None
-    weight = g.get_attr(gm, w_target)
-    bias = g.get_attr(gm, b_target) if b_target else None
-    fn = fold_after if side == "after" else fold_before
-    new_w, new_b = fn(weight, bias, scale, shift, layer.kind, layer.groups)
-    owner_path = w_target.rpartition(".")[0]
-    owner = gm.get_submodule(owner_path)
-    prefix = f"{owner_path}." if owner_path else ""
-    shared = len(g.attr_users(gm, w_target)) > 1 or (b_target is not None and len(g.attr_users(gm, b_target)) > 1)
-    note = None
-    if shared:
-        calls = len(g.attr_users(gm, w_target))
-        note = f"{layer.name} is called {calls} times: folded into a copy for this call"
-        w_target = prefix + _fresh(owner, w_target.rpartition(".")[2] + "_folded")
-        _store(gm, w_target, new_w, weight)
-        b_target = prefix + _fresh(owner, "bias_folded")
-    else:
-        _store(gm, w_target, new_w, weight)
-        if b_target is None:
-            b_target = prefix + ("bias" if getattr(owner, "bias", None) is None and "bias" not in owner._buffers else _fresh(owner, "bias_folded"))
-    _store(gm, b_target, new_b, bias if bias is not None else weight)
-    _point_to(gm, layer, "weight", w_target)
-    _point_to(gm, layer, "bias", b_target)
-    if side == "after":
-        bn.output.replace_all_uses_with(layer.node)
-    else:
-        bn.output.replace_all_uses_with(bn.input)
-    _erase_bn(gm, bn)
-    return note
-
-
-def _erase_bn(gm: fx.GraphModule, bn: g.BNCall) -> None:
-    inputs = [a for a in bn.node.all_input_nodes if a.op == "get_attr"]
-    for user in list(bn.node.users):
-        gm.graph.erase_node(user)
-    gm.graph.erase_node(bn.node)
-    for node in inputs:
-        if not node.users:
-            gm.graph.erase_node(node)
-
-
-def _prune(gm: fx.GraphModule) -> None:
-    """Drop attributes and submodules that the rewritten graph no longer reads."""
-    for node in reversed(list(gm.graph.nodes)):
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
-    # removing unused submodules first keeps the BN modules the graph shares with the
-    # caller's model intact (their tensors leave with them)
-    gm.delete_all_unused_submodules()
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    called = tuple(f"{n.target}." for n in gm.graph.nodes if n.op == "call_module")
-    tensors = [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [n for n, _ in gm.named_buffers(remove_duplicate=False)]
-    for name in tensors:
-        if name in used or name.startswith(called):
-            continue
-        owner_path, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(owner_path)
-        if hasattr(owner, attr):
-            delattr(owner, attr)
-    gm.graph.lint()
-    gm.recompile()
-
-
-def fold_graph(gm: fx.GraphModule) -> tuple[list[dict], list[dict], int]:
-    """Fold every BN of ``gm`` that can be folded exactly, in place.
-
-    The graph's nodes should carry shapes (``ShapeProp``) where BN meets a linear layer.
-    Returns the folded pairs, the skipped BNs with reasons, and how many BN calls there were.
-    """
-    folded: list[dict] = []
-    skipped: list[dict] = []
-    count = 0
-    for node in list(gm.graph.nodes):
-        if node._erased:
-            continue
-        bn = g.bn_call(gm, node)
-        if bn is None:
-            continue
-        count += 1
-        refusal = _bn_refusal(gm, bn)
-        if refusal:
-            skipped.append({"bn": bn.name, "reason": refusal})
-            continue
-        scale, shift = _scale_shift(gm, bn)
-        channels = scale.numel()
-        layer, why_after = _producer(gm, bn, channels)
-        side, note = "after", None
-        if layer is None:
-            layer, why_before, note = _consumer(gm, bn, channels, shift)
-            side = "before"
-            if layer is None:
-                skipped.append({"bn": bn.name, "reason": f"{why_after}; {why_before}"})
-                continue
-        copy_note = _fold_pair(gm, bn, layer, side, scale, shift)
-        notes = [n for n in (note, copy_note) if n]
-        folded.append({"bn": bn.name, "into": layer.name, "side": side, "note": "; ".join(notes) or None})
-    _prune(gm)
-    return folded, skipped, count
-
-
-def count_bn(gm: fx.GraphModule) -> int:
-    """BatchNorm calls left in a graph."""
-    return sum(1 for n in gm.graph.nodes if g.bn_call(gm, n) is not None)
 
 
 # --- the module-tree path ---------------------------------------------------------------
@@ -405,6 +184,39 @@ def _drop_identities(model: nn.Module, folded: list[dict]) -> None:
 # --- the library function ---------------------------------------------------------------
 
 
+def trace_for_fold(model: nn.Module) -> fx.Graph:
+    """``model``'s fx graph, traced in eval mode (BN subclasses bake their mode in)."""
+    with _eval_mode(model):
+        return g.trace_graph(model)
+
+
+def fold_traced(graph: fx.Graph, model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, list[dict], list[dict], int]:
+    """Fold a traced model's graph and build the folded module; no verification.
+
+    ``model`` is read, never changed: the result owns copies of what it uses.
+    """
+    attrs = gf.Attrs(model)
+    # in eval mode: the modes of the modules the graph calls decide, and their copies keep them
+    with _eval_mode(model):
+        gf.propagate_shapes(graph, model, inputs)
+        folded, skipped, count = gf.fold_graph(graph, attrs)
+        result = gf.build_module(graph, attrs, type(model).__name__)
+    result.training = False
+    return result, folded, skipped, count
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the duration, then every module's mode as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def _as_inputs(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -442,26 +254,30 @@ def fold(
     if example_inputs is None:
         raise InputError("folding needs example inputs to trace and verify the model", "pass --input-shape 1,3,224,224 (one per model input) or --data DIR")
     inputs = _as_inputs(example_inputs)
+    notes: list[str] = []
+    traced = None
     if exported:
         original: Any = model.module()
-        path = "torch.export"
-    else:
+        reference = reference_outputs(original, inputs)
+        traced = model.module()  # a second unlifted module, to rewrite
+    elif isinstance(model, torch.jit.ScriptModule):
         original = copy.deepcopy(model).eval()
-        path = "fx"
-    reference = reference_outputs(original, inputs)
-    report = FoldReport(path=path, tolerance=tolerance, reference=reference, inputs=", ".join(f"{tuple(t.shape)}" for t in inputs if isinstance(t, torch.Tensor)))
-
-    traced = None
-    if isinstance(original, torch.jit.ScriptModule):
-        report.notes.append("TorchScript cannot be traced by torch.fx: candidate pairs come from the module tree")
-    elif exported:
-        traced = copy.deepcopy(original)
+        reference = reference_outputs(original, inputs)
+        notes.append("TorchScript cannot be traced by torch.fx: candidate pairs come from the module tree")
     else:
-        try:
-            traced = g.trace(original)
-        except Exception as exc:  # noqa: BLE001 - any tracing failure sends us down the fallback
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            report.notes.append(f"torch.fx cannot trace the model ({type(exc).__name__}: {first[:200]}): candidate pairs come from the module tree")
+        with _eval_mode(model):
+            if any(isinstance(m, _BatchNorm) and m.training for m in model.modules()):
+                model = copy.deepcopy(model)  # a BN kept training: forward passes would update its statistics
+            reference = reference_outputs(model, inputs)
+            try:
+                traced = trace_for_fold(model)
+            except Exception as exc:  # noqa: BLE001 - any tracing failure sends us down the fallback
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                notes.append(f"torch.fx cannot trace the model ({type(exc).__name__}: {first[:200]}): candidate pairs come from the module tree")
+            # the module-tree and keep-modules paths rewrite a copy, taken in eval mode
+            original = copy.deepcopy(model) if traced is None or keep_modules else model
+    path = "torch.export" if exported else "fx"
+    report = FoldReport(path=path, tolerance=tolerance, reference=reference, notes=notes, inputs=", ".join(f"{tuple(t.shape)}" for t in inputs if isinstance(t, torch.Tensor)))
 
     if traced is None or keep_modules:
         report.path = "module-tree" if traced is None else report.path
@@ -470,15 +286,20 @@ def fold(
         if report.folded and (keep_modules or isinstance(result, torch.jit.ScriptModule)):
             report.notes.append(f"the {len(report.folded)} folded BN layers stay as identity modules (weight 1, mean 0, var 1 - eps, bias = the shift where the layer has no bias)")
     else:
-        ShapeProp(traced).propagate(*inputs)
-        report.folded, report.skipped, report.bn_before = fold_graph(traced)
-        report.bn_after = count_bn(traced)
-        result = traced
+        if exported:
+            attrs = gf.Attrs(traced)
+            gf.propagate_shapes(traced.graph, traced, inputs)
+            report.folded, report.skipped, report.bn_before = gf.fold_graph(traced.graph, attrs)
+            gf.install(traced, attrs)
+            result = traced
+        else:
+            result, report.folded, report.skipped, report.bn_before = fold_traced(traced, model, inputs)
+        report.bn_after = gf.count_bn(result)
     report.max_abs_error, report.max_rel_error = verify.compare(reference, verify.run(result, inputs))
     return result, report
 
 
-def _fold_keeping_modules(original: Any, traced: fx.GraphModule | None, inputs: tuple, reference: list, tolerance: float) -> tuple[Any, list, list, int]:
+def _fold_keeping_modules(original: Any, traced: fx.GraphModule | fx.Graph | None, inputs: tuple, reference: list, tolerance: float) -> tuple[Any, list, list, int]:
     """The module-tree fold, or (with a traced graph) the graph's pairs applied as identities."""
     bn_count = sum(1 for _, m in original.named_modules() if _is_bn(m))
     if traced is None:
@@ -486,8 +307,10 @@ def _fold_keeping_modules(original: Any, traced: fx.GraphModule | None, inputs: 
         if not isinstance(result, torch.jit.ScriptModule):
             _drop_identities(result, folded)
         return result, folded, skipped, bn_count
-    ShapeProp(traced).propagate(*inputs)
-    pairs, skipped, _ = fold_graph(traced)
+    root = traced if isinstance(traced, fx.GraphModule) else original
+    graph = traced.graph if isinstance(traced, fx.GraphModule) else traced
+    gf.propagate_shapes(graph, root, inputs)
+    pairs, skipped, _ = gf.fold_graph(graph, gf.Attrs(root))
     result = copy.deepcopy(original)
     folded = []
     modules = dict(result.named_modules())

@@ -14,6 +14,7 @@ Nothing here changes a graph; :mod:`bnctl.fold` does.
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -94,6 +95,22 @@ class FoldTracer(fx.Tracer):
             return _plain_bn(m)
         return super().is_leaf_module(m, module_qualified_name)
 
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        # torch.fx finds the name of each parameter it meets by scanning named_parameters()
+        # (quadratic in the parameter count); a dict built once gives the same names
+        self._names = {id(p): n for n, p in root.named_parameters()} if isinstance(root, nn.Module) else {}
+        if self.proxy_buffer_attributes and isinstance(root, nn.Module):
+            self._names.update({id(b): n for n, b in root.named_buffers()})
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        name = self._names.get(id(attr_val)) if isinstance(attr_val, torch.Tensor) else None
+        if name is None or (not isinstance(attr_val, nn.Parameter) and not self.proxy_buffer_attributes):
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         if isinstance(m, _BatchNorm) and not _plain_bn(m):
             # BN's input-rank check branches on the symbolic tensor; the real run checks it
@@ -109,6 +126,21 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """The model as an fx GraphModule (raises whatever torch.fx raises on untraceable code)."""
     graph = FoldTracer().trace(model)
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A module object of its own (mode, attributes, tensor slots, submodules) that still
+    shares its tensors with ``module``."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {k: shallow_copy(m) if m is not None else None for k, m in module._modules.items()}
+    return new
+
+
+def trace_graph(model: nn.Module) -> fx.Graph:
+    """The fx graph of ``model`` as :class:`FoldTracer` traces it (no GraphModule built)."""
+    return FoldTracer().trace(model)
 
 
 # --- views of the nodes that matter -----------------------------------------------------

@@ -329,3 +329,18 @@ def test_folding_any_layer_keeps_outputs(kind, dims, groups, per_group_in, per_g
         bn_index = "1"
     _, report = check(model, x)
     assert folded_bns(report) == {bn_index}
+
+
+def test_folded_module_keeps_the_modes_model_eval_gives():
+    """A BN that stays in train mode after model.eval() stays so in the folded module, and the
+    folded module is independent of the caller's model (its mode and its tensors)."""
+    model = randomize_bn(StaysTraining())
+    model.train()
+    x = torch.randn(4, 3, 6, 6)
+    stats = model.bn.running_mean.clone()
+    folded, report = fold(model, x)
+    assert report.ok and folded.bn.training and not folded.training
+    assert torch.equal(model.bn.running_mean, stats), "fold's forward passes updated the caller's BN"
+    model.eval()
+    assert model.training is False and folded.bn.training
+    assert folded.bn.running_mean.data_ptr() != model.bn.running_mean.data_ptr()
