@@ -31,12 +31,17 @@ demo: $(VENV)/.demo-installed
 	@$(BNCTL) inspect samples/broken/train_mode.torchscript.pt --format json --output $(OUT)/train_mode.json
 	@echo "\n\$$ bnctl inspect samples/checkpoints/sample.module.pt   # a pickled module: refused without --trust"
 	@$(BNCTL) inspect samples/checkpoints/sample.module.pt || true
+	@echo "\n\$$ bnctl fold samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 8,3,32,32 -o $(OUT)/sample_folded.pt2"
+	@$(BNCTL) fold samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 8,3,32,32 -o $(OUT)/sample_folded.pt2
+	@echo "\n\$$ bnctl fold samples/checkpoints/sample.onnx -o $(OUT)/sample_folded.onnx"
+	@$(BNCTL) fold samples/checkpoints/sample.onnx -o $(OUT)/sample_folded.onnx
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.test-installed
 	$(PY) benchmarks/bench_inspect.py
+	$(PY) benchmarks/bench_fold.py
 
 samples: $(VENV)/.test-installed
 	$(PY) samples/make_samples.py

@@ -10,6 +10,7 @@ GraphModule that is ours to change (the unlifted module of a ``.pt2``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -143,7 +144,8 @@ def _point_to(graph: fx.Graph, layer: g.LayerCall, arg: str, target: str) -> Non
     current = layer.args.get(arg)
     if isinstance(current, fx.Node) and current.op == "get_attr" and current.target == target:
         return
-    with graph.inserting_before(layer.node):
+    with graph.inserting_before(layer.node), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the tensor lives in the Attrs overlay until build_module
         node = graph.get_attr(target)
     g.set_arg(layer.node, layer.signature, arg, node)
 
