@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zoo  # noqa: E402
 
 from bnctl import graph, verify  # noqa: E402
-from bnctl.fold import fold, fold_traced, trace_for_fold  # noqa: E402
+from bnctl.folding import fold, fold_traced, trace_for_fold  # noqa: E402
 
 
 def bnctl_fold_only(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule:

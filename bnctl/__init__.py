@@ -1,7 +1,8 @@
 """bnctl: inspect, audit, recalibrate, fold, convert and export the BatchNorm layers of PyTorch models.
 
 The library mirrors the CLI: ``bnctl.inspect(path_or_module)`` returns what ``bnctl inspect``
-prints. Imports are lazy so that ``bnctl --help`` answers without loading torch.
+prints; ``bnctl.fold(model, example_inputs)`` returns the folded module and its report.
+Imports are lazy so that ``bnctl --help`` answers without loading torch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ _EXPORTS = {
     "BNLayer": ("bnctl.layers", "BNLayer"),
     "find_layers": ("bnctl.layers", "find"),
     "BnctlError": ("bnctl.errors", "BnctlError"),
+    "fold": ("bnctl.folding", "fold"),
+    "FoldReport": ("bnctl.folding", "FoldReport"),
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -26,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import Checkpoint
     from .checkpoint import load as load_checkpoint
     from .errors import BnctlError
+    from .folding import FoldReport, fold
     from .inspection import InspectResult, inspect
     from .layers import BNLayer
     from .layers import find as find_layers

@@ -14,7 +14,7 @@ import torch
 from . import checkpoint as ckpt_mod
 from . import verify, writers
 from .errors import InputError
-from .fold import DEFAULT_TOLERANCE, FoldReport, fold
+from .folding import DEFAULT_TOLERANCE, FoldReport, fold
 from .inspection import open_model
 from .writers import Target
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bnctl import fold_math
-from bnctl.fold import fold
+from bnctl import fold
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
