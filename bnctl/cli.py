@@ -18,6 +18,7 @@ import typer
 from . import __version__
 from .errors import BnctlError, InputError
 from .flags import FLAGS
+from .targets import Target
 
 app = typer.Typer(
     name="bnctl",
@@ -183,14 +184,6 @@ class FoldFormat(str, enum.Enum):
     json = "json"
 
 
-class FoldTo(str, enum.Enum):
-    pt2 = "pt2"
-    onnx = "onnx"
-    torchscript = "torchscript"
-    state_dict = "state-dict"
-    module = "module"
-
-
 InputShapeOpt = Annotated[
     Optional[list[str]],
     typer.Option("--input-shape", help="Shape of a random check input, e.g. 1,3,224,224. Repeat once per model input.", rich_help_panel="Check inputs"),
@@ -213,7 +206,7 @@ def fold(
     input_shape: InputShapeOpt = None,
     data: DataOpt = None,
     to: Annotated[
-        Optional[FoldTo],
+        Optional[Target],
         typer.Option("--to", help="Output format. Default: the extension (.pt2 .onnx .safetensors .ts), else TorchScript for TorchScript input, ONNX for ONNX, pt2 otherwise.", show_default=False),
     ] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Largest output change allowed, relative to the largest |output|. Beyond it: exit 1, nothing written.")] = 1e-4,
@@ -224,7 +217,6 @@ def fold(
     from . import render
     from .fold_file import fold_file
     from .verify import parse_shape
-    from .writers import Target
 
     report = fold_file(
         path,
@@ -235,7 +227,7 @@ def fold(
         trust=trust,
         input_shapes=[parse_shape(s) for s in input_shape or []],
         data=data,
-        to=Target(to.value) if to else None,
+        to=to,
         tolerance=tolerance,
         seed=seed,
     )

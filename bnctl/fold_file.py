@@ -16,7 +16,7 @@ from . import verify, writers
 from .errors import InputError
 from .folding import DEFAULT_TOLERANCE, FoldReport, fold
 from .inspection import open_model
-from .writers import Target
+from .targets import Target
 
 
 def _check_inputs(checkpoint: ckpt_mod.Checkpoint, shapes: Sequence[Sequence[int]], data: Path | None, seed: int) -> tuple | None:

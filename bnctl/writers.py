@@ -8,7 +8,6 @@ in-memory model it came from.
 
 from __future__ import annotations
 
-import enum
 import io
 import warnings
 from dataclasses import dataclass
@@ -20,16 +19,7 @@ from torch import nn
 
 from . import _atomic
 from .errors import InputError, MissingExtraError
-
-
-class Target(str, enum.Enum):
-    """An output format of a command that writes a model."""
-
-    PT2 = "pt2"
-    ONNX = "onnx"
-    TORCHSCRIPT = "torchscript"
-    STATE_DICT = "state-dict"
-    MODULE = "module"
+from .targets import Target
 
 
 _SUFFIXES = {".pt2": Target.PT2, ".onnx": Target.ONNX, ".safetensors": Target.STATE_DICT, ".ts": Target.TORCHSCRIPT}
