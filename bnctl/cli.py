@@ -245,6 +245,101 @@ def fold(
         )
 
 
+class AuditFormat(str, enum.Enum):
+    text = "text"
+    json = "json"
+    sarif = "sarif"
+    junit = "junit"
+
+
+class Severity(str, enum.Enum):
+    error = "error"
+    warning = "warning"
+    info = "info"
+
+
+def _codes(values: list[str] | None) -> list[str]:
+    """``--select BN1,BN2 --select BN301`` -> ``["BN1", "BN2", "BN301"]``."""
+    return [c.strip() for v in values or [] for c in v.split(",") if c.strip()]
+
+
+def _list_checks() -> str:
+    from .audit.registry import CHECKS
+
+    lines = [f"{'code':<6} {'severity':<8} {'group':<14} name: what it finds"]
+    lines += [f"{c.code:<6} {c.severity:<8} {c.group:<14} {c.name}: {c.summary}" for c in CHECKS.values()]
+    return "\n".join(lines) + "\n"
+
+
+def _explain(code: str) -> str:
+    from .audit.registry import CHECKS, lookup
+
+    check = lookup(code)
+    if check is None:
+        raise InputError(f"no check '{code}'", f"known codes: {', '.join(CHECKS)} (bnctl audit --list)")
+    return f"{check.code} {check.name} ({check.severity}, {check.group})\n\n{check.help_text}\n"
+
+
+@app.command()
+@handles_errors
+def audit(
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Checkpoints, or folders to search for them.", show_default=False)] = None,
+    arch: ArchOpt = None,
+    arch_arg: ArchArgOpt = None,
+    key: KeyOpt = None,
+    trust: TrustOpt = False,
+    input_shape: InputShapeOpt = None,
+    data: DataOpt = None,
+    fmt: Annotated[AuditFormat, typer.Option("--format", "-f", help="Output format.")] = AuditFormat.text,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report to this file (atomically) instead of stdout.")] = None,
+    fail_on: Annotated[Optional[Severity], typer.Option("--fail-on", help="Exit 1 on findings of this severity or worse. Default: pyproject's fail-on, else error.", show_default=False)] = None,
+    select: Annotated[Optional[list[str]], typer.Option("--select", help="Only these checks: codes, prefixes (BN1) or names, comma-separated. Repeatable.", rich_help_panel="Checks")] = None,
+    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Skip these checks (codes, prefixes, names). Repeatable.", rich_help_panel="Checks")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings (unreadable files still exit 2).")] = False,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Read [tool.bnctl.audit] from this file. Default: the nearest pyproject.toml.", rich_help_panel="Checks")] = None,
+    list_checks: Annotated[bool, typer.Option("--list", help="List every check and exit.", rich_help_panel="Checks")] = False,
+    explain: Annotated[Optional[str], typer.Option("--explain", help="Explain a check (code or name) and exit.", rich_help_panel="Checks", show_default=False)] = None,
+) -> None:
+    """Find train/eval-mode bugs and unhealthy BatchNorm state; exit 1 on findings (a CI gate).
+
+    Exit codes: 0 nothing at or above --fail-on, 1 findings, 2 bad input or an unreadable file.
+    """
+    if list_checks:
+        sys.stdout.write(_list_checks())
+        return
+    if explain:
+        sys.stdout.write(_explain(explain))
+        return
+    if not paths:
+        raise InputError("no checkpoint to audit", "pass files or folders, e.g. bnctl audit model.pt (or --list to see the checks)")
+    from .audit.formats import RENDERERS, summary_line
+    from .audit.runner import audit as run_audit
+    from .audit.runner import load_config
+    from .verify import parse_shape
+
+    settings = load_config(path=config)
+    if select:
+        settings.select = _codes(select)
+    if ignore:
+        settings.ignore = settings.ignore + _codes(ignore)
+    if fail_on is not None:
+        settings.fail_on = fail_on.value
+    result = run_audit(
+        paths,
+        arch=arch,
+        arch_args=_parse_arch_args(arch_arg),
+        key=key,
+        trust=trust,
+        input_shapes=[parse_shape(s) for s in input_shape or []],
+        data=data,
+        config=settings,
+    )
+    _emit_text(RENDERERS[fmt.value](result), output)
+    if output is not None or fmt != AuditFormat.text:
+        typer.echo(summary_line(result), err=True)
+    raise typer.Exit(result.exit_code(exit_zero))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

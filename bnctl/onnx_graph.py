@@ -176,11 +176,11 @@ def _zero_pads(layer: Any) -> bool:
     return any(int(p) != 0 for p in _attr(layer, "pads", []) or [])
 
 
-def fold_model(model: Any, feeds: dict[str, np.ndarray]) -> tuple[Any, list[dict], list[dict], int]:
+def fold_model(model: Any, feeds: dict[str, np.ndarray] | None = None) -> tuple[Any, list[dict], list[dict], int]:
     """Fold the BN nodes of an ONNX ModelProto (a copy is changed, not ``model``).
 
     ``feeds`` (see :func:`input_feeds`) let weights the graph computes from constants be
-    evaluated.
+    evaluated; without them such weights count as computed.
     Returns the new model, the folded pairs, the skipped BNs with reasons, and the BN count.
     Raises InputError for a BN whose statistics are not constants.
     """
@@ -189,7 +189,8 @@ def fold_model(model: Any, feeds: dict[str, np.ndarray]) -> tuple[Any, list[dict
     new = onnx.ModelProto()
     new.CopyFrom(model)
     graph = _Graph(new)
-    graph.fill_in(feeds)
+    if feeds is not None:
+        graph.fill_in(feeds)
     folded, skipped = [], []
     bns = [n for n in new.graph.node if n.op_type == "BatchNormalization"]
     for bn in bns:

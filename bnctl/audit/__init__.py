@@ -1,0 +1,6 @@
+"""``bnctl audit``: train/eval-mode bugs and unhealthy BatchNorm state, as a CI gate.
+
+:mod:`~bnctl.audit.registry` holds the checks (codes, severities, documentation),
+:mod:`~bnctl.audit.checks` implements them, :mod:`~bnctl.audit.runner` runs them on files,
+:mod:`~bnctl.audit.formats` writes text, JSON, SARIF and JUnit.
+"""

@@ -1,0 +1,167 @@
+"""Every check ``bnctl audit`` runs: a stable code, a name, a severity and its documentation.
+
+Codes are a contract (CI configurations select and ignore them): a code is never reused for
+another check. Groups by the first digit: 1 statistics (any checkpoint), 2 configuration
+(needs a module), 3 behaviour (needs check inputs), 4 ONNX graphs. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check and what a user needs to act on its finding."""
+
+    code: str
+    name: str  # reads well after "ignore": ignore non-finite-statistics
+    severity: str
+    group: str
+    summary: str  # what it finds, one line
+    why: str  # why it is bad
+    example: str  # a model or file that triggers it
+    fix: str  # what to do
+
+    @property
+    def help_text(self) -> str:
+        return f"{self.summary}\n\nWhy: {self.why}\n\nExample: {self.example}\n\nFix: {self.fix}"
+
+
+_CHECKS = [
+    # --- statistics: any checkpoint, no architecture needed --------------------------------
+    Check("BN101", "non-finite-statistics", "error", "statistics",
+          "NaN or Inf in running_mean, running_var, weight or bias.",
+          "Every output of the layer, and of everything after it, becomes NaN.",
+          "A run that diverged for a few steps, or a float16 overflow, before the checkpoint was saved.",
+          "Recalibrate the statistics (bnctl recalibrate) or go back to an earlier checkpoint."),
+    Check("BN102", "negative-variance", "error", "statistics",
+          "running_var has negative entries.",
+          "A variance cannot be negative: sqrt(var + eps) is NaN or tiny, and the file is corrupted or was edited wrongly.",
+          "Weights averaged or interpolated with negative coefficients, or a bad manual edit.",
+          "Recalibrate the statistics on data (bnctl recalibrate)."),
+    Check("BN103", "variance-below-eps", "warning", "statistics",
+          "running_var is below eps in some channels.",
+          "The layer divides by about sqrt(eps) and multiplies that channel's noise by hundreds.",
+          "Channels that were almost constant during training (dead ReLUs before the BN).",
+          "Check those channels; prune them or raise eps; recalibrate if the statistics are stale."),
+    Check("BN104", "never-updated-statistics", "error", "statistics",
+          "running_mean is all 0 and running_var all 1: the initial values.",
+          "The layer was never run in train mode on data, so eval normalizes with the wrong statistics. Judged by the values, not num_batches_tracked, which converted checkpoints set to 0.",
+          "A layer added after training, or a model trained with BN frozen from initialization.",
+          "Estimate the statistics: bnctl recalibrate --data DIR."),
+    Check("BN105", "float16-overflow-risk", "warning", "statistics",
+          "Statistics or the folded scale/shift leave float16's range, or var + eps is float16-subnormal.",
+          "In half precision (or after folding into float16 weights) the layer overflows to Inf or loses its scale.",
+          "A layer after an unnormalized input with values in the tens of thousands.",
+          "Keep that layer in float32, or fix the scale of its input."),
+    Check("BN106", "dead-channels", "info", "statistics",
+          "Some channels have |weight| about 0.",
+          "They output a constant (their bias): capacity spent for nothing, often a sign of strong weight decay on BN.",
+          "A network trained with L1 sparsity on BN weights (network slimming).",
+          "Prune those channels, or leave them if that is intended."),
+    # --- configuration: needs a module ---------------------------------------------------
+    Check("BN201", "saved-in-train-mode", "error", "configuration",
+          "A BN layer of a model artifact is in train mode.",
+          "Inference normalizes each batch with its own statistics: single-sample outputs are wrong and depend on the batch.",
+          "torch.jit.save(torch.jit.script(model)) without model.eval() first.",
+          "Call model.eval() before saving or exporting."),
+    Check("BN202", "mixed-train-eval-modes", "warning", "configuration",
+          "Some BN layers are in train mode and others in eval mode.",
+          "Usually a partial freeze gone wrong, or a module whose train() override re-enables training.",
+          "model.eval() followed by model.backbone.train().",
+          "Decide the mode of each part explicitly; freeze BN with eval() and requires_grad=False together."),
+    Check("BN203", "no-running-statistics", "warning", "configuration",
+          "track_running_stats=False: the layer has no running statistics.",
+          "In eval mode it still normalizes with the batch's statistics, so outputs depend on the batch; it exports as training-mode BN (pytorch#75252).",
+          "nn.BatchNorm2d(64, track_running_stats=False).",
+          "Use running statistics (recalibrate them), or GroupNorm/InstanceNorm if batch statistics are intended."),
+    Check("BN204", "frozen-statistics", "warning", "configuration",
+          "momentum is 0: the running statistics can never change.",
+          "Fine-tuning or recalibration in train mode leaves them as they are, silently.",
+          "A BN frozen by momentum=0 and then forgotten.",
+          "Set momentum back (0.1, or None for a cumulative average) before training or recalibrating."),
+    Check("BN205", "cumulative-average", "info", "configuration",
+          "momentum is None: running statistics are a cumulative average over all batches.",
+          "Right for a recalibration pass, wrong for training: late batches barely move the estimate.",
+          "A model saved right after torch.optim.swa_utils.update_bn.",
+          "Set momentum to 0.1 before training again if that was not intended."),
+    Check("BN206", "frozen-parameters-in-train-mode", "warning", "configuration",
+          "weight and bias have requires_grad=False but the layer is in train mode.",
+          "The parameters are frozen but the statistics keep drifting with every batch, so the layer is not frozen.",
+          "for p in model.bn.parameters(): p.requires_grad = False, without model.bn.eval().",
+          "Put frozen BN layers in eval mode (and keep them there after model.train()), or use FrozenBatchNorm."),
+    Check("BN207", "syncbn-in-inference-artifact", "warning", "configuration",
+          "A SyncBatchNorm layer in a saved model.",
+          "SyncBatchNorm needs a process group in train mode and does not export to ONNX or run on CPU in train mode.",
+          "A model converted with convert_sync_batchnorm for DDP training and saved as is.",
+          "Convert back to BatchNorm before saving: bnctl convert --to batchnorm."),
+    Check("BN208", "conv-bias-before-bn", "info", "configuration",
+          "A conv or linear layer with a bias feeds a BN directly.",
+          "The BN subtracts the mean, so the bias has no effect: parameters and compute spent for nothing.",
+          "nn.Conv2d(64, 64, 3) followed by nn.BatchNorm2d(64).",
+          "Use bias=False on layers followed by BN."),
+    Check("BN209", "inconsistent-eps", "info", "configuration",
+          "BN layers use different eps values.",
+          "Often a port from another framework (TensorFlow uses 1e-3) that missed some layers.",
+          "A timm port whose stem uses eps=1e-3 and the rest 1e-5.",
+          "Check the source model's eps per layer."),
+    # --- behaviour: needs --input-shape or --data -------------------------------------------
+    Check("BN301", "nondeterministic-eval", "error", "behaviour",
+          "Two eval-mode forward passes on the same input give different outputs.",
+          "A model in eval mode should be a function; something still samples or updates state.",
+          "Dropout or a BN left in train mode by a train() override.",
+          "Find the module that is still training (see BN304) or the random op in forward."),
+    Check("BN302", "batch-dependent-output", "error", "behaviour",
+          "In eval mode, a sample's output depends on the other samples in its batch.",
+          "Predictions change with batch size or batch composition: the classic forgotten model.eval() bug.",
+          "A BN that uses batch statistics in eval (train mode, or track_running_stats=False).",
+          "Make every BN use running statistics in eval mode."),
+    Check("BN303", "eval-forward-changes-buffers", "error", "behaviour",
+          "An eval-mode forward pass changes buffers (BN running statistics or others).",
+          "Running inference silently changes the model: results drift over time.",
+          "A BN left in train mode updates running_mean and running_var on every call.",
+          "Call model.eval() and check train() overrides."),
+    Check("BN304", "bn-training-after-eval", "error", "behaviour",
+          "After model.eval(), a BN layer is still in train mode.",
+          "model.eval() is the user's only switch; a module that overrides train() and keeps its BN training is invisible to it.",
+          "class Block(nn.Module): def train(self, mode=True): super().train(mode); self.bn.train()",
+          "Fix the train() override so that it respects mode."),
+    # --- ONNX -------------------------------------------------------------------------------
+    Check("BN401", "onnx-training-mode-bn", "error", "onnx",
+          "A BatchNormalization node with training_mode=1 or with its running mean/var outputs used.",
+          "ONNX Runtime normalizes with batch statistics: outputs depend on the batch.",
+          "torch.onnx.export of a model in train mode, or with track_running_stats=False.",
+          "Export with model.eval() (bnctl export does) and running statistics."),
+    Check("BN402", "onnx-unfolded-bn", "info", "onnx",
+          "A BatchNormalization node that could be folded into the Conv/ConvTranspose/Gemm next to it.",
+          "An extra op per layer at inference; some runtimes fuse it, many do not (ConvTranspose+BN in particular).",
+          "torch.onnx.export(..., do_constant_folding=False), or an exporter without BN fusion.",
+          "bnctl fold model.onnx -o folded.onnx."),
+]
+
+CHECKS: dict[str, Check] = {c.code: c for c in _CHECKS}
+BY_NAME: dict[str, Check] = {c.name: c for c in _CHECKS}
+GROUPS = ("statistics", "configuration", "behaviour", "onnx")
+
+
+def lookup(code_or_name: str) -> Check | None:
+    """A check by code (``BN101``, any case) or by name (``non-finite-statistics``)."""
+    return CHECKS.get(code_or_name.upper()) or BY_NAME.get(code_or_name.lower())
+
+
+def matches(code: str, patterns: list[str]) -> bool:
+    """Whether ``code`` is selected by any of ``patterns``: a code, a prefix (``BN1``), a
+    check name, or ``ALL``."""
+    for p in patterns:
+        p = p.strip()
+        if not p:
+            continue
+        if p.upper() == "ALL" or code.startswith(p.upper()):
+            return True
+        check = BY_NAME.get(p.lower())
+        if check is not None and check.code == code:
+            return True
+    return False

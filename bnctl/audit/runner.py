@@ -1,0 +1,251 @@
+"""``bnctl.audit``: run the checks on files and folders, filter the findings, decide the exit code."""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..errors import BnctlError, InputError
+from .registry import CHECKS, SEVERITIES, matches
+
+#: file names a folder is searched for (explicitly named files are always read)
+CHECKPOINT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pt2", ".onnx", ".ts", ".torchscript"}
+
+
+@dataclass
+class Finding:
+    """One finding: where (file, layer or None for the whole model), which check, what exactly."""
+
+    file: str
+    layer: str | None
+    code: str
+    message: str
+
+    @property
+    def severity(self) -> str:
+        return CHECKS[self.code].severity
+
+    @property
+    def name(self) -> str:
+        return CHECKS[self.code].name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"check": self.code, "name": self.name, "severity": self.severity, "file": self.file, "layer": self.layer, "message": self.message}
+
+
+@dataclass
+class FileAudit:
+    """The audit of one file: what it is, how many BN layers, its findings, or why it could not be read."""
+
+    path: str
+    description: str = ""
+    layers: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    error: str | None = None
+    groups: list[str] = field(default_factory=list)  # check groups that ran
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AuditConfig:
+    """Which checks count, from pyproject.toml ``[tool.bnctl.audit]`` and the command line."""
+
+    select: list[str] = field(default_factory=lambda: ["ALL"])
+    ignore: list[str] = field(default_factory=list)
+    per_layer_ignores: dict[str, list[str]] = field(default_factory=dict)
+    fail_on: str = "error"
+
+    def keeps(self, finding: Finding) -> bool:
+        if not matches(finding.code, self.select) or matches(finding.code, self.ignore):
+            return False
+        return not any(fnmatch.fnmatchcase(finding.layer or "", glob) and matches(finding.code, codes) for glob, codes in self.per_layer_ignores.items())
+
+
+def load_config(start: Path | None = None, path: Path | None = None) -> AuditConfig:
+    """``[tool.bnctl.audit]`` of ``path``, or of the nearest pyproject.toml from ``start`` up."""
+    if path is None:
+        here = (start or Path.cwd()).resolve()
+        path = next((p / "pyproject.toml" for p in (here, *here.parents) if (p / "pyproject.toml").is_file()), None)
+        if path is None:
+            return AuditConfig()
+    try:
+        table = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("tool", {}).get("bnctl", {}).get("audit", {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"cannot read audit settings from {path}: {exc}", "fix the TOML, or pass --config another file") from exc
+    config = AuditConfig()
+    unknown = set(table) - {"select", "ignore", "per-layer-ignores", "fail-on"}
+    if unknown:
+        raise InputError(f"{path}: unknown [tool.bnctl.audit] keys: {', '.join(sorted(unknown))}", "known keys: select, ignore, per-layer-ignores, fail-on")
+    config.select = list(table.get("select", config.select))
+    config.ignore = list(table.get("ignore", []))
+    config.per_layer_ignores = {str(k): list(v) for k, v in table.get("per-layer-ignores", {}).items()}
+    config.fail_on = check_fail_on(table.get("fail-on", "error"))
+    return config
+
+
+def check_fail_on(value: str) -> str:
+    if value not in SEVERITIES:
+        raise InputError(f"fail-on '{value}' is not a severity", "use error, warning or info")
+    return value
+
+
+@dataclass
+class AuditResult:
+    """Every file's audit, the findings kept by the configuration, and the exit code."""
+
+    files: list[FileAudit]
+    config: AuditConfig
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [f for fa in self.files for f in fa.findings]
+
+    @property
+    def errors(self) -> list[FileAudit]:
+        return [fa for fa in self.files if fa.error is not None]
+
+    @property
+    def layers(self) -> int:
+        return sum(fa.layers for fa in self.files)
+
+    def summary(self) -> dict[str, int]:
+        return {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
+
+    def exit_code(self, exit_zero: bool = False) -> int:
+        """2 when a file could not be read, 1 for a finding at or above fail-on, else 0."""
+        if self.errors:
+            return 2
+        threshold = SEVERITIES.index(self.config.fail_on)
+        failing = any(SEVERITIES.index(f.severity) <= threshold for f in self.findings)
+        return 1 if failing and not exit_zero else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document of DESIGN.md's audit contract, with files and errors added."""
+        return {
+            "findings": [f.to_dict() for f in self.findings],
+            "summary": self.summary(),
+            "files": [{"file": fa.path, "format": fa.description, "layers": fa.layers, "checks": fa.groups, "notes": fa.notes, "error": fa.error} for fa in self.files],
+            "fail_on": self.config.fail_on,
+        }
+
+
+def expand(paths: Sequence[str | Path]) -> list[Path]:
+    """Files to audit: each file as given, each folder's checkpoint files (recursive, sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix.lower() in CHECKPOINT_SUFFIXES or f.name.endswith(".torchscript.pt")))
+        else:
+            out.append(p)
+    return out
+
+
+def audit(
+    paths: Sequence[str | Path],
+    *,
+    arch: str | None = None,
+    arch_args: Mapping[str, Any] | None = None,
+    key: str | None = None,
+    trust: bool = False,
+    input_shapes: Sequence[Sequence[int]] = (),
+    data: Path | None = None,
+    config: AuditConfig | None = None,
+    seed: int = 0,
+) -> AuditResult:
+    """Audit every checkpoint in ``paths`` (files or folders).
+
+    Statistics checks need no architecture; configuration checks need a module (TorchScript,
+    a pickled module with ``trust``, a ``.pt2``, or ``arch``); behaviour checks also need check
+    inputs (``input_shapes`` or ``data``). A file that cannot be read is reported in its
+    :class:`FileAudit` and the others are still audited.
+    """
+    config = config or AuditConfig()
+    files = expand(paths)
+    if not files:
+        raise InputError(f"no checkpoint files in {', '.join(map(str, paths))}", "name files, or a folder with " + ", ".join(sorted(CHECKPOINT_SUFFIXES)))
+    inputs = _behaviour_inputs(input_shapes, data, seed)
+    results = []
+    for path in files:
+        try:
+            fa = _audit_file(path, arch, arch_args, key, trust, inputs)
+        except BnctlError as exc:
+            fa = FileAudit(str(path), error=exc.message)
+        fa.findings = [f for f in fa.findings if config.keeps(f)]
+        results.append(fa)
+    return AuditResult(results, config)
+
+
+def _behaviour_inputs(shapes: Sequence[Sequence[int]], data: Path | None, seed: int) -> tuple | None:
+    """Check inputs with a batch of 2 to 4 (batch dependence needs more than one sample)."""
+    from .. import verify
+
+    if shapes:
+        batch = max(2, min(4, shapes[0][0]))
+        return verify.random_inputs([(batch, *s[1:]) if i == 0 else s for i, s in enumerate(shapes)], seed)
+    if data is not None:
+        from ..data import example_batch
+
+        batch = example_batch(data, count=4)
+        if batch.shape[0] < 2:
+            raise InputError(f"--data {data}: behaviour checks need at least 2 samples", "add samples, or use --input-shape")
+        return (batch,)
+    return None
+
+
+def _audit_file(path: Path, arch, arch_args, key, trust, inputs) -> FileAudit:
+    from .. import checkpoint as ckpt_mod
+    from .. import layers as layers_mod
+    from .. import stats
+    from ..inspection import open_model
+    from . import checks
+
+    checkpoint, module, _ = open_model(path, arch=arch, arch_args=arch_args, key=key, trust=trust)
+    found = layers_mod.find(checkpoint, module)
+    onnx = checkpoint.format == ckpt_mod.Format.ONNX
+    fa = FileAudit(str(path), checkpoint.describe(), len(found), groups=["statistics"])
+    raw = checks.from_rows(stats.rows(found), onnx)
+    runnable = module if module is not None else checkpoint.module
+    if runnable is not None:
+        fa.groups.append("configuration")
+        if module is None:  # a saved module records its mode; one built by --arch does not
+            raw += checks.frozen_in_train_mode(runnable)
+        raw += checks.conv_bias_before_bn(runnable)
+    elif checkpoint.program is not None:
+        fa.groups.append("configuration")
+        runnable = checkpoint.program.module()
+        if inputs is not None and not _accepts(runnable, inputs):
+            fa.notes.append("behaviour checks skipped: the program's input shapes are fixed and differ from the check inputs")
+            runnable = None
+    if onnx:
+        fa.groups.append("onnx")
+        raw += checks.onnx_unfolded(checkpoint.onnx_model, _onnx_feeds(checkpoint.onnx_model, inputs))
+    if runnable is not None and inputs is not None:
+        fa.groups.append("behaviour")
+        from ..folding import reference_outputs
+
+        reference_outputs(runnable, inputs)  # an InputError naming the shape if the model rejects it
+        raw += checks.behaviour(runnable, inputs)
+    fa.findings = [Finding(str(path), layer, code, message) for layer, code, message in raw]
+    return fa
+
+
+def _accepts(program_module: Any, inputs: tuple) -> bool:
+    try:
+        from .. import verify
+
+        verify.run(program_module, inputs)
+        return True
+    except Exception:  # noqa: BLE001 - a guard on the exported shapes
+        return False
+
+
+def _onnx_feeds(model: Any, inputs: tuple | None) -> dict | None:
+    from .. import onnx_graph
+
+    try:
+        return onnx_graph.input_feeds(model, [tuple(t.shape) for t in inputs] if inputs else None)
+    except BnctlError:
+        return None
