@@ -1,0 +1,52 @@
+"""Models with one BatchNorm bug each, for the audit tests (loaded with --arch tests/audit_models.py:NAME)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class KeepsBNTraining(nn.Module):
+    """A train() override that keeps its BN training: invisible to model.eval()."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.bn.train()
+        return self
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class KeepsDropoutActive(nn.Module):
+    """Dropout left active after model.eval(): eval is not deterministic."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.drop.train()
+        return self
+
+    def forward(self, x):
+        return self.drop(self.bn(self.conv(x)))
+
+
+def keeps_bn_training() -> nn.Module:
+    return KeepsBNTraining()
+
+
+def keeps_dropout_active() -> nn.Module:
+    return KeepsDropoutActive()
+
+
+def healthy() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())

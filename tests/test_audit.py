@@ -1,0 +1,275 @@
+"""bnctl audit: the registry, each check on a model built to have its bug (and silent on a
+healthy one), the broken samples, the output formats, configuration and exit codes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from bnctl.audit.registry import CHECKS, GROUPS, SEVERITIES
+from bnctl.audit.runner import AuditConfig, audit
+
+import audit_models
+from conftest import BROKEN, CHECKPOINTS, ROOT
+
+MODELS = ROOT / "tests" / "audit_models.py"
+SAMPLE_ARCH = ("--arch", "bnctl.models:sample_net")
+SHAPE = ("--input-shape", "2,3,32,32")
+
+
+def codes_by_layer(result) -> set[tuple[str | None, str]]:
+    return {(f.layer, f.code) for f in result.findings}
+
+
+def codes(result) -> set[str]:
+    return {f.code for f in result.findings}
+
+
+def trained_bn(model: nn.Module) -> nn.Module:
+    """Statistics and affine parameters as training leaves them (not the initial values)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+    return model
+
+
+def save_script(model: nn.Module, path: Path) -> Path:
+    torch.jit.save(torch.jit.script(model), str(path))
+    return path
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+
+def test_every_check_is_documented_and_codes_and_names_are_unique():
+    names = [c.name for c in CHECKS.values()]
+    assert len(set(names)) == len(names)
+    for code, check in CHECKS.items():
+        assert code == check.code and re.fullmatch(r"BN[1-4]\d\d", code)
+        assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)+", check.name), check.name
+        assert check.severity in SEVERITIES and check.group in GROUPS
+        assert GROUPS.index(check.group) + 1 == int(code[2]), "the code's first digit is its group"
+        for text in (check.summary, check.why, check.example, check.fix):
+            assert len(text) > 15, f"{code} is not documented"
+
+
+def test_list_and_explain(cli):
+    listed = cli("audit", "--list")
+    assert listed.exit_code == 0
+    assert all(code in listed.stdout for code in CHECKS)
+    explained = cli("audit", "--explain", "never-updated-statistics")
+    assert explained.exit_code == 0 and "BN104" in explained.stdout and "Fix:" in explained.stdout
+    unknown = cli("audit", "--explain", "BN999")
+    assert unknown.exit_code == 2 and unknown.stderr.startswith("error: no check 'BN999'")
+
+
+# --- the broken samples and the healthy one ---------------------------------------------------
+
+
+def test_broken_samples_give_the_right_findings():
+    result = audit([BROKEN])
+    found = codes_by_layer(result)
+    assert ("layers.2.bn2", "BN101") in found
+    assert {("layers.1.bn1", "BN104"), ("head.2", "BN104")} <= found
+    assert sum(f.code == "BN201" and "train_mode" in f.file for f in result.findings) == 10
+    assert sum(f.code == "BN203" and "no_running_stats" in f.file for f in result.findings) == 10
+    assert result.exit_code() == 1
+
+
+def test_converted_checkpoint_with_a_zero_counter_is_not_never_updated():
+    result = audit([CHECKPOINTS / "converted_zero_counter.pt"])
+    assert result.findings == [] and result.layers == 10
+
+
+def test_healthy_sample_is_silent_through_every_group(cli):
+    result = cli("audit", CHECKPOINTS / "sample.pt", *SAMPLE_ARCH, *SHAPE, "--format", "json")
+    assert result.exit_code == 0, result.stdout
+    report = json.loads(result.stdout)
+    assert report["findings"] == [] and report["summary"] == {"error": 0, "warning": 0, "info": 0}
+    assert report["files"][0]["checks"] == ["statistics", "configuration", "behaviour"]
+
+
+# --- each check fires on its bug ---------------------------------------------------------------
+
+
+def test_statistics_checks_fire_on_built_state_dicts(tmp_path):
+    model = trained_bn(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)))
+    state = model.state_dict()
+    state["1.running_var"][0] = -0.5  # BN102
+    state["1.running_var"][1] = 1e-8  # BN103 (below eps)
+    state["3.running_var"][2] = 1e6  # BN105 (beyond float16)
+    state["3.weight"][3] = 0.0  # BN106
+    torch.save(state, tmp_path / "stats.pt")
+    found = codes_by_layer(audit([tmp_path / "stats.pt"]))
+    assert {("1", "BN102"), ("1", "BN103"), ("3", "BN105"), ("3", "BN106")} <= found
+    torch.save(trained_bn(model).state_dict(), tmp_path / "ok.pt")
+    assert audit([tmp_path / "ok.pt"]).findings == []
+
+
+def test_configuration_checks_fire_on_saved_modules(tmp_path):
+    net = trained_bn(nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4),  # BN208: conv bias before BN
+        nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4, momentum=0.0),  # BN204
+        nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4, momentum=None, eps=1e-3),  # BN205, BN209
+    ))
+    net.eval()
+    net[1].train()  # BN201 for one layer, BN202 mixed modes
+    found = codes_by_layer(audit([save_script(net, tmp_path / "net.ts")]))
+    assert {("1", "BN208"), ("3", "BN204"), ("5", "BN205"), ("1", "BN201"), (None, "BN202"), (None, "BN209")} <= found
+
+    frozen = trained_bn(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.SyncBatchNorm(4)))
+    for p in frozen[1].parameters():
+        p.requires_grad = False  # BN206: frozen parameters, still training
+    torch.save(frozen, tmp_path / "frozen.pt")
+    found = codes_by_layer(audit([tmp_path / "frozen.pt"], trust=True))
+    assert {("1", "BN206"), ("1", "BN207")} <= found
+
+    healthy = trained_bn(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))).eval()
+    assert audit([save_script(healthy, tmp_path / "healthy.ts")]).findings == []
+
+
+def test_behaviour_checks_fire_on_a_bn_kept_training_by_a_train_override(tmp_path):
+    torch.save(trained_bn(audit_models.keeps_bn_training()).state_dict(), tmp_path / "w.pt")
+    result = audit([tmp_path / "w.pt"], arch=f"{MODELS}:keeps_bn_training", input_shapes=[(2, 3, 8, 8)])
+    assert result.errors == []
+    found = codes_by_layer(result)
+    assert (None, "BN302") in found and (None, "BN303") in found
+    bn304 = next(f for f in result.findings if f.code == "BN304")
+    assert bn304.layer == "bn" and "KeepsBNTraining.train()" in bn304.message
+    torch.save(trained_bn(audit_models.healthy()).state_dict(), tmp_path / "h.pt")
+    healthy = audit([tmp_path / "h.pt"], arch=f"{MODELS}:healthy", input_shapes=[(2, 3, 8, 8)])
+    assert healthy.findings == [] and "behaviour" in healthy.files[0].groups
+
+
+def test_nondeterministic_eval_fires_on_dropout_left_active(tmp_path):
+    torch.save(trained_bn(audit_models.keeps_dropout_active()).state_dict(), tmp_path / "w.pt")
+    result = audit([tmp_path / "w.pt"], arch=f"{MODELS}:keeps_dropout_active", input_shapes=[(2, 3, 8, 8)])
+    assert {"BN301", "BN302"} <= codes(result)
+    assert "BN304" not in codes(result) and "BN303" not in codes(result)
+
+
+def test_onnx_checks(tmp_path):
+    assert {f.code for f in audit([CHECKPOINTS / "sample.onnx"]).findings} == {"BN402"}
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (("w", rng.normal(size=(3, 3, 1, 1))), ("s", np.ones(3)), ("b", np.zeros(3)), ("m", np.zeros(3) + 0.1), ("v", np.ones(3) * 2))]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("BatchNormalization", ["r", "s", "b", "m", "v"], ["y"], training_mode=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=9), tmp_path / "train.onnx")
+    assert codes_by_layer(audit([tmp_path / "train.onnx"])) == {("s", "BN401")} or "BN401" in codes(audit([tmp_path / "train.onnx"]))
+    folded = tmp_path / "folded.onnx"
+    from bnctl.fold_file import fold_file
+
+    fold_file(CHECKPOINTS / "sample.onnx", folded)
+    assert audit([folded]).findings == []
+
+
+# --- formats ------------------------------------------------------------------------------
+
+
+def test_sarif_has_what_github_code_scanning_requires(cli, tmp_path):
+    out = tmp_path / "audit.sarif"
+    result = cli("audit", BROKEN, "--format", "sarif", "--output", out)
+    assert result.exit_code == 1
+    sarif = json.loads(out.read_text())
+    assert sarif["version"] == "2.1.0" and sarif["$schema"].endswith("sarif-2.1.0.json")
+    (run,) = sarif["runs"]
+    driver = run["tool"]["driver"]
+    assert driver["name"] == "bnctl" and driver["version"]
+    rule_ids = [r["id"] for r in driver["rules"]]
+    assert sorted(rule_ids) == sorted(CHECKS)
+    for rule in driver["rules"]:
+        assert rule["shortDescription"]["text"] and rule["help"]["text"] and rule["defaultConfiguration"]["level"] in ("error", "warning", "note")
+    assert len(run["results"]) == len(audit([BROKEN]).findings) > 20
+    for res in run["results"]:
+        assert res["ruleId"] in rule_ids and rule_ids[res["ruleIndex"]] == res["ruleId"]
+        assert res["level"] in ("error", "warning", "note") and res["message"]["text"]
+        loc = res["locations"][0]["physicalLocation"]
+        assert loc["artifactLocation"]["uri"].startswith("samples/broken/") and loc["region"]["startLine"] >= 1
+        assert res["partialFingerprints"]
+    assert len({r["partialFingerprints"]["bnctlFinding/v1"] for r in run["results"]}) == len(run["results"])
+
+
+def test_junit_parses_and_a_clean_run_has_one_passing_case(cli, tmp_path):
+    broken = cli("audit", BROKEN, "--format", "junit")
+    root = ET.fromstring(broken.stdout)
+    errors = sum(f.severity == "error" for f in audit([BROKEN]).findings)
+    assert root.tag == "testsuites" and int(root.get("failures")) == errors == 13
+    # 23 findings, plus a passing case for the file whose findings are all below --fail-on
+    assert len(root.findall(".//failure")) == 13 and len(root.findall(".//testcase")) == 24
+    assert len(root.findall("testsuite")) == 4
+    clean = ET.fromstring(cli("audit", CHECKPOINTS / "converted_zero_counter.pt", "-f", "junit").stdout)
+    cases = clean.findall(".//testcase")
+    assert len(cases) == 1 and cases[0].find("failure") is None and clean.get("failures") == "0"
+
+
+def test_text_output_and_summary_line(cli):
+    result = cli("audit", BROKEN / "never_updated.pt")
+    assert result.exit_code == 1
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith(f"{BROKEN / 'never_updated.pt'}:layers.1.bn1: BN104 [error] running_mean all 0")
+    assert lines[-1] == "Found 2 findings (2 errors, 0 warnings) in 10 BatchNorm layers of 1 file."
+
+
+# --- selection, configuration and exit codes -------------------------------------------------
+
+
+def test_fail_on_select_ignore_and_exit_zero(cli):
+    target = BROKEN / "no_running_stats.torchscript.pt"  # 10 x BN203 (warning)
+    assert cli("audit", target).exit_code == 0
+    assert cli("audit", target, "--fail-on", "warning").exit_code == 1
+    assert cli("audit", target, "--fail-on", "warning", "--exit-zero").exit_code == 0
+    assert cli("audit", target, "--fail-on", "warning", "--ignore", "BN2").exit_code == 0
+    selected = cli("audit", BROKEN, "--select", "BN101,never-updated-statistics", "-f", "json")
+    assert {f["check"] for f in json.loads(selected.stdout)["findings"]} == {"BN101", "BN104"}
+
+
+def test_pyproject_settings_with_per_layer_ignores(cli, tmp_path):
+    config = tmp_path / "pyproject.toml"
+    config.write_text('[tool.bnctl.audit]\nignore = ["BN1"]\nfail-on = "warning"\n[tool.bnctl.audit.per-layer-ignores]\n"layers.*" = ["BN203"]\n')
+    result = cli("audit", BROKEN, "--config", config, "-f", "json")
+    findings = json.loads(result.stdout)["findings"]
+    assert not any(f["check"].startswith("BN1") for f in findings)
+    assert {f["layer"] for f in findings if f["check"] == "BN203"} == {"stem.1", "head.2"}
+    assert result.exit_code == 1
+    config.write_text("[tool.bnctl.audit]\nselct = ['BN1']\n")
+    bad = cli("audit", BROKEN, "--config", config)
+    assert bad.exit_code == 2 and "unknown [tool.bnctl.audit] keys: selct" in bad.stderr
+
+
+def test_an_unreadable_file_is_reported_and_the_others_are_still_audited(cli, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    result = cli("audit", garbage, BROKEN / "nan_stats.pt", "-f", "json")
+    assert result.exit_code == 2
+    report = json.loads(result.stdout)
+    assert report["files"][0]["error"] and report["files"][1]["error"] is None
+    assert [f["check"] for f in report["findings"]] == ["BN101"]
+    assert "could not be read" in result.stderr
+
+
+def test_bad_input_exits_2(cli, tmp_path):
+    assert cli("audit").exit_code == 2
+    empty = cli("audit", tmp_path)
+    assert empty.exit_code == 2 and "no checkpoint files" in empty.stderr
+    bad_shape = cli("audit", CHECKPOINTS / "sample.pt", *SAMPLE_ARCH, "--input-shape", "2,5,32,32")
+    assert bad_shape.exit_code == 2 and "rejects inputs" in (bad_shape.stdout + bad_shape.stderr)
+
+
+def test_library_config_object():
+    config = AuditConfig(select=["BN1"], per_layer_ignores={"head.*": ["BN104"]})
+    result = audit([BROKEN / "never_updated.pt"], config=config)
+    assert codes_by_layer(result) == {("layers.1.bn1", "BN104")}
