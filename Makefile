@@ -31,6 +31,10 @@ demo: $(VENV)/.demo-installed
 	@$(BNCTL) inspect samples/broken/train_mode.torchscript.pt --format json --output $(OUT)/train_mode.json
 	@echo "\n\$$ bnctl inspect samples/checkpoints/sample.module.pt   # a pickled module: refused without --trust"
 	@$(BNCTL) inspect samples/checkpoints/sample.module.pt || true
+	@echo "\n\$$ bnctl audit samples/broken samples/checkpoints/converted_zero_counter.pt   # exit 1: findings"
+	@$(BNCTL) audit samples/broken samples/checkpoints/converted_zero_counter.pt || true
+	@echo "\n\$$ bnctl audit samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 2,3,32,32 --format sarif --output $(OUT)/audit.sarif"
+	@$(BNCTL) audit samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 2,3,32,32 --format sarif --output $(OUT)/audit.sarif
 	@echo "\n\$$ bnctl fold samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 8,3,32,32 -o $(OUT)/sample_folded.pt2"
 	@$(BNCTL) fold samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 8,3,32,32 -o $(OUT)/sample_folded.pt2
 	@echo "\n\$$ bnctl fold samples/checkpoints/sample.onnx -o $(OUT)/sample_folded.onnx"
@@ -42,6 +46,7 @@ test: $(VENV)/.test-installed
 bench: $(VENV)/.test-installed
 	$(PY) benchmarks/bench_inspect.py
 	$(PY) benchmarks/bench_fold.py
+	$(PY) benchmarks/bench_audit.py
 
 samples: $(VENV)/.test-installed
 	$(PY) samples/make_samples.py

@@ -4,3 +4,8 @@
 :mod:`~bnctl.audit.checks` implements them, :mod:`~bnctl.audit.runner` runs them on files,
 :mod:`~bnctl.audit.formats` writes text, JSON, SARIF and JUnit.
 """
+
+from .registry import CHECKS, Check
+from .runner import AuditConfig, AuditResult, Finding, audit, load_config
+
+__all__ = ["CHECKS", "Check", "AuditConfig", "AuditResult", "Finding", "audit", "load_config"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class FileAudit:
     error: str | None = None
     groups: list[str] = field(default_factory=list)  # check groups that ran
     notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # time per check group
 
 
 @dataclass
@@ -127,7 +129,7 @@ class AuditResult:
         return {
             "findings": [f.to_dict() for f in self.findings],
             "summary": self.summary(),
-            "files": [{"file": fa.path, "format": fa.description, "layers": fa.layers, "checks": fa.groups, "notes": fa.notes, "error": fa.error} for fa in self.files],
+            "files": [{"file": fa.path, "format": fa.description, "layers": fa.layers, "checks": fa.groups, "seconds": fa.seconds, "notes": fa.notes, "error": fa.error} for fa in self.files],
             "fail_on": self.config.fail_on,
         }
 
@@ -202,32 +204,42 @@ def _audit_file(path: Path, arch, arch_args, key, trust, inputs) -> FileAudit:
     from ..inspection import open_model
     from . import checks
 
+    clock = time.perf_counter()
+
+    def done(group: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        fa.groups.append(group)
+        fa.seconds[group] = round(now - clock, 4)
+        clock = now
+
     checkpoint, module, _ = open_model(path, arch=arch, arch_args=arch_args, key=key, trust=trust)
     found = layers_mod.find(checkpoint, module)
     onnx = checkpoint.format == ckpt_mod.Format.ONNX
-    fa = FileAudit(str(path), checkpoint.describe(), len(found), groups=["statistics"])
+    fa = FileAudit(str(path), checkpoint.describe(), len(found))
     raw = checks.from_rows(stats.rows(found), onnx)
+    done("statistics")
     runnable = module if module is not None else checkpoint.module
     if runnable is not None:
-        fa.groups.append("configuration")
         if module is None:  # a saved module records its mode; one built by --arch does not
             raw += checks.frozen_in_train_mode(runnable)
         raw += checks.conv_bias_before_bn(runnable)
+        done("configuration")
     elif checkpoint.program is not None:
-        fa.groups.append("configuration")
         runnable = checkpoint.program.module()
         if inputs is not None and not _accepts(runnable, inputs):
             fa.notes.append("behaviour checks skipped: the program's input shapes are fixed and differ from the check inputs")
             runnable = None
+        done("configuration")
     if onnx:
-        fa.groups.append("onnx")
         raw += checks.onnx_unfolded(checkpoint.onnx_model, _onnx_feeds(checkpoint.onnx_model, inputs))
+        done("onnx")
     if runnable is not None and inputs is not None:
-        fa.groups.append("behaviour")
         from ..folding import reference_outputs
 
         reference_outputs(runnable, inputs)  # an InputError naming the shape if the model rejects it
         raw += checks.behaviour(runnable, inputs)
+        done("behaviour")
     fa.findings = [Finding(str(path), layer, code, message) for layer, code, message in raw]
     return fa
 
