@@ -189,8 +189,11 @@ def test_unknown_format_is_a_usage_error(cli):
 # --- the command line itself --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [["--help"], ["inspect", "--help"]])
-def test_help_imports_neither_torch_nor_pandas(args):
+@pytest.mark.parametrize(
+    "args,expected",
+    [(["--help"], "inspect"), (["inspect", "--help"], "inspect"), (["fold", "--help"], "--tolerance"), (["audit", "--help"], "--fail-on"), (["audit", "--list"], "BN304")],
+)
+def test_help_imports_neither_torch_nor_pandas(args, expected):
     code = (
         "import sys\nfrom bnctl.cli import app\n"
         f"try:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
@@ -199,7 +202,7 @@ def test_help_imports_neither_torch_nor_pandas(args):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "inspect" in proc.stdout
+    assert expected in proc.stdout
 
 
 def test_python_dash_m_and_console_script():
