@@ -117,6 +117,20 @@ def _parse_arch_args(items: list[str] | None) -> dict:
     return parse_arch_args(items or [])
 
 
+def _model_options(arch: str | None, arch_arg: list[str] | None, key: str | None, trust: bool, input_shape: list[str] | None, data: Path | None) -> dict:
+    """The shared model and check-input options as the library's keyword arguments."""
+    from .verify import parse_shape
+
+    return {
+        "arch": arch,
+        "arch_args": _parse_arch_args(arch_arg),
+        "key": key,
+        "trust": trust,
+        "input_shapes": [parse_shape(s) for s in input_shape or []],
+        "data": data,
+    }
+
+
 def _emit_text(text: str, output: Path | None) -> None:
     from . import _atomic
 
@@ -216,21 +230,8 @@ def fold(
     """Fold BatchNorm into the conv/linear layers next to it, check the outputs did not change, write the model."""
     from . import render
     from .fold_file import fold_file
-    from .verify import parse_shape
 
-    report = fold_file(
-        path,
-        output,
-        arch=arch,
-        arch_args=_parse_arch_args(arch_arg),
-        key=key,
-        trust=trust,
-        input_shapes=[parse_shape(s) for s in input_shape or []],
-        data=data,
-        to=to,
-        tolerance=tolerance,
-        seed=seed,
-    )
+    report = fold_file(path, output, **_model_options(arch, arch_arg, key, trust, input_shape, data), to=to, tolerance=tolerance, seed=seed)
     if fmt == FoldFormat.json:
         sys.stdout.write(render.fold_json(report))
     else:
@@ -315,7 +316,6 @@ def audit(
     from .audit.formats import RENDERERS, summary_line
     from .audit.runner import audit as run_audit
     from .audit.runner import load_config
-    from .verify import parse_shape
 
     settings = load_config(path=config)
     if select:
@@ -324,16 +324,7 @@ def audit(
         settings.ignore = settings.ignore + _codes(ignore)
     if fail_on is not None:
         settings.fail_on = fail_on.value
-    result = run_audit(
-        paths,
-        arch=arch,
-        arch_args=_parse_arch_args(arch_arg),
-        key=key,
-        trust=trust,
-        input_shapes=[parse_shape(s) for s in input_shape or []],
-        data=data,
-        config=settings,
-    )
+    result = run_audit(paths, **_model_options(arch, arch_arg, key, trust, input_shape, data), config=settings)
     _emit_text(RENDERERS[fmt.value](result), output)
     if output is not None or fmt != AuditFormat.text:
         typer.echo(summary_line(result), err=True)

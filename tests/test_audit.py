@@ -18,10 +18,10 @@ from torch import nn
 from bnctl.audit.registry import CHECKS, GROUPS, SEVERITIES
 from bnctl.audit.runner import AuditConfig, audit
 
-import audit_models
+import buggy_models
 from conftest import BROKEN, CHECKPOINTS, ROOT
 
-MODELS = ROOT / "tests" / "audit_models.py"
+MODELS = ROOT / "tests" / "buggy_models.py"
 SAMPLE_ARCH = ("--arch", "bnctl.models:sample_net")
 SHAPE = ("--input-shape", "2,3,32,32")
 
@@ -143,20 +143,20 @@ def test_configuration_checks_fire_on_saved_modules(tmp_path):
 
 
 def test_behaviour_checks_fire_on_a_bn_kept_training_by_a_train_override(tmp_path):
-    torch.save(trained_bn(audit_models.keeps_bn_training()).state_dict(), tmp_path / "w.pt")
+    torch.save(trained_bn(buggy_models.keeps_bn_training()).state_dict(), tmp_path / "w.pt")
     result = audit([tmp_path / "w.pt"], arch=f"{MODELS}:keeps_bn_training", input_shapes=[(2, 3, 8, 8)])
     assert result.errors == []
     found = codes_by_layer(result)
     assert (None, "BN302") in found and (None, "BN303") in found
     bn304 = next(f for f in result.findings if f.code == "BN304")
     assert bn304.layer == "bn" and "KeepsBNTraining.train()" in bn304.message
-    torch.save(trained_bn(audit_models.healthy()).state_dict(), tmp_path / "h.pt")
+    torch.save(trained_bn(buggy_models.healthy()).state_dict(), tmp_path / "h.pt")
     healthy = audit([tmp_path / "h.pt"], arch=f"{MODELS}:healthy", input_shapes=[(2, 3, 8, 8)])
     assert healthy.findings == [] and "behaviour" in healthy.files[0].groups
 
 
 def test_nondeterministic_eval_fires_on_dropout_left_active(tmp_path):
-    torch.save(trained_bn(audit_models.keeps_dropout_active()).state_dict(), tmp_path / "w.pt")
+    torch.save(trained_bn(buggy_models.keeps_dropout_active()).state_dict(), tmp_path / "w.pt")
     result = audit([tmp_path / "w.pt"], arch=f"{MODELS}:keeps_dropout_active", input_shapes=[(2, 3, 8, 8)])
     assert {"BN301", "BN302"} <= codes(result)
     assert "BN304" not in codes(result) and "BN303" not in codes(result)

@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from buggy_models import KeepsBNTraining
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bnctl import fold_math
-from bnctl import fold
+from bnctl import fold, fold_math
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -200,25 +200,8 @@ def test_bn1d_on_three_dim_linear_output_is_refused():
     assert "3-D input" in skipped(report)["1"]
 
 
-class StaysTraining(nn.Module):
-    """A module whose train() override keeps its BN in train mode."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.bn.train()
-        return self
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
-
-
 def test_bn_in_train_mode_and_bn_without_running_stats_are_refused():
-    model = StaysTraining()
+    model = KeepsBNTraining()
     randomize_bn(model)
     model.bn.train()
     folded, report = fold(model, torch.randn(4, 3, 6, 6))
@@ -334,7 +317,7 @@ def test_folding_any_layer_keeps_outputs(kind, dims, groups, per_group_in, per_g
 def test_folded_module_keeps_the_modes_model_eval_gives():
     """A BN that stays in train mode after model.eval() stays so in the folded module, and the
     folded module is independent of the caller's model (its mode and its tensors)."""
-    model = randomize_bn(StaysTraining())
+    model = randomize_bn(KeepsBNTraining())
     model.train()
     x = torch.randn(4, 3, 6, 6)
     stats = model.bn.running_mean.clone()

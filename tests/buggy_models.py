@@ -1,4 +1,4 @@
-"""Models with one BatchNorm bug each, for the audit tests (loaded with --arch tests/audit_models.py:NAME)."""
+"""Models with one BatchNorm bug each, for the fold and audit tests (audit loads them with --arch tests/buggy_models.py:NAME)."""
 
 from __future__ import annotations
 
