@@ -246,6 +246,63 @@ def fold(
         )
 
 
+class Device(str, enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+@handles_errors
+def recalibrate(
+    path: PathArg,
+    data: Annotated[Path, typer.Option("--data", help="Folder of samples: images (class subfolders fine), .npy, .npz or .pt files.", show_default=False, rich_help_panel="Data")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the recalibrated model, in the input's format (atomically; never the input).", show_default=False)],
+    arch: ArchOpt = None,
+    arch_arg: ArchArgOpt = None,
+    key: KeyOpt = None,
+    trust: TrustOpt = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.", rich_help_panel="Data")] = 32,
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most this many samples (a seeded random subset).", rich_help_panel="Data")] = None,
+    image_size: Annotated[Optional[str], typer.Option("--image-size", help="Resize images to H or H,W. Default: as they are (they must then share one size).", rich_help_panel="Data")] = None,
+    mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean subtracted from images in [0,1], e.g. 0.485,0.456,0.406.", rich_help_panel="Data")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", rich_help_panel="Data")] = None,
+    grayscale: Annotated[bool, typer.Option("--grayscale", help="Read images as one channel.", rich_help_panel="Data")] = False,
+    transform: Annotated[Optional[str], typer.Option("--transform", help="pkg.mod:fn or file.py:fn taking a Pillow image, returning the model input; replaces the default preprocessing.", rich_help_panel="Data")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Processes decoding samples.", rich_help_panel="Data")] = 2,
+    device: Annotated[Device, typer.Option("--device", help="Where the forward passes run.")] = Device.cpu,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample order and --max-samples subset.")] = 0,
+    until_stable: Annotated[Optional[float], typer.Option("--until-stable", help="Stop once no layer's estimate moved more than this over 3 batches (one process only).")] = None,
+    fmt: Annotated[FoldFormat, typer.Option("--format", "-f", help="Report format.")] = FoldFormat.table,
+) -> None:
+    """Re-estimate every BatchNorm's running statistics exactly on a data folder (torchrun for many processes)."""
+    import os
+
+    from . import render
+    from .data import Preprocess
+    from .recalibrate_file import parse_floats, parse_size, recalibrate_file, resolve_transform
+
+    if device == Device.cuda:
+        os.environ["BNCTL_DEVICE"] = "cuda"
+    preprocess = Preprocess(size=parse_size(image_size), mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), grayscale=grayscale, transform=resolve_transform(transform))
+    options = _model_options(arch, arch_arg, key, trust, None, None)
+    options.pop("input_shapes"), options.pop("data")
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with render.sample_progress(enabled=rank0 and sys.stderr.isatty()) as progress:
+        report = recalibrate_file(
+            path, data, output, **options, batch_size=batch_size, max_samples=max_samples, preprocess=preprocess,
+            workers=workers, device=device.value, seed=seed, until_stable=until_stable, on_batch=progress.advance, on_start=progress.start,
+        )
+    if not rank0:
+        return
+    if fmt == FoldFormat.json:
+        sys.stdout.write(render.recalibration_json(report))
+    else:
+        from rich.console import Console
+
+        Console(width=None if sys.stdout.isatty() else 160).print(render.recalibration_table(report))
+    typer.echo(f"wrote {output}", err=True)
+
+
 class AuditFormat(str, enum.Enum):
     text = "text"
     json = "json"

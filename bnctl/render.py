@@ -231,3 +231,75 @@ def fold_table(report: Any):
 
 def fold_json(report: Any) -> str:
     return json.dumps(report.to_dict(), indent=2) + "\n"
+
+
+# --- recalibrate --------------------------------------------------------------------------
+
+
+class _Progress:
+    """A rich progress bar over samples with samples/s, or nothing when disabled."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.task = enabled, None, None
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("recalibrating"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+            )
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def start(self, total: int) -> None:
+        if self.bar is not None:
+            self.task = self.bar.add_task("samples", total=total, rate="-")
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.advance(self.task, n)
+            task = self.bar.tasks[0]
+            speed = task.speed
+            self.bar.update(self.task, rate=f"{speed:.0f}" if speed else "-")
+
+
+def sample_progress(enabled: bool) -> _Progress:
+    """Context manager for the recalibration progress bar (``start(total)``, ``advance(n)``)."""
+    return _Progress(enabled)
+
+
+def recalibration_table(report: Any):
+    """One row per BN: values seen per channel, mean shift, variance ratio; then the summary."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for title in ("BatchNorm", "values/channel", "mean shift (std)", "var ratio"):
+        table.add_column(title, justify="left" if title == "BatchNorm" else "right")
+    for layer in report.layers:
+        if not layer.reached:
+            table.add_row(layer.name, "[yellow]not reached[/]", "-", "-")
+            continue
+        table.add_row(layer.name, str(layer.count), _num(layer.mean_shift), _num(layer.var_ratio))
+    rate = f", {report.samples / report.seconds:.0f} samples/s" if report.seconds > 0 else ""
+    summary = f"Recalibrated {sum(l.reached for l in report.layers)} of {len(report.layers)} BatchNorm layers on {report.samples} samples ({report.batches} batches{rate}"
+    summary += f", {report.world_size} processes)." if report.world_size > 1 else ")."
+    if report.stopped_early:
+        summary += f" Stopped early: estimates stable after {report.samples} samples."
+    parts: list[Any] = [table, *[Text(f"note: {n}", style="dim") for n in report.notes]]
+    if report.unreached:
+        parts.append(Text(f"note: {len(report.unreached)} layers were not reached by the data and keep their statistics", style="yellow"))
+    parts.append(Text(summary, style="bold"))
+    return Group(*parts)
+
+
+def recalibration_json(report: Any) -> str:
+    return json.dumps(report.to_dict(), indent=2) + "\n"
