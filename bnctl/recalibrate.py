@@ -26,6 +26,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .errors import InputError
 
 
+class NoBatchesError(InputError):
+    """The iterable of batches was empty."""
+
+
 class _Stop(Exception):
     """Raised after the last BN of a forward pass: what follows it is not needed."""
 
@@ -280,7 +284,7 @@ def recalibrate(
         dist.all_reduce(counts)
         report.samples, report.batches = int(counts[0]), int(counts[1])
     if report.batches == 0:
-        raise InputError("no batch to recalibrate on", "the data folder gave no samples")
+        raise NoBatchesError("no batch to recalibrate on", "pass an iterable with at least one batch")
     _write_statistics(layers, moments, old, report)
     report.seconds = time.perf_counter() - start
     return report

@@ -21,7 +21,7 @@ from . import checkpoint as ckpt_mod
 from .data import Preprocess, loader, sample_files, shard
 from .errors import InputError
 from .inspection import open_model
-from .recalibrate import RecalibrationReport, batchnorms, recalibrate
+from .recalibrate import NoBatchesError, RecalibrationReport, batchnorms, recalibrate
 
 
 def tune_allocator() -> bool:
@@ -112,12 +112,13 @@ def recalibrate_file(
                 continue
             yield _channels_last(batch) if fast else batch
 
-    report = recalibrate(model, batches(), until_stable=until_stable, device=None if fast else device, on_batch=on_batch)
+    try:
+        report = recalibrate(model, batches(), until_stable=until_stable, device=None if fast else device, on_batch=on_batch)
+    except NoBatchesError:
+        raise InputError(f"--data {data}: none of its {len(files)} files could be read", "check the files; supported: images, .npy, .npz, .pt") from None
     model = model.to(memory_format=torch.contiguous_format).to("cpu")
     if skipped[0]:
         report.notes.append(f"{skipped[0]} unreadable files skipped")
-    if report.samples == 0:
-        raise InputError(f"--data {data}: none of its {len(files)} files could be read", "check the files; supported: images, .npy, .npz, .pt")
     if rank == 0:
         _write(checkpoint, model, output, trust)
     if world > 1:
