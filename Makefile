@@ -35,6 +35,12 @@ demo: $(VENV)/.demo-installed
 	@$(BNCTL) audit samples/broken samples/checkpoints/converted_zero_counter.pt || true
 	@echo "\n\$$ bnctl audit samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 2,3,32,32 --format sarif --output $(OUT)/audit.sarif"
 	@$(BNCTL) audit samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 2,3,32,32 --format sarif --output $(OUT)/audit.sarif
+	@echo "\n\$$ python samples/evaluate.py samples/checkpoints/sample.pt samples/data_shifted   # darker, flatter images"
+	@$(PY) samples/evaluate.py samples/checkpoints/sample.pt samples/data_shifted
+	@echo "\n\$$ bnctl recalibrate samples/checkpoints/sample.pt --arch bnctl.models:sample_net --data samples/data_shifted -o $(OUT)/recalibrated.pt"
+	@$(BNCTL) recalibrate samples/checkpoints/sample.pt --arch bnctl.models:sample_net --data samples/data_shifted -o $(OUT)/recalibrated.pt
+	@echo "\n\$$ python samples/evaluate.py $(OUT)/recalibrated.pt samples/data_shifted"
+	@$(PY) samples/evaluate.py $(OUT)/recalibrated.pt samples/data_shifted
 	@echo "\n\$$ bnctl fold samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 8,3,32,32 -o $(OUT)/sample_folded.pt2"
 	@$(BNCTL) fold samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 8,3,32,32 -o $(OUT)/sample_folded.pt2
 	@echo "\n\$$ bnctl fold samples/checkpoints/sample.onnx -o $(OUT)/sample_folded.onnx"
@@ -47,6 +53,7 @@ bench: $(VENV)/.test-installed
 	$(PY) benchmarks/bench_inspect.py
 	$(PY) benchmarks/bench_fold.py
 	$(PY) benchmarks/bench_audit.py
+	$(PY) benchmarks/bench_recalibrate.py
 
 samples: $(VENV)/.test-installed
 	$(PY) samples/make_samples.py

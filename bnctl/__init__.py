@@ -20,6 +20,8 @@ _EXPORTS = {
     "find_layers": ("bnctl.layers", "find"),
     "BnctlError": ("bnctl.errors", "BnctlError"),
     "fold": ("bnctl.folding", "fold"),
+    "recalibrate": ("bnctl.recalibration", "recalibrate"),
+    "RecalibrationReport": ("bnctl.recalibration", "RecalibrationReport"),
     "FoldReport": ("bnctl.folding", "FoldReport"),
 }
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import load as load_checkpoint
     from .errors import BnctlError
     from .folding import FoldReport, fold
+    from .recalibration import RecalibrationReport, recalibrate
     from .inspection import InspectResult, inspect
     from .layers import BNLayer
     from .layers import find as find_layers

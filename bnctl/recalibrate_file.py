@@ -21,7 +21,7 @@ from . import checkpoint as ckpt_mod
 from .data import Preprocess, loader, sample_files, shard
 from .errors import InputError
 from .inspection import open_model
-from .recalibrate import NoBatchesError, RecalibrationReport, batchnorms, recalibrate
+from .recalibration import NoBatchesError, RecalibrationReport, batchnorms, recalibrate
 
 
 def tune_allocator() -> bool:

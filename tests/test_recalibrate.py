@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bnctl.models import sample_net
-from bnctl.recalibrate import recalibrate
+from bnctl.recalibration import recalibrate
 
 from conftest import CHECKPOINTS, ROOT, SAMPLES
 

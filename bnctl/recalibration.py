@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -148,15 +147,16 @@ class _Recorder:
 
     def _forward(self, name: str, bn: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(x: torch.Tensor) -> torch.Tensor:
-            dims = [0, *range(2, x.dim())]
-            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            # training's fused kernel: the output normalized with the batch's statistics, and
+            # those statistics (accumulated in double inside; mean and 1/sqrt(var + eps) out)
+            out, mean, invstd = torch.native_batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, bn.eps)
             n = x.numel() / max(x.shape[1], 1)
-            self.moments[name].add(n, mean.double(), var.double() * n)
+            var = (invstd.double().pow(-2) - bn.eps).clamp_min(0.0)
+            self.moments[name].add(n, mean.double(), var * n)
             self.calls += 1
             if not self.first_batch and self.calls == self.calls_per_pass:
                 raise _Stop  # every BN call of a pass has its statistics: skip the rest
-            # eval-mode batch_norm with the batch's own statistics: training's output
-            return F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            return out
 
         return forward
 
