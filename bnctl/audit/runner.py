@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import fnmatch
+import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import BnctlError, InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 from .registry import CHECKS, SEVERITIES, matches
 
 #: file names a folder is searched for (explicitly named files are always read)
