@@ -303,6 +303,80 @@ def recalibrate(
     typer.echo(f"wrote {output}", err=True)
 
 
+class ConvertTo(str, enum.Enum):
+    syncbn = "syncbn"
+    batchnorm = "batchnorm"
+    groupnorm = "groupnorm"
+    frozen = "frozen"
+
+
+class SaveAs(str, enum.Enum):
+    module = "module"
+    state_dict = "state-dict"
+
+
+@app.command()
+@handles_errors
+def convert(
+    path: PathArg,
+    to: Annotated[ConvertTo, typer.Option("--to", help="syncbn: BN -> SyncBatchNorm; batchnorm: SyncBN/frozen -> BatchNorm1d/2d/3d; frozen: BN -> FrozenBatchNorm; groupnorm: BN -> GroupNorm (changes the function).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the converted model (atomically; never the input).", show_default=False)],
+    arch: ArchOpt = None,
+    arch_arg: ArchArgOpt = None,
+    key: KeyOpt = None,
+    trust: TrustOpt = False,
+    input_shape: InputShapeOpt = None,
+    data: DataOpt = None,
+    groups: Annotated[int, typer.Option("--groups", help="GroupNorm groups: the largest divisor of each layer's channels not above this.")] = 32,
+    save_as: Annotated[SaveAs, typer.Option("--as", help="module: the whole module pickled (bnctl and your classes importable to load it); state-dict: the weights of the converted architecture.")] = SaveAs.module,
+    fmt: Annotated[FoldFormat, typer.Option("--format", "-f", help="Report format.")] = FoldFormat.table,
+) -> None:
+    """Convert BatchNorm layers: to SyncBatchNorm and back, to and from FrozenBatchNorm, to GroupNorm."""
+    from . import render
+    from .convert_file import convert_file
+
+    report = convert_file(path, output, to.value, **_model_options(arch, arch_arg, key, trust, input_shape, data), groups=groups, save_as=save_as.value)
+    if fmt == FoldFormat.json:
+        sys.stdout.write(render.to_json_text(report.to_dict()))
+    else:
+        from rich.console import Console
+
+        Console(width=None if sys.stdout.isatty() else 160).print(render.convert_table(report))
+    typer.echo(f"wrote {output}", err=True)
+
+
+@app.command()
+@handles_errors
+def export(
+    path: PathArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The ONNX file to write (atomically; only if ONNX Runtime matches PyTorch).", show_default=False)],
+    arch: ArchOpt = None,
+    arch_arg: ArchArgOpt = None,
+    key: KeyOpt = None,
+    trust: TrustOpt = False,
+    input_shape: InputShapeOpt = None,
+    data: DataOpt = None,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset. Default: the exporter's.")] = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic (checked at two batch sizes).")] = False,
+    no_fold: Annotated[bool, typer.Option("--no-fold", help="Keep the BatchNorm nodes.")] = False,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest ONNX Runtime vs PyTorch difference, relative to the largest |output|. Beyond it: exit 1, nothing written.")] = 1e-4,
+    fmt: Annotated[FoldFormat, typer.Option("--format", "-f", help="Report format.")] = FoldFormat.table,
+) -> None:
+    """Export to ONNX ready for inference: eval, SyncBN reverted, BN folded, checked in ONNX Runtime."""
+    from . import render
+    from .export import export_file
+
+    report = export_file(path, output, **_model_options(arch, arch_arg, key, trust, input_shape, data), opset=opset, dynamic_batch=dynamic_batch, fold=not no_fold, tolerance=tolerance)
+    if fmt == FoldFormat.json:
+        sys.stdout.write(render.to_json_text(report.to_dict()))
+    else:
+        from rich.console import Console
+
+        Console(width=None if sys.stdout.isatty() else 160).print(render.export_table(report))
+    if not report.ok:
+        _fail(f"ONNX Runtime differs from PyTorch by {report.max_rel_error:.3g} (relative), beyond --tolerance {tolerance:g}: nothing written", "check the operators listed above, or raise --tolerance if that difference is acceptable", 1)
+
+
 class AuditFormat(str, enum.Enum):
     text = "text"
     json = "json"

@@ -16,7 +16,7 @@ import torch
 from . import fold_math
 from .errors import InputError
 
-_LAYER_KINDS = {"Conv": "conv", "ConvTranspose": "conv_transpose", "Gemm": "linear"}
+_LAYER_KINDS = {"Conv": "conv", "ConvTranspose": "conv_transpose", "Gemm": "linear", "MatMul": "linear"}
 
 
 def _attr(node: Any, name: str, default: Any = None) -> Any:
@@ -80,6 +80,22 @@ class _Graph:
             return False
         return all(self._input_free(i, seen) for k, i in enumerate(node.input) if i and not (node.op_type == "CastLike" and k == 1))
 
+    def rank(self, name: str) -> int | None:
+        """The rank of a value, from ONNX shape inference (None when unknown)."""
+        if not hasattr(self, "_ranks"):
+            import onnx
+
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model).graph
+            except Exception:  # noqa: BLE001 - shapes are a help, not a must
+                inferred = self.model.graph
+            self._ranks = {
+                v.name: len(v.type.tensor_type.shape.dim)
+                for v in (*inferred.value_info, *inferred.input, *inferred.output)
+                if v.type.tensor_type.HasField("shape")
+            }
+        return self._ranks.get(name)
+
     def producer(self, name: str) -> Any:
         return next((n for n in self.model.graph.node if name in n.output), None)
 
@@ -141,6 +157,10 @@ def _layer_weights(graph: _Graph, layer: Any) -> tuple[np.ndarray | None, np.nda
     bias = graph.const.get(layer.input[2]) if len(layer.input) > 2 and layer.input[2] else None
     if len(layer.input) > 2 and layer.input[2] and bias is None:
         return None, None, f"the bias of {node_name(layer)} is not a constant"
+    if layer.op_type == "MatMul":
+        if weight.ndim != 2:
+            return None, None, f"{node_name(layer)} multiplies by a {weight.ndim}-D constant"
+        return weight.T, None, None
     if layer.op_type == "Gemm":
         if not _attr(layer, "transB", 0):
             weight = weight.T
@@ -218,7 +238,17 @@ def fold_model(model: Any, feeds: dict[str, np.ndarray] | None = None) -> tuple[
         fn = fold_math.fold_after if side == "after" else fold_math.fold_before
         new_w, new_b = fn(torch.from_numpy(np.array(weight, dtype=np.float64)), None if bias is None else torch.from_numpy(np.array(bias, dtype=np.float64)), scale, shift, kind, groups)
         into = node_name(layer)
-        _write_layer(graph, layer, new_w, new_b, graph.const[layer.input[1]].dtype)
+        dtype = graph.const[layer.input[1]].dtype
+        if layer.op_type == "MatMul":  # no bias input: the shift becomes an Add in the BN's place
+            graph.put(layer, 1, new_w.numpy().astype(dtype).T, f"{into}_weight")
+            add = onnx.helper.make_node("Add", [layer.output[0], ""], [bn.output[0]], name=f"{bn.name or name}_shift")
+            graph.put(add, 1, new_b.numpy().astype(dtype), f"{name}_shift")
+            index = list(new.graph.node).index(bn)
+            new.graph.node.remove(bn)
+            new.graph.node.insert(index, add)
+            folded.append({"bn": name, "into": into, "side": side, "note": "MatMul has no bias: the shift is an Add"})
+            continue
+        _write_layer(graph, layer, new_w, new_b, dtype)
         if side == "after":
             layer.output[0] = bn.output[0]
         else:
@@ -235,9 +265,12 @@ def _neighbour(graph: _Graph, bn: Any, shift: torch.Tensor) -> tuple[Any, str, s
     producer = graph.producer(x)
     if producer is not None and producer.op_type in _LAYER_KINDS:
         readers = graph.readers(x)
-        if len(readers) == 1 and x not in graph.outputs:
+        if producer.op_type == "MatMul" and graph.rank(x) != 2:
+            why_after = f"{node_name(producer)} (MatMul) output has rank {graph.rank(x)}: its features are not the BN's channels"
+        elif len(readers) == 1 and x not in graph.outputs:
             return producer, "after", ""
-        why_after = f"the output of {node_name(producer)} is also read by {len(readers) - 1} other node(s)"
+        else:
+            why_after = f"the output of {node_name(producer)} is also read by {len(readers) - 1} other node(s)"
     else:
         why_after = f"its input comes from {producer.op_type if producer is not None else 'a graph input'}"
     readers = graph.readers(y)

@@ -303,3 +303,68 @@ def recalibration_table(report: Any):
 
 def recalibration_json(report: Any) -> str:
     return json.dumps(report.to_dict(), indent=2) + "\n"
+
+
+# --- convert and export -------------------------------------------------------------------
+
+
+def to_json_text(document: dict) -> str:
+    """A report dict as JSON text (non-finite numbers become null)."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(document), indent=2) + "\n"
+
+
+def convert_table(report: Any):
+    """One row per converted layer (from -> to, note), notes, and the output change."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for title in ("layer", "from", "to", "note"):
+        table.add_column(title)
+    for c in report.converted:
+        table.add_row(c["name"], c["from"], c["to"], c["note"] or "")
+    parts: list[Any] = [table, *[Text(f"note: {n}", style="yellow") for n in report.notes]]
+    summary = f"Converted {len(report.converted)} layers to {report.target}."
+    if report.max_abs_error is not None:
+        summary += f" Eval outputs on the check inputs moved by max abs {report.max_abs_error:.2g} (rel {report.max_rel_error:.2g})."
+    parts.append(Text(summary, style="bold"))
+    return Group(*parts)
+
+
+def export_table(report: Any):
+    """Steps taken, ONNX op counts and file size before/after folding, parity, findings."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for title in ("ONNX op", "exported as is", "bnctl export"):
+        table.add_column(title, justify="left" if title == "ONNX op" else "right")
+    ops = sorted(set(report.nodes_before) | set(report.nodes_after), key=lambda o: -(report.nodes_before.get(o, 0) + report.nodes_after.get(o, 0)))
+    for op in ops:
+        table.add_row(op, str(report.nodes_before.get(op, 0)), str(report.nodes_after.get(op, 0)))
+    table.add_row("[bold]nodes[/]", str(sum(report.nodes_before.values())), str(sum(report.nodes_after.values())))
+    table.add_row("[bold]file size[/]", _size(report.bytes_before), _size(report.bytes_after))
+    parts: list[Any] = [Text("steps: " + "; ".join(report.steps)), table]
+    parts += [Text(f"{f['check']} {f['layer'] or ''}: {f['message']}", style="yellow") for f in report.findings]
+    summary = f"Exported with {report.exporter}, opset {report.opset}. ONNX Runtime vs PyTorch on {', '.join(report.checked_shapes)}: max abs error {report.max_abs_error:.2g}, max rel error {report.max_rel_error:.2g} (tolerance {report.tolerance:g})."
+    if report.written:
+        summary += f"\nWrote {report.output}."
+    parts.append(Text(summary, style="bold" if report.ok else "bold red"))
+    return Group(*parts)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"

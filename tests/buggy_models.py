@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -50,3 +51,30 @@ def keeps_dropout_active() -> nn.Module:
 
 def healthy() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+
+
+class Histogram(nn.Module):
+    """conv -> BN -> torch.histc: no ONNX exporter has an operator for histc."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.histc(self.bn(self.conv(x)), bins=4)
+
+
+def histogram() -> nn.Module:
+    return Histogram()
+
+
+class BNAct(nn.BatchNorm2d):
+    """A BN subclass that adds an activation in forward (timm's BatchNormAct2d pattern)."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def bn_act() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), BNAct(4))

@@ -191,7 +191,7 @@ def test_unknown_format_is_a_usage_error(cli):
 
 @pytest.mark.parametrize(
     "args,expected",
-    [(["--help"], "inspect"), (["inspect", "--help"], "inspect"), (["fold", "--help"], "--tolerance"), (["audit", "--help"], "--fail-on"), (["audit", "--list"], "BN304")],
+    [(["--help"], "inspect"), (["inspect", "--help"], "inspect"), (["fold", "--help"], "--tolerance"), (["audit", "--help"], "--fail-on"), (["audit", "--list"], "BN304"), (["convert", "--help"], "groupnorm"), (["export", "--help"], "--dynamic-batch"), (["recalibrate", "--help"], "--until-stable")],
 )
 def test_help_imports_neither_torch_nor_pandas(args, expected):
     code = (
