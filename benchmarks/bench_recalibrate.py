@@ -86,7 +86,7 @@ def main() -> None:
     samples = args.batch * args.batches
     base = results["update_bn"]
     print(f"ResNet-50 layout, {args.batches} batches of {args.batch} at {args.size}x{args.size}, one warm-up batch, each in a fresh process\n")
-    print(f"| method | seconds | samples/s | x update_bn time | speed-up over update_bn |")
+    print("| method | seconds | samples/s | x update_bn time | speed-up over update_bn |")
     print("|---|---|---|---|---|")
     for label, seconds in results.items():
         print(f"| {label} | {seconds:.2f} | {samples / seconds:.1f} | {seconds / base:.2f} | {base / seconds:.2f}x |")

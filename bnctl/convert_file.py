@@ -9,8 +9,7 @@ import torch
 
 from . import _atomic
 from .convert import ConvertReport, convert
-from .errors import InputError
-from .inspection import open_model
+from .jobs import check_inputs, eager_only, guard_output, open_for
 
 
 def convert_file(
@@ -29,21 +28,11 @@ def convert_file(
 ) -> ConvertReport:
     """Read ``path`` (a state_dict with ``arch``, or a pickled module), convert, write ``output``
     as a pickled module or as the converted architecture's state_dict."""
-    from .fold_file import _check_inputs
-
     path, output = Path(path), Path(output)
-    if output.exists() and path.exists() and output.resolve() == path.resolve():
-        raise InputError(f"refusing to overwrite the input {path}", "write the converted model to another file with -o")
-    checkpoint, module, _ = open_model(path, arch=arch, arch_args=arch_args, key=key, trust=trust)
-    if checkpoint.content == "state_dict":
-        if module is None:
-            raise InputError(f"{path.name} holds a state_dict: converting needs the model it belongs to", "pass --arch pkg.module:factory (and --arch-arg name=value)")
-        model = module
-    elif checkpoint.content == "module" and not isinstance(checkpoint.module, torch.jit.ScriptModule):
-        model = checkpoint.module
-    else:
-        raise InputError(f"{path.name} is a {checkpoint.describe()}: its modules cannot be replaced", "convert the training checkpoint (state_dict + --arch) or the pickled module")
-    inputs = _check_inputs(checkpoint, input_shapes, data, 0)
+    guard_output(path, output)
+    checkpoint, model = open_for("converting", path, arch=arch, arch_args=arch_args, key=key, trust=trust)
+    model = eager_only("converting", checkpoint, model, path)
+    inputs = check_inputs(input_shapes, data)
     if inputs is not None:
         from .folding import reference_outputs
 

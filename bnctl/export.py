@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 import warnings
 from collections import Counter
@@ -24,7 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _atomic, verify
-from .errors import InputError, MissingExtraError
+from .errors import InputError
 from .folding import DEFAULT_TOLERANCE, reference_outputs
 
 
@@ -208,21 +207,18 @@ def export_file(
     **options: Any,
 ) -> ExportReport:
     """Read ``path`` (a state_dict with ``arch``, a pickled module, a ``.pt2``) and :func:`export` it."""
-    from .fold_file import _check_inputs
-    from .inspection import open_model
+    from .jobs import check_inputs, guard_output, open_for
 
     path, output = Path(path), Path(output)
-    if output.exists() and path.exists() and output.resolve() == path.resolve():
-        raise InputError(f"refusing to overwrite the input {path}", "write the ONNX model to another file with -o")
-    checkpoint, module, _ = open_model(path, arch=arch, arch_args=arch_args, key=key, trust=trust)
-    if checkpoint.content == "state_dict" and module is None:
-        raise InputError(f"{path.name} holds a state_dict: exporting needs the model it belongs to", "pass --arch pkg.module:factory (and --arch-arg name=value)")
+    guard_output(path, output)
+    checkpoint, model = open_for("exporting", path, arch=arch, arch_args=arch_args, key=key, trust=trust)
     if checkpoint.content == "onnx":
         raise InputError(f"{path.name} is already ONNX", "to fold its BatchNorm nodes use bnctl fold; to check it use bnctl audit")
-    model = module if module is not None else checkpoint.module if checkpoint.module is not None else checkpoint.program.module()
+    if checkpoint.program is not None:
+        model = checkpoint.program.module()
     if checkpoint.program is not None and options.get("dynamic_batch"):
         raise InputError(f"{path.name} is a torch.export program with fixed input shapes: its batch size cannot be made dynamic", "export the original model (state_dict + --arch) with --dynamic-batch")
-    inputs = _check_inputs(checkpoint, input_shapes, data, 0)
+    inputs = check_inputs(input_shapes, data)
     if inputs is None and checkpoint.program is not None:
         inputs = tuple(checkpoint.program.example_inputs[0])
     if inputs is None:

@@ -9,24 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
-
 from . import checkpoint as ckpt_mod
 from . import verify, writers
 from .errors import InputError
 from .folding import DEFAULT_TOLERANCE, FoldReport, fold
-from .inspection import open_model
+from .jobs import check_inputs, guard_output, open_for
 from .targets import Target
-
-
-def _check_inputs(checkpoint: ckpt_mod.Checkpoint, shapes: Sequence[Sequence[int]], data: Path | None, seed: int) -> tuple | None:
-    if shapes:
-        return verify.random_inputs(shapes, seed)
-    if data is not None:
-        from .data import example_batch
-
-        return (example_batch(data),)
-    return None
 
 
 def default_target(checkpoint: ckpt_mod.Checkpoint, output: Path) -> Target:
@@ -61,21 +49,14 @@ def fold_file(
     written) when the outputs moved more than ``tolerance``.
     """
     path, output = Path(path), Path(output)
-    if output.exists() and path.exists() and output.resolve() == path.resolve():
-        raise InputError(f"refusing to overwrite the input {path}", "write the folded model to another file with -o")
-    checkpoint, module, _notes = open_model(path, arch=arch, arch_args=arch_args, key=key, trust=trust)
+    guard_output(path, output)
+    checkpoint, model = open_for("folding", path, arch=arch, arch_args=arch_args, key=key, trust=trust)
     target = to or default_target(checkpoint, output)
-    inputs = _check_inputs(checkpoint, input_shapes, data, seed)
+    inputs = check_inputs(input_shapes, data, seed)
     if checkpoint.format == ckpt_mod.Format.ONNX:
         return _fold_onnx(checkpoint, output, target, inputs, tolerance, seed)
     if checkpoint.format == ckpt_mod.Format.TORCHSCRIPT and target not in (Target.TORCHSCRIPT, Target.STATE_DICT):
         raise InputError(f"a TorchScript model can be written as torchscript or state-dict, not {target.value}", "use --to torchscript, or fold the original checkpoint with --arch")
-    if checkpoint.content == "state_dict":
-        if module is None:
-            raise InputError(f"{path.name} holds a state_dict: folding needs the model it belongs to", "pass --arch pkg.module:factory (and --arch-arg name=value) to build it")
-        model = module
-    else:
-        model = checkpoint.module if checkpoint.module is not None else checkpoint.program
     if inputs is None and checkpoint.program is None:
         raise InputError("folding needs example inputs to trace and check the model", "pass --input-shape 1,3,224,224 (once per model input) or --data DIR")
     if checkpoint.program is not None and inputs is None:

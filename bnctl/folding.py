@@ -25,7 +25,6 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
@@ -33,7 +32,7 @@ from . import graph as g
 from . import graph_fold as gf
 from . import verify
 from .errors import InputError
-from .fold_math import Kind, bn_scale_shift, fold_after, fold_before, identity_bn, in_channels, out_channels
+from .fold_math import Kind, bn_scale_shift, fold_after, fold_before, identity_bn
 
 DEFAULT_TOLERANCE = 1e-4
 

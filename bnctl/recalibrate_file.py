@@ -20,7 +20,7 @@ from . import _atomic
 from . import checkpoint as ckpt_mod
 from .data import Preprocess, loader, sample_files, shard
 from .errors import InputError
-from .inspection import open_model
+from .jobs import eager_only, guard_output, open_for
 from .recalibration import NoBatchesError, RecalibrationReport, batchnorms, recalibrate
 
 
@@ -46,19 +46,6 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _model_of(checkpoint: ckpt_mod.Checkpoint, module: nn.Module | None, path: Path) -> nn.Module:
-    if checkpoint.content == "state_dict":
-        if module is None:
-            raise InputError(f"{path.name} holds a state_dict: recalibrating needs the model it belongs to", "pass --arch pkg.module:factory (and --arch-arg name=value)")
-        return module
-    if checkpoint.content == "module" and not isinstance(checkpoint.module, torch.jit.ScriptModule):
-        return checkpoint.module
-    raise InputError(
-        f"{path.name} is a {checkpoint.describe()}: its BatchNorm layers cannot be run in recalibration mode",
-        "recalibrate the training checkpoint (state_dict + --arch), then export or script it again",
-    )
-
-
 def recalibrate_file(
     path: str | Path,
     data: str | Path,
@@ -80,12 +67,11 @@ def recalibrate_file(
 ) -> RecalibrationReport:
     """Recalibrate ``path`` on the samples of ``data`` and write ``output`` (rank 0 only)."""
     path, data, output = Path(path), Path(data), Path(output)
-    if output.exists() and path.exists() and output.resolve() == path.resolve():
-        raise InputError(f"refusing to overwrite the input {path}", "write the recalibrated model to another file with -o")
+    guard_output(path, output)
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size} is not positive", "use e.g. --batch-size 32")
-    checkpoint, module, _ = open_model(path, arch=arch, arch_args=arch_args, key=key, trust=trust)
-    model = _model_of(checkpoint, module, path)
+    checkpoint, model = open_for("recalibrating", path, arch=arch, arch_args=arch_args, key=key, trust=trust)
+    model = eager_only("recalibrating", checkpoint, model, path)
     if not batchnorms(model):
         raise InputError(f"{path.name}: the model has no BatchNorm layer with running statistics", "nothing to recalibrate")
     files = sample_files(data)

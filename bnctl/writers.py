@@ -50,7 +50,7 @@ def build(model: nn.Module, target: Target, inputs: tuple, dest: Path) -> Artifa
         raise
     except Exception as exc:  # noqa: BLE001 - an exporter failing is the user's model's story
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"could not write the model as {target.value}: {type(exc).__name__}: {first[:300]}", f"try another --to (pt2, torchscript, module, state-dict); rerun with --debug for details") from exc
+        raise InputError(f"could not write the model as {target.value}: {type(exc).__name__}: {first[:300]}", "try another --to (pt2, torchscript, module, state-dict); rerun with --debug for details") from exc
 
 
 def save(artifact: Artifact, dest: Path) -> None:
