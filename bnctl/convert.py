@@ -190,6 +190,7 @@ def to_frozen(model: nn.Module) -> tuple[nn.Module, ConvertReport]:
             raise InputError(f"{name} has no running statistics (track_running_stats=False): there is nothing to freeze", "recalibrate it first, or leave it as it is")
         source = type(m).__name__ if type(m) in _STOCK[:3] else "BatchNorm2d"
         new = FrozenBatchNorm(m.num_features, m.eps, source)
+        new.train(m.training)
         with torch.no_grad():
             for key in ("running_mean", "running_var"):
                 getattr(new, key).copy_(getattr(m, key))

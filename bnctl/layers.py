@@ -113,6 +113,10 @@ def is_batchnorm(module: nn.Module) -> bool:
     return "BatchNorm" in name and "running_mean" in buffers and "running_var" in buffers
 
 
+def _is_frozen(module: nn.Module) -> bool:
+    return not isinstance(module, _BatchNorm) and "Frozen" in _class_name(module)
+
+
 def _is_lazy_batchnorm(module: nn.Module) -> bool:
     return type(module).__name__.startswith("LazyBatchNorm")
 
@@ -154,7 +158,8 @@ def from_module(module: nn.Module, *, mode_known: bool = True) -> list[BNLayer]:
                 eps=float(m.eps) if hasattr(m, "eps") else None,
                 momentum=momentum,
                 averaging=averaging,
-                training=bool(m.training) if mode_known else None,
+                # a frozen BN normalizes with its statistics in either mode: its mode means nothing
+                training=(False if _is_frozen(m) else bool(m.training)) if mode_known else None,
                 track_running_stats=bool(getattr(m, "track_running_stats", mean is not None)),
                 weight=weight.detach() if weight is not None else None,
                 bias=tensors["bias"].detach() if tensors.get("bias") is not None else None,

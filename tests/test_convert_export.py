@@ -125,6 +125,10 @@ def test_convert_cli_writes_a_loadable_module_and_a_state_dict(cli, tmp_path, sa
     loaded = torch.load(out, weights_only=False)
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(loaded(x), sample(x))
+    # inspect and audit read the frozen layers, and a frozen layer's mode is no finding
+    inspected = json.loads(cli("inspect", out, "--trust", "-f", "json").stdout)
+    assert {layer["kind"] for layer in inspected["layers"]} == {"FrozenBatchNorm"} and inspected["summary"]["flagged"] == 0
+    assert cli("audit", out, "--trust").exit_code == 0
     sd = tmp_path / "sync_sd.pt"
     assert cli("convert", CHECKPOINTS / "sample.pt", *ARCH, "--to", "syncbn", "--as", "state-dict", "-o", sd).exit_code == 0
     state = torch.load(sd, weights_only=True)
