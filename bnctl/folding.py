@@ -20,7 +20,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -324,8 +324,3 @@ def _fold_keeping_modules(original: Any, traced: fx.GraphModule | fx.Graph | Non
             continue
         folded.append(entry)
     return result, folded, skipped, bn_count
-
-
-def input_shapes_help(shapes: Sequence[str]) -> list[tuple[int, ...]]:
-    """Parse ``--input-shape`` values."""
-    return [verify.parse_shape(s) for s in shapes]

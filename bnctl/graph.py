@@ -307,8 +307,3 @@ def get_attr(gm: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def attr_users(gm: fx.GraphModule, target: str) -> list[fx.Node]:
-    """Every node that reads attribute ``target`` through a ``get_attr``."""
-    return [u for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users]
