@@ -117,18 +117,16 @@ def _parse_arch_args(items: list[str] | None) -> dict:
     return parse_arch_args(items or [])
 
 
+def _model_source(arch: str | None, arch_arg: list[str] | None, key: str | None, trust: bool) -> dict:
+    """The shared options that say how to open the model, as the library's keyword arguments."""
+    return {"arch": arch, "arch_args": _parse_arch_args(arch_arg), "key": key, "trust": trust}
+
+
 def _model_options(arch: str | None, arch_arg: list[str] | None, key: str | None, trust: bool, input_shape: list[str] | None, data: Path | None) -> dict:
-    """The shared model and check-input options as the library's keyword arguments."""
+    """:func:`_model_source` plus the check inputs (``--input-shape``, ``--data``)."""
     from .verify import parse_shape
 
-    return {
-        "arch": arch,
-        "arch_args": _parse_arch_args(arch_arg),
-        "key": key,
-        "trust": trust,
-        "input_shapes": [parse_shape(s) for s in input_shape or []],
-        "data": data,
-    }
+    return {**_model_source(arch, arch_arg, key, trust), "input_shapes": [parse_shape(s) for s in input_shape or []], "data": data}
 
 
 def _emit_text(text: str, output: Path | None) -> None:
@@ -284,8 +282,7 @@ def recalibrate(
     if device == Device.cuda:
         os.environ["BNCTL_DEVICE"] = "cuda"
     preprocess = Preprocess(size=parse_size(image_size), mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), grayscale=grayscale, transform=resolve_transform(transform))
-    options = _model_options(arch, arch_arg, key, trust, None, None)
-    options.pop("input_shapes"), options.pop("data")
+    options = _model_source(arch, arch_arg, key, trust)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with render.sample_progress(enabled=rank0 and sys.stderr.isatty()) as progress:
         report = recalibrate_file(
