@@ -50,12 +50,12 @@ def eager_only(verb: str, checkpoint: ckpt_mod.Checkpoint, model: Any, path: Pat
     raise InputError(f"{path.name} is a {checkpoint.describe()}: {verb} needs an eager PyTorch model", "use the training checkpoint (state_dict + --arch) or a pickled module (--trust)")
 
 
-def check_inputs(shapes: Sequence[Sequence[int]], data: Path | None, seed: int = 0) -> tuple | None:
-    """Random inputs of ``shapes``, or a batch of up to 16 samples of ``data``, or None."""
+def check_inputs(shapes: Sequence[Sequence[int]], data: Path | None, seed: int = 0, count: int = 16) -> tuple | None:
+    """Random inputs of ``shapes``, or a batch of up to ``count`` samples of ``data``, or None."""
     if shapes:
         return verify.random_inputs(shapes, seed)
     if data is not None:
         from .data import example_batch
 
-        return (example_batch(data),)
+        return (example_batch(data, count=count),)
     return None

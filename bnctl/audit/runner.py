@@ -187,19 +187,14 @@ def audit(
 
 def _behaviour_inputs(shapes: Sequence[Sequence[int]], data: Path | None, seed: int) -> tuple | None:
     """Check inputs with a batch of 2 to 4 (batch dependence needs more than one sample)."""
-    from .. import verify
+    from ..jobs import check_inputs
 
     if shapes:
-        batch = max(2, min(4, shapes[0][0]))
-        return verify.random_inputs([(batch, *s[1:]) if i == 0 else s for i, s in enumerate(shapes)], seed)
-    if data is not None:
-        from ..data import example_batch
-
-        batch = example_batch(data, count=4)
-        if batch.shape[0] < 2:
-            raise InputError(f"--data {data}: behaviour checks need at least 2 samples", "add samples, or use --input-shape")
-        return (batch,)
-    return None
+        shapes = [(max(2, min(4, s[0])), *s[1:]) if i == 0 else s for i, s in enumerate(shapes)]
+    inputs = check_inputs(shapes, data, seed, count=4)
+    if inputs is not None and inputs[0].shape[0] < 2:
+        raise InputError(f"--data {data}: behaviour checks need at least 2 samples", "add samples, or use --input-shape")
+    return inputs
 
 
 def _audit_file(path: Path, arch, arch_args, key, trust, inputs) -> FileAudit:
