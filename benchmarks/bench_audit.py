@@ -26,6 +26,7 @@ import bench_inspect  # noqa: E402
 import zoo  # noqa: E402
 
 from bnctl.audit.runner import audit  # noqa: E402
+from bnctl.io.source import CheckInputs, ModelSource  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
             ("bnctl.inspect", f"r = bnctl.inspect({str(big)!r})\nassert len(r.rows) == 100"),
             ("bnctl.audit (statistics)", f"from bnctl.audit.runner import audit\nr = audit([{str(big)!r}])\nassert r.layers == 100"),
         ):
-            rows[label] = bench_inspect.measure("import bnctl, bnctl.inspection, bnctl.audit.runner", body)
+            rows[label] = bench_inspect.measure("import bnctl, bnctl.ops.inspect, bnctl.audit.runner", body)
         print(f"1. statistics checks on a {big.stat().st_size / 1e9:.2f} GB checkpoint with 100 BN layers (fresh process each, warm cache)\n")
         print(f"{'':28s} {'seconds':>8s} {'x inspect':>10s} {'RSS added MB':>13s}")
         base = rows["bnctl.inspect"][0]
@@ -52,7 +53,7 @@ def main() -> None:
         weights = Path(tmp) / "resnet50.pt"
         torch.save(model.state_dict(), weights)
         start = time.perf_counter()
-        result = audit([weights], arch=f"{HERE / 'zoo.py'}:resnet50", input_shapes=[(1, 3, args.size, args.size)])
+        result = audit([weights], model=ModelSource(arch=f"{HERE / 'zoo.py'}:resnet50"), inputs=CheckInputs(shapes=[(1, 3, args.size, args.size)]))
         total = time.perf_counter() - start
     (fa,) = result.files
     assert fa.error is None, fa.error

@@ -27,8 +27,8 @@ from torch.fx.experimental.optimization import fuse
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zoo  # noqa: E402
 
-from bnctl import graph, verify  # noqa: E402
-from bnctl.folding import fold, fold_traced, trace_for_fold  # noqa: E402
+from bnctl.core import graph, verify  # noqa: E402
+from bnctl.ops.fold.pytorch import fold, fold_traced, trace_for_fold  # noqa: E402
 
 
 def bnctl_fold_only(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule:

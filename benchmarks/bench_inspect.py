@@ -28,8 +28,8 @@ READERS = {
         "import torch",
         "sd = torch.load(PATH, weights_only=True, mmap=True)\n[float(t.double().sum()) for k, t in sd.items() if '.bn.' in k]",
     ),
-    "bnctl.inspect (torch zip)": ("import bnctl, bnctl.inspection", "r = bnctl.inspect(PATH)\nassert len(r.rows) == LAYERS"),
-    "bnctl.inspect (safetensors)": ("import bnctl, bnctl.inspection", "r = bnctl.inspect(SAFE)\nassert len(r.rows) == LAYERS"),
+    "bnctl.inspect (torch zip)": ("import bnctl, bnctl.ops.inspect", "r = bnctl.inspect(PATH)\nassert len(r.rows) == LAYERS"),
+    "bnctl.inspect (safetensors)": ("import bnctl, bnctl.ops.inspect", "r = bnctl.inspect(SAFE)\nassert len(r.rows) == LAYERS"),
 }
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec from the parent, VmHWM is per address space

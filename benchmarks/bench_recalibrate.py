@@ -62,7 +62,7 @@ model = model.to(memory_format=torch.channels_last)
 def run(bs):
     recalibrate(model, [b.contiguous(memory_format=torch.channels_last) for b in bs])
 """),
-    "bnctl recalibrate (CLI settings)": ("from bnctl.recalibrate_file import tune_allocator; tune_allocator()", """
+    "bnctl recalibrate (CLI settings)": ("from bnctl.jobs.recalibrate import tune_allocator; tune_allocator()", """
 from bnctl import recalibrate
 model = model.to(memory_format=torch.channels_last)
 def run(bs):

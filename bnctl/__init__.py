@@ -12,30 +12,39 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "inspect": ("bnctl.inspection", "inspect"),
-    "InspectResult": ("bnctl.inspection", "InspectResult"),
-    "load_checkpoint": ("bnctl.checkpoint", "load"),
-    "Checkpoint": ("bnctl.checkpoint", "Checkpoint"),
-    "BNLayer": ("bnctl.layers", "BNLayer"),
-    "find_layers": ("bnctl.layers", "find"),
+    "inspect": ("bnctl.ops.inspect", "inspect"),
+    "InspectResult": ("bnctl.ops.inspect", "InspectResult"),
+    "fold": ("bnctl.ops.fold", "fold"),
+    "FoldReport": ("bnctl.ops.fold", "FoldReport"),
+    "recalibrate": ("bnctl.ops.recalibrate", "recalibrate"),
+    "RecalibrationReport": ("bnctl.ops.recalibrate", "RecalibrationReport"),
+    "convert": ("bnctl.ops.convert", "convert"),
+    "ConvertReport": ("bnctl.ops.convert", "ConvertReport"),
+    "export": ("bnctl.ops.export", "export"),
+    "ExportReport": ("bnctl.ops.export", "ExportReport"),
+    "ModelSource": ("bnctl.io.source", "ModelSource"),
+    "CheckInputs": ("bnctl.io.source", "CheckInputs"),
+    "load_checkpoint": ("bnctl.io.checkpoint", "load"),
+    "Checkpoint": ("bnctl.io.checkpoint", "Checkpoint"),
+    "BNLayer": ("bnctl.core.layers", "BNLayer"),
+    "find_layers": ("bnctl.core.layers", "find"),
     "BnctlError": ("bnctl.errors", "BnctlError"),
-    "fold": ("bnctl.folding", "fold"),
-    "recalibrate": ("bnctl.recalibration", "recalibrate"),
-    "RecalibrationReport": ("bnctl.recalibration", "RecalibrationReport"),
-    "FoldReport": ("bnctl.folding", "FoldReport"),
 }
 
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint import Checkpoint
-    from .checkpoint import load as load_checkpoint
+    from .core.layers import BNLayer
+    from .core.layers import find as find_layers
     from .errors import BnctlError
-    from .folding import FoldReport, fold
-    from .recalibration import RecalibrationReport, recalibrate
-    from .inspection import InspectResult, inspect
-    from .layers import BNLayer
-    from .layers import find as find_layers
+    from .io.checkpoint import Checkpoint
+    from .io.checkpoint import load as load_checkpoint
+    from .io.source import CheckInputs, ModelSource
+    from .ops.convert import ConvertReport, convert
+    from .ops.export import ExportReport, export
+    from .ops.fold import FoldReport, fold
+    from .ops.inspect import InspectResult, inspect
+    from .ops.recalibrate import RecalibrationReport, recalibrate
 
 
 def __getattr__(name: str) -> Any:
@@ -45,3 +54,7 @@ def __getattr__(name: str) -> Any:
         module, attr = _EXPORTS[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'bnctl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

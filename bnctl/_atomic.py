@@ -1,4 +1,5 @@
-"""Atomic file writing: a temporary file in the destination folder, renamed into place."""
+"""Atomic file writing: a temporary file in the destination folder, renamed into place; and
+the guard that keeps a command from writing over its input."""
 
 from __future__ import annotations
 
@@ -38,3 +39,12 @@ def write_bytes(dest: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``dest`` atomically."""
     with atomic_path(dest) as tmp:
         tmp.write_bytes(data)
+
+
+def refuse_overwrite(source: str | os.PathLike, output: str | os.PathLike) -> None:
+    """An InputError if ``output`` is the file ``source`` (inputs are never overwritten)."""
+    from .errors import InputError
+
+    source, output = Path(source), Path(output)
+    if output.exists() and source.exists() and output.resolve() == source.resolve():
+        raise InputError(f"refusing to overwrite the input {source}", "write the result to another file with -o")

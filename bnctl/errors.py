@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 class BnctlError(Exception):
-    """A problem the user can fix. ``exit_code`` 2 means bad input (DESIGN.md)."""
+    """A problem the user can fix. ``exit_code`` 2 means bad input (ARCHITECTURE.md, Contracts)."""
 
     exit_code = 2
 
@@ -38,3 +38,11 @@ class MissingExtraError(BnctlError):
             f"{purpose} needs the '{package}' package, which is not installed",
             f"pip install 'bnctl[{extra}]'",
         )
+
+
+
+def one_line(exc: BaseException, *, last: bool = False, limit: int = 300) -> str:
+    """One line of ``exc``'s message for the user: the first non-empty one, or the last
+    (TorchScript puts the cause last); the exception type's name when it has none."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1 if last else 0] if lines else type(exc).__name__)[:limit]

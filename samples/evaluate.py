@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bnctl.data import read_sample
+from bnctl.io.data import read_sample
 from bnctl.models import sample_net
 
 CLASSES = ("circle", "square", "stripes", "triangle")

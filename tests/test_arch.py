@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bnctl import arch, inspection
+from bnctl.io import arch
+from bnctl.io.source import ModelSource
+from bnctl.ops import inspect as inspection
 from bnctl.errors import ArchError
 from conftest import CHECKPOINTS
 
@@ -103,7 +105,7 @@ def test_prefix_kept_when_the_module_really_has_it():
 
 
 def test_inspect_with_arch_knows_kind_eps_momentum_but_not_mode():
-    result = inspection.inspect(CHECKPOINTS / "sample.ckpt", arch="bnctl.models:sample_net")
+    result = inspection.inspect(ModelSource(CHECKPOINTS / "sample.ckpt", arch="bnctl.models:sample_net"))
     kinds = {r["name"]: r["kind"] for r in result.rows}
     assert kinds["head.2"] == "BatchNorm1d" and kinds["stem.1"] == "BatchNorm2d"
     assert all(r["eps"] == 1e-5 and r["momentum"] == 0.1 and r["training"] is None for r in result.rows)

@@ -16,6 +16,7 @@ from torch import nn
 
 from bnctl.audit.registry import CHECKS, GROUPS, SEVERITIES
 from bnctl.audit.runner import AuditConfig, audit
+from bnctl.io.source import CheckInputs, ModelSource
 
 import buggy_models
 from conftest import BROKEN, CHECKPOINTS, ROOT
@@ -134,7 +135,7 @@ def test_configuration_checks_fire_on_saved_modules(tmp_path):
     for p in frozen[1].parameters():
         p.requires_grad = False  # BN206: frozen parameters, still training
     torch.save(frozen, tmp_path / "frozen.pt")
-    found = codes_by_layer(audit([tmp_path / "frozen.pt"], trust=True))
+    found = codes_by_layer(audit([tmp_path / "frozen.pt"], model=ModelSource(trust=True)))
     assert {("1", "BN206"), ("1", "BN207")} <= found
 
     healthy = trained_bn(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))).eval()
@@ -143,20 +144,20 @@ def test_configuration_checks_fire_on_saved_modules(tmp_path):
 
 def test_behaviour_checks_fire_on_a_bn_kept_training_by_a_train_override(tmp_path):
     torch.save(trained_bn(buggy_models.keeps_bn_training()).state_dict(), tmp_path / "w.pt")
-    result = audit([tmp_path / "w.pt"], arch=f"{MODELS}:keeps_bn_training", input_shapes=[(2, 3, 8, 8)])
+    result = audit([tmp_path / "w.pt"], model=ModelSource(arch=f"{MODELS}:keeps_bn_training"), inputs=CheckInputs(shapes=[(2, 3, 8, 8)]))
     assert result.errors == []
     found = codes_by_layer(result)
     assert (None, "BN302") in found and (None, "BN303") in found
     bn304 = next(f for f in result.findings if f.code == "BN304")
     assert bn304.layer == "bn" and "KeepsBNTraining.train()" in bn304.message
     torch.save(trained_bn(buggy_models.healthy()).state_dict(), tmp_path / "h.pt")
-    healthy = audit([tmp_path / "h.pt"], arch=f"{MODELS}:healthy", input_shapes=[(2, 3, 8, 8)])
+    healthy = audit([tmp_path / "h.pt"], model=ModelSource(arch=f"{MODELS}:healthy"), inputs=CheckInputs(shapes=[(2, 3, 8, 8)]))
     assert healthy.findings == [] and "behaviour" in healthy.files[0].groups
 
 
 def test_nondeterministic_eval_fires_on_dropout_left_active(tmp_path):
     torch.save(trained_bn(buggy_models.keeps_dropout_active()).state_dict(), tmp_path / "w.pt")
-    result = audit([tmp_path / "w.pt"], arch=f"{MODELS}:keeps_dropout_active", input_shapes=[(2, 3, 8, 8)])
+    result = audit([tmp_path / "w.pt"], model=ModelSource(arch=f"{MODELS}:keeps_dropout_active"), inputs=CheckInputs(shapes=[(2, 3, 8, 8)]))
     assert {"BN301", "BN302"} <= codes(result)
     assert "BN304" not in codes(result) and "BN303" not in codes(result)
 
@@ -170,9 +171,9 @@ def test_onnx_checks(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=9), tmp_path / "train.onnx")
     assert codes_by_layer(audit([tmp_path / "train.onnx"])) == {("s", "BN401")} or "BN401" in codes(audit([tmp_path / "train.onnx"]))
     folded = tmp_path / "folded.onnx"
-    from bnctl.fold_file import fold_file
+    from bnctl.jobs.fold import fold_file
 
-    fold_file(CHECKPOINTS / "sample.onnx", folded)
+    fold_file(ModelSource(CHECKPOINTS / "sample.onnx"), folded)
     assert audit([folded]).findings == []
 
 

@@ -10,8 +10,9 @@ import zipfile
 import pytest
 import torch
 
-from bnctl import checkpoint, layers
-from bnctl.checkpoint import Format
+from bnctl.core import layers
+from bnctl.io import checkpoint
+from bnctl.io.checkpoint import Format
 from bnctl.errors import InputError, UnsafeCheckpointError
 from conftest import BROKEN, CHECKPOINTS
 
@@ -71,7 +72,7 @@ def test_reading_bn_layers_does_not_read_the_big_tensors(tmp_path, fmt):
     del big
     before = _rss_bytes()
     ckpt = checkpoint.load(path)
-    from bnctl import stats
+    from bnctl.core import stats
 
     rows = stats.rows(layers.find(ckpt))
     grown = _rss_bytes() - before

@@ -217,7 +217,8 @@ def test_python_dash_m_and_console_script():
 def test_table_keeps_layer_and_flags_at_any_width(width):
     from rich.console import Console
 
-    from bnctl import inspection, render
+    from bnctl.ops import inspect as inspection
+    from bnctl.render import inspect as render
 
     result = inspection.inspect(BROKEN / "nan_stats.pt")
     console = Console(width=width, record=True, file=io.StringIO())

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnctl.convert import FrozenBatchNorm, convert, largest_divisor
+from bnctl.ops.convert import FrozenBatchNorm, convert, largest_divisor
 from bnctl.errors import InputError
 from bnctl.models import sample_net
 

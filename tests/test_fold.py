@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bnctl import fold, fold_math
+from bnctl import fold
+from bnctl.ops.fold import math as fold_math
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

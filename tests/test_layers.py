@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnctl import layers
+from bnctl.core import layers
 
 
 class FrozenBatchNorm2d(nn.Module):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnctl.recalibration import recalibrate
+from bnctl.ops.recalibrate import recalibrate
 
 from conftest import CHECKPOINTS, ROOT, SAMPLES
 
@@ -124,12 +124,12 @@ def test_multi_input_samples_from_pt_files_as_args_and_kwargs(tmp_path):
     for i in range(7):
         sample = (xs[i], ys[i]) if i % 2 else {"x": xs[i], "y": ys[i]}
         torch.save(sample, tmp_path / f"{i}.pt")
-    from bnctl.data import loader, sample_files
+    from bnctl.io.data import Preprocess, loader, sample_files
 
     files = sample_files(tmp_path)
     tuples = [f for f in files if int(f.stem) % 2]
     dicts = [f for f in files if not int(f.stem) % 2]
-    batches = [b for group in (tuples, dicts) for b, _ in loader(group, __import__("bnctl.data").data.Preprocess(), 3, 0)]
+    batches = [b for group in (tuples, dicts) for b, _ in loader(group, Preprocess(), 3, 0)]
     report = recalibrate(model, batches)
     with torch.no_grad():
         mean, var = population([(model.a(xs) + model.b(ys)).double().numpy()])

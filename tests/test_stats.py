@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from bnctl import checkpoint, layers, stats
-from bnctl.flags import FLAGS
-from bnctl.layers import BNLayer
+from bnctl.core import layers, stats
+from bnctl.core.flags import FLAGS
+from bnctl.core.layers import BNLayer
+from bnctl.io import checkpoint
 from conftest import BROKEN, CHECKPOINTS
 
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import graph as g
-from .. import verify
-from ..layers import is_batchnorm
+from ..core import graph as g
+from ..core import verify
+from ..errors import one_line
+from ..core.layers import is_batchnorm, training_batchnorms
 
 Raw = tuple[str | None, str, str]
 
@@ -112,9 +112,8 @@ def behaviour(model: Any, inputs: tuple) -> list[Raw]:
     model = copy.deepcopy(model)
     model.eval()
     if not isinstance(model, torch.jit.ScriptModule):
-        for name, m in model.named_modules():
-            if isinstance(m, _BatchNorm) and m.training:
-                found.append((name, "BN304", f"in train mode after model.eval(): {_responsible(model, name)}"))
+        for name in training_batchnorms(model):
+            found.append((name, "BN304", f"in train mode after model.eval(): {_responsible(model, name)}"))
     before = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     first = verify.run(model, inputs)
     second = verify.run(model, inputs)
@@ -138,12 +137,6 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _last_line(exc: BaseException) -> str:
-    """The most specific line of an error (TorchScript puts the cause last)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
-
-
 def _batch_dependence(model: Any, inputs: tuple, batched: list[torch.Tensor]) -> list[Raw]:
     n = inputs[0].shape[0]
     worst = 0.0
@@ -152,7 +145,7 @@ def _batch_dependence(model: Any, inputs: tuple, batched: list[torch.Tensor]) ->
         try:
             alone = verify.run(model, single)
         except Exception as exc:  # noqa: BLE001 - e.g. BatchNorm1d training on one sample
-            return [(None, "BN302", f"a single sample fails in eval mode where a batch of {n} runs: {_last_line(exc)[:200]}")]
+            return [(None, "BN302", f"a single sample fails in eval mode where a batch of {n} runs: {one_line(exc, last=True, limit=200)}")]
         rows = [t[i : i + 1] for t in batched if t.dim() and t.shape[0] == n]
         _, rel = verify.compare(rows, [t for t in alone if t.dim() and t.shape[0] == 1])
         worst = max(worst, rel)
@@ -163,12 +156,21 @@ def _batch_dependence(model: Any, inputs: tuple, batched: list[torch.Tensor]) ->
 
 def onnx_unfolded(model: Any, feeds: dict | None) -> list[Raw]:
     """BN402: BatchNormalization nodes that bnctl fold would fold."""
-    from .. import onnx_graph
     from ..errors import BnctlError
+    from ..ops.fold import onnx as onnx_fold
 
     try:
-        _, folded, _, _ = onnx_graph.fold_model(model, feeds)
+        _, folded, _, _ = onnx_fold.fold_model(model, feeds)
     except BnctlError:
         return []
     return [(f["bn"], "BN402", f"foldable into {f['into']}, the layer {'before' if f['side'] == 'after' else 'after'} it: bnctl fold removes it") for f in folded]
 
+
+
+def onnx_findings(model: Any) -> list[dict[str, Any]]:
+    """The ONNX checks (BN4xx) on a graph, as ``{"check", "layer", "message"}`` dicts."""
+    from ..core.layers import from_onnx
+    from ..core.stats import rows
+
+    found = from_rows(rows(from_onnx(model)), onnx=True) + onnx_unfolded(model, None)
+    return [{"check": code, "layer": layer, "message": message} for layer, code, message in found if code.startswith("BN4")]

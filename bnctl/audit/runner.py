@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from ..errors import BnctlError, InputError
+from ..io.source import CheckInputs, ModelSource
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -130,7 +132,7 @@ class AuditResult:
         return 1 if failing and not exit_zero else 0
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document of DESIGN.md's audit contract, with files and errors added."""
+        """The JSON document of audit contract (ARCHITECTURE.md), with files and errors added."""
         return {
             "findings": [f.to_dict() for f in self.findings],
             "summary": self.summary(),
@@ -153,31 +155,26 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
 def audit(
     paths: Sequence[str | Path],
     *,
-    arch: str | None = None,
-    arch_args: Mapping[str, Any] | None = None,
-    key: str | None = None,
-    trust: bool = False,
-    input_shapes: Sequence[Sequence[int]] = (),
-    data: Path | None = None,
+    model: ModelSource = ModelSource(),
+    inputs: CheckInputs = CheckInputs(),
     config: AuditConfig | None = None,
-    seed: int = 0,
 ) -> AuditResult:
-    """Audit every checkpoint in ``paths`` (files or folders).
+    """Audit every checkpoint in ``paths`` (files or folders), each opened with ``model``'s options.
 
     Statistics checks need no architecture; configuration checks need a module (TorchScript,
-    a pickled module with ``trust``, a ``.pt2``, or ``arch``); behaviour checks also need check
-    inputs (``input_shapes`` or ``data``). A file that cannot be read is reported in its
+    a pickled module with ``trust``, a ``.pt2``, or ``arch``); behaviour checks also need
+    check ``inputs`` (shapes or a data folder). A file that cannot be read is reported in its
     :class:`FileAudit` and the others are still audited.
     """
     config = config or AuditConfig()
     files = expand(paths)
     if not files:
         raise InputError(f"no checkpoint files in {', '.join(map(str, paths))}", "name files, or a folder with " + ", ".join(sorted(CHECKPOINT_SUFFIXES)))
-    inputs = _behaviour_inputs(input_shapes, data, seed)
+    examples = _behaviour_inputs(inputs)
     results = []
     for path in files:
         try:
-            fa = _audit_file(path, arch, arch_args, key, trust, inputs)
+            fa = _audit_file(model.at(path), examples)
         except BnctlError as exc:
             fa = FileAudit(str(path), error=exc.message)
         fa.findings = [f for f in fa.findings if config.keeps(f)]
@@ -185,25 +182,23 @@ def audit(
     return AuditResult(results, config)
 
 
-def _behaviour_inputs(shapes: Sequence[Sequence[int]], data: Path | None, seed: int) -> tuple | None:
+def _behaviour_inputs(inputs: CheckInputs) -> tuple | None:
     """Check inputs with a batch of 2 to 4 (batch dependence needs more than one sample)."""
-    from ..jobs import check_inputs
-
-    if shapes:
-        shapes = [(max(2, min(4, s[0])), *s[1:]) if i == 0 else s for i, s in enumerate(shapes)]
-    inputs = check_inputs(shapes, data, seed, count=4)
-    if inputs is not None and inputs[0].shape[0] < 2:
-        raise InputError(f"--data {data}: behaviour checks need at least 2 samples", "add samples, or use --input-shape")
-    return inputs
+    shapes = [(max(2, min(4, s[0])), *s[1:]) if i == 0 else s for i, s in enumerate(inputs.shapes)]
+    examples = dataclasses.replace(inputs, shapes=shapes, count=4).make()
+    if examples is not None and examples[0].shape[0] < 2:
+        raise InputError(f"--data {inputs.data}: behaviour checks need at least 2 samples", "add samples, or use --input-shape")
+    return examples
 
 
-def _audit_file(path: Path, arch, arch_args, key, trust, inputs) -> FileAudit:
-    from .. import checkpoint as ckpt_mod
-    from .. import layers as layers_mod
-    from .. import stats
-    from ..inspection import open_model
+def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
+    from ..core import layers as layers_mod
+    from ..core import stats
+    from ..core import verify
+    from ..io import checkpoint as ckpt_mod
     from . import checks
 
+    path = source.path
     clock = time.perf_counter()
 
     def done(group: str) -> None:
@@ -213,13 +208,14 @@ def _audit_file(path: Path, arch, arch_args, key, trust, inputs) -> FileAudit:
         fa.seconds[group] = round(now - clock, 4)
         clock = now
 
-    checkpoint, module, _ = open_model(path, arch=arch, arch_args=arch_args, key=key, trust=trust)
+    opened = source.open()
+    checkpoint, module = opened.checkpoint, opened.built
     found = layers_mod.find(checkpoint, module)
     onnx = checkpoint.format == ckpt_mod.Format.ONNX
     fa = FileAudit(str(path), checkpoint.describe(), len(found))
     raw = checks.from_rows(stats.rows(found), onnx)
     done("statistics")
-    runnable = module if module is not None else checkpoint.module
+    runnable = opened.module
     if runnable is not None:
         if module is None:  # a saved module records its mode; one built by --arch does not
             raw += checks.frozen_in_train_mode(runnable)
@@ -235,9 +231,7 @@ def _audit_file(path: Path, arch, arch_args, key, trust, inputs) -> FileAudit:
         raw += checks.onnx_unfolded(checkpoint.onnx_model, _onnx_feeds(checkpoint.onnx_model, inputs))
         done("onnx")
     if runnable is not None and inputs is not None:
-        from ..folding import reference_outputs
-
-        reference_outputs(runnable, inputs)  # an InputError naming the shape if the model rejects it
+        verify.reference_outputs(runnable, inputs)  # an InputError naming the shape if the model rejects it
         raw += checks.behaviour(runnable, inputs)
         done("behaviour")
     fa.findings = [Finding(str(path), layer, code, message) for layer, code, message in raw]
@@ -245,9 +239,9 @@ def _audit_file(path: Path, arch, arch_args, key, trust, inputs) -> FileAudit:
 
 
 def _accepts(program_module: Any, inputs: tuple) -> bool:
-    try:
-        from .. import verify
+    from ..core import verify
 
+    try:
         verify.run(program_module, inputs)
         return True
     except Exception:  # noqa: BLE001 - a guard on the exported shapes
@@ -255,9 +249,9 @@ def _accepts(program_module: Any, inputs: tuple) -> bool:
 
 
 def _onnx_feeds(model: Any, inputs: tuple | None) -> dict | None:
-    from .. import onnx_graph
+    from ..core import onnx as onnx_run
 
     try:
-        return onnx_graph.input_feeds(model, [tuple(t.shape) for t in inputs] if inputs else None)
+        return onnx_run.input_feeds(model, [tuple(t.shape) for t in inputs] if inputs else None)
     except BnctlError:
         return None

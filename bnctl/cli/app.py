@@ -1,0 +1,117 @@
+"""The Typer app, its root options (``--debug``, ``--version``), the one error map, and how
+commands print: ``error:``/``tip:`` lines on stderr, text to stdout or a file.
+
+Commands live one per module (:mod:`bnctl.cli.inspect`, ...) and import torch, pandas and
+the library inside their bodies, so ``bnctl --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .. import __version__
+from ..errors import BnctlError
+
+app = typer.Typer(
+    name="bnctl",
+    help="Inspect, audit, recalibrate, fold, convert and export the BatchNorm layers of trained PyTorch models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+_state = {"debug": False}
+
+
+def fail(message: str, tip: str | None, code: int) -> None:
+    """Print ``error: message`` (and ``tip: tip``) on stderr and exit with ``code``."""
+    typer.echo(f"error: {message}", err=True)
+    if tip:
+        typer.echo(f"tip: {tip}", err=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(command):
+    """Turn a :class:`BnctlError` into ``error:``/``tip:`` lines and its exit code.
+
+    Any other exception is an internal error: one line and exit 2, the traceback only
+    with ``--debug``.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except BnctlError as exc:
+            if _state["debug"]:
+                raise
+            fail(exc.message, exc.tip, exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", None, 130)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence for the user
+            if _state["debug"]:
+                raise
+            fail(f"internal error: {type(exc).__name__}: {exc}", "rerun with --debug and report the traceback", 2)
+
+    return wrapper
+
+
+def command(**settings: Any):
+    """Register a command on the app: its option groups expanded (:func:`.options.grouped`)
+    and its errors mapped (:func:`handles_errors`). ``settings`` go to ``app.command``."""
+    from .options import grouped
+
+    def register(function):
+        return app.command(**settings)(handles_errors(grouped(function)))
+
+    return register
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bnctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def console(piped_width: int = 160) -> Any:
+    """A rich Console on stdout: the terminal's width, or ``piped_width`` when piped."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else piped_width)
+
+
+def emit_text(text: str, output: Path | None) -> None:
+    """``text`` to stdout, or atomically to ``output`` (saying so on stderr)."""
+    from .. import _atomic
+
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        _atomic.write_text(output, text)
+        typer.echo(f"wrote {output}", err=True)
+
+
+def emit_report(report: Any, fmt: str, table: Any) -> None:
+    """A write command's report: its JSON document, or ``table(report)`` on the console."""
+    if fmt == "json":
+        from ..render.json import dumps
+
+        sys.stdout.write(dumps(report.to_dict()))
+    else:
+        console().print(table(report))

@@ -1,0 +1,70 @@
+"""``bnctl audit``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..audit.formats import FORMATS
+from ..audit.registry import SEVERITIES
+from ..errors import InputError
+from ..io.source import CheckInputs, ModelSource
+from .app import command, emit_text
+from .options import CHECKS, MODEL, choices
+
+AuditFormat = choices("AuditFormat", FORMATS)
+Severity = choices("Severity", SEVERITIES)
+
+
+def _codes(values: list[str] | None) -> list[str]:
+    """``--select BN1,BN2 --select BN301`` -> ``["BN1", "BN2", "BN301"]``."""
+    return [c.strip() for v in values or [] for c in v.split(",") if c.strip()]
+
+
+@command()
+def audit(
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Checkpoints, or folders to search for them.", show_default=False)] = None,
+    source: ModelSource = MODEL,
+    inputs: CheckInputs = CHECKS,
+    fmt: Annotated[AuditFormat, typer.Option("--format", "-f", help="Output format.")] = AuditFormat("text"),
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report to this file (atomically) instead of stdout.")] = None,
+    fail_on: Annotated[Optional[Severity], typer.Option("--fail-on", help="Exit 1 on findings of this severity or worse. Default: pyproject's fail-on, else error.", show_default=False)] = None,
+    select: Annotated[Optional[list[str]], typer.Option("--select", help="Only these checks: codes, prefixes (BN1) or names, comma-separated. Repeatable.", rich_help_panel="Checks")] = None,
+    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Skip these checks (codes, prefixes, names). Repeatable.", rich_help_panel="Checks")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings (unreadable files still exit 2).")] = False,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Read [tool.bnctl.audit] from this file. Default: the nearest pyproject.toml.", rich_help_panel="Checks")] = None,
+    list_checks: Annotated[bool, typer.Option("--list", help="List every check and exit.", rich_help_panel="Checks")] = False,
+    explain: Annotated[Optional[str], typer.Option("--explain", help="Explain a check (code or name) and exit.", rich_help_panel="Checks", show_default=False)] = None,
+) -> None:
+    """Find train/eval-mode bugs and unhealthy BatchNorm state; exit 1 on findings (a CI gate).
+
+    Exit codes: 0 nothing at or above --fail-on, 1 findings, 2 bad input or an unreadable file.
+    """
+    from ..audit import formats
+
+    if list_checks:
+        sys.stdout.write(formats.list_checks())
+        return
+    if explain:
+        sys.stdout.write(formats.explain(explain))
+        return
+    if not paths:
+        raise InputError("no checkpoint to audit", "pass files or folders, e.g. bnctl audit model.pt (or --list to see the checks)")
+    from ..audit.runner import audit as run_audit
+    from ..audit.runner import load_config
+
+    settings = load_config(path=config)
+    if select:
+        settings.select = _codes(select)
+    if ignore:
+        settings.ignore = settings.ignore + _codes(ignore)
+    if fail_on is not None:
+        settings.fail_on = fail_on.value
+    result = run_audit(paths, model=source, inputs=inputs, config=settings)
+    emit_text(formats.RENDERERS[fmt.value](result), output)
+    if output is not None or fmt.value != "text":
+        typer.echo(formats.summary_line(result), err=True)
+    raise typer.Exit(result.exit_code(exit_zero))

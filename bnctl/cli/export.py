@@ -1,0 +1,37 @@
+"""``bnctl export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..io.source import CheckInputs, ModelSource
+from .app import command, emit_report, fail
+from .options import CHECKS, MODEL, PathArg, ReportFormat, ReportFormatOpt
+
+
+@command()
+def export(
+    path: PathArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The ONNX file to write (atomically; only if ONNX Runtime matches PyTorch).", show_default=False)],
+    source: ModelSource = MODEL,
+    inputs: CheckInputs = CHECKS,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset. Default: the exporter's.")] = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic (checked at two batch sizes).")] = False,
+    no_fold: Annotated[bool, typer.Option("--no-fold", help="Keep the BatchNorm nodes.")] = False,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest ONNX Runtime vs PyTorch difference, relative to the largest |output|. Beyond it: exit 1, nothing written.")] = 1e-4,
+    fmt: ReportFormatOpt = ReportFormat("table"),
+) -> None:
+    """Export to ONNX ready for inference: eval, SyncBN reverted, BN folded, checked in ONNX Runtime."""
+    from ..jobs.export import export_file
+    from ..render.reports import export_table
+
+    report = export_file(
+        source.at(path), output, inputs=inputs,
+        opset=opset, dynamic_batch=dynamic_batch, fold=not no_fold, tolerance=tolerance,
+    )
+    emit_report(report, fmt.value, export_table)
+    if not report.ok:
+        fail(f"ONNX Runtime differs from PyTorch by {report.max_rel_error:.3g} (relative), beyond --tolerance {tolerance:g}: nothing written", "check the operators listed above, or raise --tolerance if that difference is acceptable", 1)

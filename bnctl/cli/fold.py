@@ -1,0 +1,40 @@
+"""``bnctl fold``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..io.source import CheckInputs, ModelSource
+from ..io.targets import Target
+from .app import command, emit_report, fail
+from .options import CHECKS, MODEL, PathArg, ReportFormat, ReportFormatOpt
+
+
+@command()
+def fold(
+    path: PathArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the folded model (atomically; never the input).", show_default=False)],
+    source: ModelSource = MODEL,
+    inputs: CheckInputs = CHECKS,
+    to: Annotated[
+        Optional[Target],
+        typer.Option("--to", help="Output format. Default: the extension (.pt2 .onnx .safetensors .ts), else TorchScript for TorchScript input, ONNX for ONNX, pt2 otherwise.", show_default=False),
+    ] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest output change allowed, relative to the largest |output|. Beyond it: exit 1, nothing written.")] = 1e-4,
+    fmt: ReportFormatOpt = ReportFormat("table"),
+) -> None:
+    """Fold BatchNorm into the conv/linear layers next to it, check the outputs did not change, write the model."""
+    from ..jobs.fold import fold_file
+    from ..render.reports import fold_table
+
+    report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance)
+    emit_report(report, fmt.value, fold_table)
+    if not report.ok:
+        fail(
+            f"the folded model's outputs moved by {report.max_rel_error:.3g} (relative), beyond --tolerance {tolerance:g}: nothing written",
+            "look at the layers folded above; raise --tolerance only if that change is acceptable",
+            1,
+        )

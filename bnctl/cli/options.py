@@ -1,0 +1,174 @@
+"""Options shared by the commands, as ``Annotated`` aliases, and the functions that turn
+them into the library's options objects (:class:`~bnctl.io.source.ModelSource`,
+:class:`~bnctl.io.source.CheckInputs`). Choices come from the library's own tuples."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, Sequence
+
+import typer
+
+from ..errors import InputError
+from ..render import REPORT_FORMATS
+
+
+def choices(name: str, values: Sequence[str]) -> type[enum.Enum]:
+    """A str Enum whose members are ``values`` (what Typer needs to offer a choice)."""
+    return enum.Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
+
+
+ReportFormat = choices("ReportFormat", REPORT_FORMATS)
+ReportFormatOpt = Annotated[ReportFormat, typer.Option("--format", "-f", help="Report format.")]
+
+# --- which model ------------------------------------------------------------------------
+
+PathArg = Annotated[
+    Path,
+    typer.Argument(help="Checkpoint: state_dict/.ckpt (.pt .pth .bin), safetensors, TorchScript, .pt2, ONNX.", show_default=False),
+]
+ArchOpt = Annotated[
+    Optional[str],
+    typer.Option("--arch", help="Build the model to load a state_dict into: 'pkg.module:factory' or 'path/file.py:factory'.", rich_help_panel="Model"),
+]
+ArchArgOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--arch-arg", help="Keyword argument for the --arch factory, name=value (a Python literal). Repeatable.", rich_help_panel="Model"),
+]
+KeyOpt = Annotated[
+    Optional[str],
+    typer.Option("--key", help="Entry of a training checkpoint to read (state_dict, model, ema, ...). Default: the most likely one.", rich_help_panel="Model"),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option("--trust", help="Allow loading pickled Python objects (whole modules). This runs code from the file.", rich_help_panel="Model"),
+]
+
+# --- which check inputs -----------------------------------------------------------------
+
+InputShapeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--input-shape", help="Shape of a random check input, e.g. 1,3,224,224. Repeat once per model input.", rich_help_panel="Check inputs"),
+]
+DataOpt = Annotated[
+    Optional[Path],
+    typer.Option("--data", help="Folder of images (RGB, [0,1]) or .npy/.pt tensors: up to 16 become the check inputs.", rich_help_panel="Check inputs"),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random check inputs.", rich_help_panel="Check inputs")]
+
+
+def model_source(arch: str | None = None, arch_arg: list[str] | None = None, key: str | None = None, trust: bool = False):
+    """The model options as a :class:`~bnctl.io.source.ModelSource` (its path set by the command)."""
+    from ..io.arch import parse_arch_args
+    from ..io.source import ModelSource
+
+    return ModelSource(None, arch, parse_arch_args(arch_arg or []), key, trust)
+
+
+def check_inputs(input_shape: list[str] | None = None, data: Path | None = None, seed: int = 0, preprocess: Any = None):
+    """The check-input options as :class:`~bnctl.io.source.CheckInputs`."""
+    from ..io.source import CheckInputs, parse_shape
+
+    return CheckInputs(tuple(parse_shape(s) for s in input_shape or []), data, seed, preprocess=preprocess)
+
+
+def preprocess(image_size: str | None = None, mean: str | None = None, std: str | None = None, grayscale: bool = False, transform: str | None = None):
+    """The image options as a :class:`~bnctl.io.data.Preprocess`."""
+    from ..io.data import Preprocess
+
+    return Preprocess(size=parse_size(image_size), mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), grayscale=grayscale, transform=resolve_transform(transform))
+
+
+# --- option groups: several options in, one library object out --------------------------
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    """Options several commands share, each ``(name, Annotated type, default)``, and the
+    function that turns their values into one library object."""
+
+    params: tuple[tuple[str, Any, Any], ...]
+    build: Callable[..., Any]
+
+
+MODEL = OptionGroup((("arch", ArchOpt, None), ("arch_arg", ArchArgOpt, None), ("key", KeyOpt, None), ("trust", TrustOpt, False)), model_source)
+CHECKS = OptionGroup((("input_shape", InputShapeOpt, None), ("data", DataOpt, None), ("seed", SeedOpt, 0)), check_inputs)
+IMAGES = OptionGroup(
+    (
+        ("image_size", Annotated[Optional[str], typer.Option("--image-size", help="Resize images to H or H,W. Default: as they are (they must then share one size).", rich_help_panel="Data")], None),
+        ("mean", Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean subtracted from images in [0,1], e.g. 0.485,0.456,0.406.", rich_help_panel="Data")], None),
+        ("std", Annotated[Optional[str], typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", rich_help_panel="Data")], None),
+        ("grayscale", Annotated[bool, typer.Option("--grayscale", help="Read images as one channel.", rich_help_panel="Data")], False),
+        ("transform", Annotated[Optional[str], typer.Option("--transform", help="pkg.mod:fn or file.py:fn taking a Pillow image, returning the model input; replaces the default preprocessing.", rich_help_panel="Data")], None),
+    ),
+    preprocess,
+)
+
+
+def _evaluated(annotation: Any, command: Callable) -> Any:
+    """An annotation as an object (``from __future__ import annotations`` leaves strings)."""
+    return eval(annotation, command.__globals__) if isinstance(annotation, str) else annotation  # noqa: S307 - our own source
+
+
+def grouped(command: Callable) -> Callable:
+    """Decorator: a parameter whose default is an :class:`OptionGroup` receives the object
+    the group builds, and the group's options join the command's signature in its place
+    (after the required parameters, so Typer offers them)."""
+    signature = inspect.signature(command)
+    groups = {p.name: p.default for p in signature.parameters.values() if isinstance(p.default, OptionGroup)}
+    # the command's own annotations, evaluated; the groups' parameters are never evaluated
+    # (their types may need torch, which the CLI does not import to build its options)
+    own = [p.replace(annotation=_evaluated(p.annotation, command)) for p in signature.parameters.values() if p.name not in groups]
+    added = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=t) for g in groups.values() for n, t, d in g.params]
+    required = [p for p in own if p.default is inspect.Parameter.empty]
+    optional = [p for p in own if p.default is not inspect.Parameter.empty]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        for name, group in groups.items():
+            kwargs[name] = group.build(**{n: kwargs.pop(n) for n, _, _ in group.params})
+        return command(**kwargs)
+
+    wrapper.__signature__ = inspect.Signature(required + added + optional)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}  # type: ignore[attr-defined]
+    return wrapper
+
+
+# --- parsers of option text -------------------------------------------------------------
+
+
+def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    """``"0.485,0.456,0.406"`` -> a tuple; an InputError otherwise."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{what} '{text}' is not a list of numbers", f"e.g. {what} 0.485,0.456,0.406") from None
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """``"224"`` -> (224, 224); ``"224,160"`` -> (224, 160)."""
+    if text is None:
+        return None
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) <= 0:
+        raise InputError(f"--image-size '{text}' is not a size", "give H or H,W, e.g. --image-size 224")
+    return (sizes[0], sizes[-1])
+
+
+def resolve_transform(spec: str | None) -> Callable | None:
+    """The ``--transform`` function, imported like an ``--arch`` factory."""
+    if spec is None:
+        return None
+    from ..io.arch import resolve_factory
+
+    return resolve_factory(spec)

@@ -1,0 +1,156 @@
+"""Per-layer summaries and health flags of BatchNorm layers, as rows and a pandas DataFrame.
+
+All arithmetic is float64. A summary of a tensor that contains NaN is NaN (never a value
+that hides it); a summary of a tensor the file does not hold is NaN too, and the row's
+``flags`` say which is which.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .flags import FLAGS
+from .layers import BNLayer
+
+#: |weight| below this marks a dead channel.
+DEAD_WEIGHT = 1e-6
+#: eps assumed only for the var_below_eps comparison when the file does not record eps.
+DEFAULT_EPS = 1e-5
+FP16_MAX = 65504.0
+FP16_MIN_NORMAL = 2.0**-14
+
+#: Column order of the table. The first ones are the JSON contract (ARCHITECTURE.md).
+COLUMNS = (
+    "name", "kind", "num_features", "eps", "momentum", "averaging", "training",
+    "num_batches_tracked", "mean_absmax", "var_min", "var_max", "weight_absmin",
+    "mean_min", "mean_max", "var_median", "weight_absmax", "bias_absmax", "scale_max",
+    "dead_channels", "flags", "details",
+)
+
+
+def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+
+
+def _reduce(t: torch.Tensor | None, fn) -> float | None:
+    """``fn(t)`` as a float; ``None`` when the file does not hold ``t``; NaN if ``t`` holds NaN."""
+    if t is None or t.numel() == 0:
+        return None
+    return float(fn(t))
+
+
+def summarize(layer: BNLayer) -> dict[str, Any]:
+    """One row: the layer's identity, summaries of its tensors, its flags and their details."""
+    mean, var = _f64(layer.running_mean), _f64(layer.running_var)
+    weight, bias = _f64(layer.weight), _f64(layer.bias)
+    eps = eps_of(layer)
+    scale = None
+    if var is not None:
+        scale = (weight.abs() if weight is not None else torch.ones_like(var)) / torch.sqrt(var + eps)
+    dead = int((weight.abs() < DEAD_WEIGHT).sum()) if weight is not None else 0
+    row: dict[str, Any] = {
+        "name": layer.name,
+        "kind": layer.kind,
+        "num_features": layer.num_features,
+        "eps": layer.eps,
+        "momentum": layer.momentum,
+        "averaging": layer.averaging,
+        "training": layer.training,
+        "num_batches_tracked": layer.num_batches_tracked,
+        "mean_absmax": _reduce(mean, lambda t: t.abs().max()),
+        "var_min": _reduce(var, torch.min),
+        "var_max": _reduce(var, torch.max),
+        "weight_absmin": _reduce(weight, lambda t: t.abs().min()),
+        "mean_min": _reduce(mean, torch.min),
+        "mean_max": _reduce(mean, torch.max),
+        "var_median": _reduce(var, torch.median),  # NaN in, NaN out
+        "weight_absmax": _reduce(weight, lambda t: t.abs().max()),
+        "bias_absmax": _reduce(bias, lambda t: t.abs().max()),
+        "scale_max": _reduce(scale, torch.max),
+        "dead_channels": dead,
+    }
+    found = _flags(layer, mean, var, weight, bias, scale, dead)
+    row["flags"] = [flag for flag, _ in found]
+    row["details"] = [detail for _, detail in found]
+    return row
+
+
+def _flags(layer: BNLayer, mean, var, weight, bias, scale, dead: int) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    if not layer.materialized:
+        return [("unmaterialized", "lazy BatchNorm never called: no statistics yet")]
+    c = layer.num_features
+    bad = [f"{n}: {int((~torch.isfinite(t)).sum())} of {t.numel()}" for n, t in
+           (("running_mean", mean), ("running_var", var), ("weight", weight), ("bias", bias))
+           if t is not None and not bool(torch.isfinite(t).all())]
+    if bad:
+        found.append(("nonfinite", "non-finite values in " + ", ".join(bad)))
+    if var is None or mean is None:
+        if layer.track_running_stats is False:
+            found.append(("no_running_stats", "track_running_stats=False: eval uses batch statistics"))
+    else:
+        negative = int((var < 0).sum())
+        if negative:
+            found.append(("negative_var", f"{negative} of {c} channels have running_var < 0 (min {float(var.min()):.3g})"))
+        low = int(((var >= 0) & (var < eps_of(layer))).sum())
+        if low:
+            basis = f"eps {layer.eps:g}" if layer.eps is not None else f"{DEFAULT_EPS:g} (the file does not record eps; PyTorch's default)"
+            found.append(("var_below_eps", f"{low} of {c} channels have running_var < {basis}"))
+        if bool((mean == 0).all()) and bool((var == 1).all()):
+            counter = f" although num_batches_tracked={layer.num_batches_tracked}" if layer.num_batches_tracked else ""
+            found.append(("never_updated", f"running_mean all 0 and running_var all 1{counter}"))
+    if dead:
+        found.append(("dead_channels", f"{dead} of {c} channels have |weight| < {DEAD_WEIGHT:g}"))
+    risk = _fp16_risk(layer, mean, var, weight, bias, scale)
+    if risk:
+        found.append(("fp16_risk", risk))
+    if layer.averaging == "ema" and layer.momentum == 0:
+        found.append(("momentum_zero", "momentum=0: running statistics never change"))
+    if layer.training:
+        found.append(("train_mode", "saved in train mode"))
+    return found
+
+
+def eps_of(layer: BNLayer) -> float:
+    """The layer's eps, or PyTorch's default where the file does not record it."""
+    return layer.eps if layer.eps is not None else DEFAULT_EPS
+
+
+def _fp16_risk(layer: BNLayer, mean, var, weight, bias, scale) -> str | None:
+    if var is None or mean is None:
+        return None
+    reasons = []
+    finite = lambda t: t[torch.isfinite(t)]  # noqa: E731 - non-finite values have their own flag
+    for label, t in (("|running_mean|", mean.abs()), ("running_var", var), ("folded scale", scale)):
+        t = finite(t)
+        if t.numel() and float(t.max()) > FP16_MAX:
+            reasons.append(f"{label} reaches {float(t.max()):.3g} > {FP16_MAX:g}")
+    if bias is not None:
+        shift = finite(bias - mean * scale)
+        if shift.numel() and float(shift.abs().max()) > FP16_MAX:
+            reasons.append(f"folded shift reaches {float(shift.abs().max()):.3g} > {FP16_MAX:g}")
+    denom = finite(var + eps_of(layer))
+    tiny = int(((denom >= 0) & (denom < FP16_MIN_NORMAL)).sum())
+    if tiny:
+        reasons.append(f"{tiny} channels have var+eps < {FP16_MIN_NORMAL:.2g} (float16 subnormal: the scale loses precision)")
+    return "; ".join(reasons) or None
+
+
+def rows(layers: list[BNLayer]) -> list[dict[str, Any]]:
+    """One :func:`summarize` row per layer, in order."""
+    return [summarize(layer) for layer in layers]
+
+
+def table(row_list: list[dict[str, Any]]):
+    """Rows as a pandas DataFrame with the columns of :data:`COLUMNS`."""
+    import pandas as pd
+
+    return pd.DataFrame(row_list, columns=list(COLUMNS))
+
+
+def flag_counts(row_list: list[dict[str, Any]]) -> dict[str, int]:
+    """How many layers carry each flag, in :data:`FLAGS` order, flags that occur only."""
+    counts = {flag: sum(flag in r["flags"] for r in row_list) for flag in FLAGS}
+    return {flag: n for flag, n in counts.items() if n}

@@ -1,0 +1,158 @@
+"""Build the user's module from ``--arch`` and load a state_dict into it strictly (torch is
+imported only to build, so parsing ``--arch-arg`` costs nothing).
+
+``--arch`` is ``pkg.module:factory`` (an importable module) or ``path/to/file.py:factory``;
+the factory is a class or function returning an ``nn.Module``, called with the
+``--arch-arg name=value`` pairs as keyword arguments (values parsed as Python literals).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import ArchError
+
+if TYPE_CHECKING:  # pragma: no cover - torch is imported where a module is built
+    import torch
+
+#: Prefixes wrappers add to every key: DDP/DataParallel, Lightning, torch.compile.
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+def parse_arch_args(items: Iterable[str]) -> dict[str, Any]:
+    """Parse ``name=value`` strings; each value is a Python literal (``64``, ``'wide'``, ``(1, 2)``)."""
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise ArchError(f"--arch-arg {item!r} is not name=value", "write it as --arch-arg width=64")
+        try:
+            kwargs[name] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError) as exc:
+            raise ArchError(
+                f"--arch-arg {item!r}: {text!r} is not a Python literal",
+                f"quote strings: --arch-arg \"{name}='{text}'\"; numbers, True/False, None, tuples and lists work as written",
+            ) from exc
+    return kwargs
+
+
+def resolve_factory(spec: str) -> Callable[..., Any]:
+    """Return the callable named by ``pkg.module:factory`` or ``path/file.py:factory``."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ArchError(f"--arch {spec!r} is not module:factory", "write it as --arch mypkg.models:resnet18 or --arch path/net.py:Net")
+    module = _import_file(target) if target.endswith(".py") or "/" in target else _import_module(target)
+    factory: Any = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            names = sorted(n for n in dir(module) if not n.startswith("_"))[:15]
+            raise ArchError(f"--arch {spec!r}: {target} has no attribute {part!r}", f"names it defines: {', '.join(names)}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ArchError(f"--arch {spec!r}: {attr} is not callable", "point --arch at a class or a function that returns an nn.Module")
+    return factory
+
+
+def _import_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - any failure while importing the user's code is bad input
+        raise ArchError(
+            f"--arch: cannot import {name}: {type(exc).__name__}: {exc}",
+            "install the package or add its folder to PYTHONPATH; a file works too: --arch path/to/file.py:factory",
+        ) from exc
+
+
+def _import_file(target: str):
+    path = Path(target)
+    if not path.is_file():
+        raise ArchError(f"--arch: {path} is not a file", "check the path before the ':'")
+    module_name = f"_bnctl_arch_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # lets classes defined there be pickled and dataclasses resolve
+    sys.path.insert(0, str(path.parent.resolve()))  # the file may import its neighbours
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001
+        del sys.modules[module_name]
+        raise ArchError(f"--arch: running {path} failed: {type(exc).__name__}: {exc}", "fix the error in that file; run `python " + str(path) + "` to see it") from exc
+    finally:
+        sys.path.remove(str(path.parent.resolve()))
+    return module
+
+
+def build(spec: str, args: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """Call the factory named by ``spec`` with ``args`` and return the module it builds."""
+    factory = resolve_factory(spec)
+    try:
+        module = factory(**dict(args or {}))
+    except TypeError as exc:
+        raise ArchError(f"--arch {spec!r}: {exc}", "pass the factory's arguments with --arch-arg name=value") from exc
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise ArchError(f"--arch {spec!r} returned a {type(module).__name__}, not an nn.Module", "point --arch at a class or a function that returns an nn.Module")
+    return module
+
+
+def strip_wrapper_prefixes(tensors: Mapping[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Remove ``module.`` / ``model.`` / ``_orig_mod.`` prefixes that every key carries.
+
+    A prefix is removed only while all keys have it and the module's own keys do not,
+    so a model whose first child is really called ``model`` keeps its names.
+    """
+    expected = set(expected)
+    keys = list(tensors)
+    while keys:
+        prefix = next(
+            (p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in keys) and not all(k.startswith(p) for k in expected)),
+            None,
+        )
+        if prefix is None:
+            break
+        keys = [k[len(prefix):] for k in keys]
+    return dict(zip(keys, (tensors[k] for k in tensors)))
+
+
+def load_state_dict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], spec: str = "the architecture") -> torch.nn.Module:
+    """Load ``tensors`` into ``module`` strictly, after removing wrapper prefixes.
+
+    Raises :class:`ArchError` naming the missing and unexpected keys, or the shape
+    mismatches, when the state_dict does not fit.
+    """
+    expected = module.state_dict().keys()
+    state = strip_wrapper_prefixes(tensors, expected)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_listing(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_listing(unexpected)})")
+        raise ArchError(
+            f"the checkpoint does not fit {spec}: keys " + "; ".join(parts),
+            "check --arch and --arch-arg, or pick another entry of the checkpoint with --key",
+        )
+    own = module.state_dict()
+    mismatched = [f"{k} is {list(state[k].shape)} in the checkpoint, {list(own[k].shape)} in the model"
+                  for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+    if mismatched:
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise ArchError(f"the checkpoint does not fit {spec}: {mismatched[0]}{more}", "check --arch-arg (widths, number of classes)")
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def _listing(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... {len(keys) - limit} more" if len(keys) > limit else "")

@@ -1,0 +1,413 @@
+"""Read every supported checkpoint format into a :class:`Checkpoint`.
+
+The format is found from the file's content (zip member names, magic bytes), never from
+its extension. Loading is safe by default: the only loaders that can run code from the
+file (an unrestricted unpickler) are used with ``trust=True`` alone. Reading is cheap:
+torch zip archives are memory-mapped and safetensors files are opened lazily, so only
+the tensors a caller touches are read from disk.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import json
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError, UnsafeCheckpointError, one_line
+
+
+class Format(str, enum.Enum):
+    """A file format bnctl reads, as found from the file's content."""
+
+    TORCH = "torch"  # torch.save zip archive: a state_dict, a checkpoint dict or a pickled module
+    TORCH_LEGACY = "torch-legacy"  # torch.save before 1.6 (_use_new_zipfile_serialization=False)
+    PICKLE = "pickle"  # a plain Python pickle
+    SAFETENSORS = "safetensors"
+    TORCHSCRIPT = "torchscript"
+    EXPORT = "torch-export"  # torch.export.save program (.pt2)
+    ONNX = "onnx"
+
+
+# pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2), without the trailing STOP
+_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+#: Entries of a training checkpoint that hold the model's weights, most likely first.
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "net",
+    "network",
+    "model_ema",
+    "ema",
+    "state_dict_ema",
+    "ema_state_dict",
+)
+
+SUPPORTED = (
+    "torch state_dict or training checkpoint (.pt .pth .bin .ckpt), safetensors, "
+    "TorchScript, torch.export (.pt2), ONNX"
+)
+
+
+@dataclass
+class Checkpoint:
+    """What a file held, as read.
+
+    Exactly one of ``tensors`` (a state_dict), ``module`` (TorchScript or a pickled
+    ``nn.Module``), ``program`` (a ``torch.export`` program) or ``onnx_model`` is set.
+    ``key`` names the entry of a training checkpoint that ``tensors`` came from, and
+    ``candidates`` the entries that could have been chosen with ``--key``.
+    """
+
+    path: Path
+    format: Format
+    tensors: Mapping[str, torch.Tensor] | None = None
+    module: torch.nn.Module | None = None
+    program: Any = None
+    onnx_model: Any = None
+    key: str | None = None
+    candidates: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    root: Any = None  # the whole object a torch/pickle file held (the training checkpoint dict)
+
+    @property
+    def content(self) -> str:
+        """What the file holds: 'state_dict', 'module', 'program' or 'onnx'."""
+        if self.tensors is not None:
+            return "state_dict"
+        if self.module is not None:
+            return "module"
+        if self.program is not None:
+            return "program"
+        return "onnx"
+
+    def describe(self) -> str:
+        """A short human description, e.g. ``torch checkpoint, entry 'state_dict'``."""
+        text = {
+            Format.TORCH: "torch",
+            Format.TORCH_LEGACY: "torch (legacy format)",
+            Format.PICKLE: "pickle",
+            Format.SAFETENSORS: "safetensors",
+            Format.TORCHSCRIPT: "TorchScript",
+            Format.EXPORT: "torch.export program",
+            Format.ONNX: "ONNX",
+        }[self.format]
+        if self.format in (Format.TORCH, Format.TORCH_LEGACY, Format.PICKLE):
+            text += " pickled module" if self.content == "module" else " state_dict"
+        if self.key is not None:
+            text += f", entry '{self.key}'"
+        return text
+
+
+class SafetensorsTensors(Mapping):
+    """A read-only mapping over a safetensors file that reads a tensor only when asked."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="pt", device="cpu")
+        self._keys = list(self._file.keys())
+        self.metadata = self._file.metadata() or {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def detect_format(path: str | Path) -> Format:
+    """Return the format of the file at ``path`` from its content.
+
+    Raises :class:`InputError` for a missing path, a directory, an empty file, a broken
+    zip archive, or content that is none of the supported formats.
+    """
+    path = _check_path(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    size = path.stat().st_size
+    if not head:
+        raise InputError(f"{path} is empty", "the file was probably not written completely; save it again")
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return _zip_format(path)
+    if head.startswith(_LEGACY_MAGIC):
+        return Format.TORCH_LEGACY
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return Format.PICKLE
+    if len(head) >= 9 and head[8:9] == b"{":
+        header_len = int.from_bytes(head[:8], "little")
+        if 0 < header_len <= size - 8:
+            return Format.SAFETENSORS
+        raise InputError(
+            f"{path} looks like a safetensors file but its header is cut off",
+            "the file is truncated; download or save it again",
+        )
+    if head[0] == 0x08:  # protobuf field 1 (ModelProto.ir_version), varint
+        return Format.ONNX
+    raise InputError(f"{path} is not a checkpoint bnctl can read", f"bnctl reads: {SUPPORTED}")
+
+
+def _check_path(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file", "check the path; `ls` the folder to see what is there")
+    if path.is_dir():
+        raise InputError(
+            f"{path} is a directory, not a checkpoint file",
+            f"pass one file inside it, e.g. {path / 'model.pt'}",
+        )
+    return path
+
+
+def _zip_format(path: Path) -> Format:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(
+            f"{path} is a corrupted or truncated zip archive ({exc})",
+            "the file was cut off or damaged; download or save it again",
+        ) from exc
+    if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+        return Format.TORCHSCRIPT
+    if any(n.endswith("/archive_format") for n in names) or any(
+        "/models/" in n and n.endswith(".json") for n in names
+    ):
+        return Format.EXPORT
+    if any(n.endswith("data.pkl") for n in names):
+        return Format.TORCH
+    raise InputError(f"{path} is a zip archive but not a PyTorch file", f"bnctl reads: {SUPPORTED}")
+
+
+def load(path: str | Path, *, key: str | None = None, trust: bool = False) -> Checkpoint:
+    """Read the checkpoint at ``path``.
+
+    ``key`` picks the entry of a training checkpoint dict (``state_dict``, ``model``,
+    ``ema``, ...; a dotted path reaches nested dicts); without it the most likely entry
+    is chosen (:data:`STATE_DICT_KEYS`). ``trust=True`` allows loaders that execute code
+    from the file (pickled modules); without it such a file raises
+    :class:`UnsafeCheckpointError` before anything in it runs.
+    """
+    path = _check_path(path)
+    fmt = detect_format(path)
+    if fmt is Format.SAFETENSORS:
+        return _load_safetensors(path, key)
+    if fmt is Format.TORCHSCRIPT:
+        return Checkpoint(path, fmt, module=_guarded(path, "TorchScript", lambda: torch.jit.load(str(path), map_location="cpu")))
+    if fmt is Format.EXPORT:
+        if not trust:
+            _check_export_pickles(path)
+        return Checkpoint(path, fmt, program=_guarded(path, "torch.export", lambda: torch.export.load(str(path))))
+    if fmt is Format.ONNX:
+        return Checkpoint(path, fmt, onnx_model=_load_onnx(path))
+    obj = _unpickle(path, fmt, trust)
+    return _interpret(path, fmt, obj, key)
+
+
+def _guarded(path: Path, what: str, loader):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return loader()
+        except Exception as exc:  # noqa: BLE001 - every loader failure is bad input here
+            raise InputError(
+                f"cannot read {path} as a {what} archive: {one_line(exc)}",
+                "the file may be damaged or written by a newer PyTorch; save it again",
+            ) from exc
+
+
+def _check_export_pickles(path: Path) -> None:
+    """Refuse a .pt2 whose pickled members need more than the weights-only unpickler.
+
+    ``torch.export.load`` unpickles the example inputs with a fallback to
+    ``weights_only=False``, and weights or constants marked ``use_pickle`` without the
+    restriction at all: a crafted archive runs code there. Every such member must load
+    with ``weights_only=True`` first.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            pickled = [n for n in names if n.endswith(".pt")]  # sample inputs, legacy weights/constants
+            for config in (n for n in names if n.endswith("_config.json")):
+                folder = config.rpartition("/")[0]
+                for entry in json.loads(archive.read(config)).get("config", {}).values():
+                    if entry.get("use_pickle"):
+                        pickled.append(f"{folder}/{entry['path_name']}")
+            for name in sorted(set(pickled) & names):
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
+                except Exception as exc:  # noqa: BLE001 - torch.export.load would retry it unrestricted
+                    match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+                    needs = f" ({match.group(1)})" if match else ""
+                    raise UnsafeCheckpointError(
+                        f"{path}: its member {name} pickles Python objects{needs}; torch.export.load would run code "
+                        "from the file, which bnctl does only with --trust",
+                        "only if you trust where it came from: add --trust",
+                    ) from exc
+    except (zipfile.BadZipFile, json.JSONDecodeError, KeyError, AttributeError) as exc:
+        raise InputError(f"cannot read {path} as a torch.export archive: {one_line(exc)}",
+                         "the file is damaged; save it again with torch.export.save") from exc
+
+
+def _load_safetensors(path: Path, key: str | None) -> Checkpoint:
+    try:
+        tensors = SafetensorsTensors(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+        raise InputError(
+            f"cannot read {path} as safetensors: {one_line(exc)}",
+            "the file is damaged or truncated; download or save it again",
+        ) from exc
+    if key is not None:
+        raise InputError(f"--key {key!r} does not apply to {path}: a safetensors file is one flat state_dict", "drop --key")
+    return Checkpoint(path, Format.SAFETENSORS, tensors=tensors, metadata=dict(tensors.metadata))
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise InputError(
+            f"cannot read {path} as an ONNX model: {one_line(exc)}",
+            f"the file is damaged or not a model; bnctl reads: {SUPPORTED}",
+        ) from exc
+
+
+def _unpickle(path: Path, fmt: Format, trust: bool) -> Any:
+    if fmt is Format.PICKLE and not trust:
+        raise UnsafeCheckpointError(
+            f"{path} is a plain Python pickle; loading it would run code from the file, which bnctl does only with --trust",
+            "only if you trust where it came from: add --trust (or save a state_dict with torch.save)",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if fmt is Format.PICKLE:
+                with open(path, "rb") as f:
+                    return pickle.load(f)  # trust=True: the user accepted running its code
+            return torch.load(path, map_location="cpu", weights_only=not trust, mmap=fmt is Format.TORCH)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" in text:
+            match = re.search(r"GLOBAL ([\w.]+)", text)
+            needs = f" ({match.group(1)})" if match else ""
+            raise UnsafeCheckpointError(
+                f"{path} pickles Python objects{needs}; loading it would run code from the file, which bnctl does only with --trust",
+                "only if you trust where it came from: add --trust (or save model.state_dict() instead)",
+            ) from exc
+        raise _unreadable(path, exc) from exc
+    except (AttributeError, ModuleNotFoundError, ImportError) as exc:
+        raise InputError(
+            f"{path} pickles a class that cannot be imported here: {one_line(exc)}",
+            "make the module that defines it importable (PYTHONPATH), or save a state_dict and pass --arch",
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - RuntimeError, EOFError, zip errors: all unreadable input
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: BaseException) -> InputError:
+    return InputError(
+        f"cannot read {path} as a torch checkpoint: {one_line(exc)}",
+        "the file is truncated or damaged; download or save it again",
+    )
+
+
+def _interpret(path: Path, fmt: Format, obj: Any, key: str | None) -> Checkpoint:
+    """Turn an unpickled object into a Checkpoint: a module, or a state_dict chosen by ``key``."""
+    if isinstance(obj, torch.nn.Module):
+        if key is not None:
+            raise InputError(f"--key {key!r} does not apply: {path} holds a whole module", "drop --key")
+        return Checkpoint(path, fmt, module=obj)
+    if not isinstance(obj, Mapping):
+        raise InputError(
+            f"{path} holds a {type(obj).__name__}, not a state_dict or a training checkpoint",
+            "save model.state_dict() or a dict with a 'state_dict' entry",
+        )
+    if _is_state_dict(obj):
+        if key is not None:
+            raise InputError(f"--key {key!r} does not apply: {path} is a plain state_dict", "drop --key")
+        return Checkpoint(path, fmt, tensors=obj, root=obj)
+    candidates = tuple(_candidate_entries(obj))
+    metadata = {k: v for k, v in obj.items() if isinstance(v, (int, float, str, bool))}
+    chosen = key if key is not None else _preferred(candidates)
+    if chosen is None:
+        listing = ", ".join(map(str, list(obj)[:12])) or "none"
+        raise InputError(
+            f"{path} holds a dict with no state_dict in it (entries: {listing})",
+            "pass --key NAME with the entry that holds the weights",
+        )
+    value = _lookup(obj, chosen)
+    if value is None:
+        raise InputError(
+            f"--key {chosen!r} is not an entry of {path}",
+            f"choose one of: {', '.join(candidates) or ', '.join(map(str, obj))}",
+        )
+    if isinstance(value, torch.nn.Module):
+        return Checkpoint(path, fmt, module=value, key=chosen, candidates=candidates, metadata=metadata, root=obj)
+    if isinstance(value, Mapping) and not _is_state_dict(value):
+        nested = _preferred(tuple(_candidate_entries(value)))
+        if nested is not None:
+            chosen, value = f"{chosen}.{nested}", value[nested]
+    if not (isinstance(value, Mapping) and _is_state_dict(value)):
+        raise InputError(
+            f"entry '{chosen}' of {path} is a {type(value).__name__}, not a state_dict",
+            f"choose one of: {', '.join(candidates) or 'none found'}",
+        )
+    return Checkpoint(path, fmt, tensors=value, key=chosen, candidates=candidates, metadata=metadata, root=obj)
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    """A state_dict maps names to tensors (``*_extra_state`` entries may be anything)."""
+    if not obj:
+        return False
+    tensors = 0
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            tensors += 1
+        elif not (isinstance(k, str) and k.endswith("_extra_state")):
+            return False
+    return tensors > 0
+
+
+def _candidate_entries(obj: Mapping) -> Iterator[str]:
+    for k, v in obj.items():
+        if isinstance(v, torch.nn.Module) or (isinstance(v, Mapping) and (_is_state_dict(v) or any(
+            isinstance(inner, Mapping) and _is_state_dict(inner) for inner in v.values()
+        ))):
+            yield str(k)
+
+
+def _preferred(candidates: tuple[str, ...]) -> str | None:
+    for name in STATE_DICT_KEYS:
+        if name in candidates:
+            return name
+    return candidates[0] if candidates else None
+
+
+def _lookup(obj: Mapping, key: str) -> Any:
+    if key in obj:
+        return obj[key]
+    value: Any = obj
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value

@@ -1,0 +1,157 @@
+"""The two options objects every command takes: which model (:class:`ModelSource`) and
+which check inputs (:class:`CheckInputs`).
+
+``ModelSource.open()`` reads the file and returns an :class:`OpenedModel`: the checkpoint,
+the module built by ``--arch`` (if any) and what can be run. Commands that need a runnable
+model ask it with :meth:`OpenedModel.runnable` or :meth:`OpenedModel.eager`, which fail with
+one clear error naming what the command needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which model: a file, and how to open it (``--arch``, ``--arch-arg``, ``--key``, ``--trust``).
+
+    ``path`` may be left out where a command reads many files with the same options
+    (``bnctl audit``): :meth:`at` gives the options for one file.
+    """
+
+    path: Path | None = None
+    arch: str | None = None
+    arch_args: Mapping[str, Any] = field(default_factory=dict)
+    key: str | None = None
+    trust: bool = False
+
+    def at(self, path: str | Path) -> ModelSource:
+        """The same options for another file."""
+        return dataclasses.replace(self, path=Path(path))
+
+    def open(self) -> OpenedModel:
+        """Read the file; with ``arch``, build that module and load the state_dict into it strictly.
+
+        Reading is safe unless ``trust`` (see :func:`bnctl.io.checkpoint.load`).
+        """
+        from . import arch as arch_mod
+        from . import checkpoint as ckpt_mod
+
+        if self.path is None:
+            raise InputError("no checkpoint given", "pass the path of a checkpoint")
+        checkpoint = ckpt_mod.load(self.path, key=self.key, trust=self.trust)
+        notes: list[str] = []
+        built = None
+        if self.arch is not None:
+            if checkpoint.tensors is None:
+                notes.append(f"--arch ignored: {checkpoint.path.name} holds a {checkpoint.content}, not a state_dict")
+            else:
+                built = arch_mod.load_state_dict(arch_mod.build(self.arch, self.arch_args), checkpoint.tensors, self.arch)
+        return OpenedModel(checkpoint, built, notes)
+
+
+@dataclass
+class OpenedModel:
+    """A file as read: its checkpoint, the module ``--arch`` built for a state_dict (or None),
+    and notes for the user."""
+
+    checkpoint: Any  # bnctl.io.checkpoint.Checkpoint
+    built: Any = None  # nn.Module built by --arch
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """What can be run: 'eager', 'script', 'program', 'onnx', or 'weights' (a state_dict without --arch)."""
+        import torch
+
+        model = self.model
+        if model is None:
+            return "weights"
+        if isinstance(model, torch.jit.ScriptModule):
+            return "script"
+        if self.checkpoint.program is not None:
+            return "program"
+        if self.checkpoint.onnx_model is not None:
+            return "onnx"
+        return "eager"
+
+    @property
+    def model(self) -> Any:
+        """The module (built by ``--arch``, TorchScript or pickled), the program, the ONNX graph, or None."""
+        c = self.checkpoint
+        if self.built is not None:
+            return self.built
+        for value in (c.module, c.program, c.onnx_model):
+            if value is not None:
+                return value
+        return None
+
+    @property
+    def module(self) -> Any:
+        """The ``nn.Module`` to configure or run (built by ``--arch``, or saved), else None."""
+        return self.built if self.built is not None else self.checkpoint.module
+
+    def runnable(self, verb: str) -> Any:
+        """:attr:`model`, or an error saying that ``verb`` needs the model a state_dict belongs to."""
+        if self.model is None:
+            name = self.checkpoint.path.name
+            raise InputError(f"{name} holds a state_dict: {verb} needs the model it belongs to", "pass --arch pkg.module:factory (and --arch-arg name=value) to build it")
+        return self.model
+
+    def eager(self, verb: str) -> Any:
+        """The model as an eager ``nn.Module`` whose modules can be swapped, else an InputError."""
+        model = self.runnable(verb)
+        if self.kind == "eager":
+            return model
+        raise InputError(f"{self.checkpoint.path.name} is a {self.checkpoint.describe()}: {verb} needs an eager PyTorch model", "use the training checkpoint (state_dict + --arch) or a pickled module (--trust)")
+
+
+@dataclass(frozen=True)
+class CheckInputs:
+    """Which inputs an operation runs or is checked on: random tensors of ``shapes`` (one per
+    model input, from ``seed``), else up to ``count`` samples of the ``data`` folder, read
+    with ``preprocess``. ``bnctl recalibrate`` reads all of ``data`` the same way."""
+
+    shapes: tuple[tuple[int, ...], ...] = ()
+    data: Path | None = None
+    seed: int = 0
+    count: int = 16
+    preprocess: Any = None  # bnctl.io.data.Preprocess: how images of ``data`` become tensors
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shapes", tuple(tuple(int(d) for d in s) for s in self.shapes))
+
+    @property
+    def given(self) -> bool:
+        return bool(self.shapes) or self.data is not None
+
+    def make(self) -> tuple | None:
+        """The input tensors, or None when neither shapes nor data were given."""
+        if self.shapes:
+            from ..core.verify import random_inputs
+
+            return random_inputs(self.shapes, self.seed)
+        if self.data is not None:
+            from .data import example_batch
+
+            return (example_batch(self.data, count=self.count, preprocess=self.preprocess),)
+        return None
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``; an InputError otherwise."""
+    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise InputError(f"--input-shape '{text}' is not a shape", "give positive sizes separated by commas, e.g. --input-shape 1,3,224,224")
+    return shape
+

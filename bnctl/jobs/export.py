@@ -1,0 +1,43 @@
+"""``bnctl export``'s job: read the model, :func:`bnctl.ops.export.export` it, list the
+audit's ONNX findings on the graph, write it if ONNX Runtime matched PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import _atomic
+from ..errors import InputError
+from ..io.source import CheckInputs, ModelSource
+from ..ops.export import ExportReport, export
+
+
+def export_file(source: ModelSource, output: str | Path, *, inputs: CheckInputs = CheckInputs(), **options: Any) -> ExportReport:
+    """Read ``source`` (a state_dict with ``arch``, a pickled module, a ``.pt2``), export it
+    (``options`` are :func:`~bnctl.ops.export.export`'s) and write ``output`` if it checks out."""
+    from ..audit.checks import onnx_findings
+
+    output = Path(output)
+    _atomic.refuse_overwrite(source.path, output)
+    opened = source.open()
+    model = opened.runnable("exporting")
+    name = opened.checkpoint.path.name
+    program = opened.checkpoint.program
+    if opened.kind == "onnx":
+        raise InputError(f"{name} is already ONNX", "to fold its BatchNorm nodes use bnctl fold; to check it use bnctl audit")
+    if program is not None:
+        model = program.module()
+    if program is not None and options.get("dynamic_batch"):
+        raise InputError(f"{name} is a torch.export program with fixed input shapes: its batch size cannot be made dynamic", "export the original model (state_dict + --arch) with --dynamic-batch")
+    examples = inputs.make()
+    if examples is None and program is not None:
+        examples = tuple(program.example_inputs[0])
+    if examples is None:
+        raise InputError("exporting needs example inputs", "pass --input-shape 1,3,224,224 (once per model input) or --data DIR")
+    proto, report = export(model, examples, **options)
+    report.findings = onnx_findings(proto)
+    report.output = str(output)
+    if report.ok:
+        _atomic.write_bytes(output, proto.SerializeToString())
+        report.written = True
+    return report

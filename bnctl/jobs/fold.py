@@ -1,0 +1,101 @@
+"""Fold a checkpoint file into an output file: read, fold, build the output, check it, write.
+
+Nothing is written unless the artifact about to be written computes the original model's
+outputs within the tolerance; the input file is never overwritten.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import _atomic
+from ..core import verify
+from ..errors import InputError, one_line
+from ..io import checkpoint as ckpt_mod
+from ..io import writers
+from ..io.source import CheckInputs, ModelSource
+from ..io.targets import Target
+from ..ops.fold import DEFAULT_TOLERANCE, FoldReport, fold
+
+
+def default_target(checkpoint: ckpt_mod.Checkpoint, output: Path) -> Target:
+    """What to write when ``--to`` is not given: the output's extension, else by input
+    (TorchScript stays TorchScript, ONNX stays ONNX, anything else becomes a .pt2 program)."""
+    if (by_suffix := writers.target_from_suffix(output)) is not None:
+        return by_suffix
+    if checkpoint.format == ckpt_mod.Format.TORCHSCRIPT:
+        return Target.TORCHSCRIPT
+    if checkpoint.format == ckpt_mod.Format.ONNX:
+        return Target.ONNX
+    return Target.PT2
+
+
+def fold_file(
+    source: ModelSource,
+    output: str | Path,
+    *,
+    inputs: CheckInputs = CheckInputs(),
+    to: Target | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> FoldReport:
+    """Fold the model of ``source`` and write it to ``output`` if it checks out.
+
+    ``report.written`` says whether the file was written; ``report.ok`` is False (and nothing
+    written) when the outputs moved more than ``tolerance``.
+    """
+    output = Path(output)
+    _atomic.refuse_overwrite(source.path, output)
+    opened = source.open()
+    checkpoint, model = opened.checkpoint, opened.runnable("folding")
+    target = to or default_target(checkpoint, output)
+    examples = inputs.make()
+    if checkpoint.format == ckpt_mod.Format.ONNX:
+        return _fold_onnx(checkpoint, output, target, examples, tolerance, inputs.seed)
+    if checkpoint.format == ckpt_mod.Format.TORCHSCRIPT and target not in (Target.TORCHSCRIPT, Target.STATE_DICT):
+        raise InputError(f"a TorchScript model can be written as torchscript or state-dict, not {target.value}", "use --to torchscript, or fold the original checkpoint with --arch")
+    if examples is None and checkpoint.program is None:
+        raise InputError("folding needs example inputs to trace and check the model", "pass --input-shape 1,3,224,224 (once per model input) or --data DIR")
+    if checkpoint.program is not None and examples is None:
+        examples = tuple(checkpoint.program.example_inputs[0])
+    folded, report = fold(model, examples, tolerance=tolerance, keep_modules=target == Target.STATE_DICT)
+    report.output, report.format = str(output), target.value
+    if target == Target.STATE_DICT:
+        report.notes.append("state-dict output keeps every BN module; use --to pt2 to drop them")
+    if not report.ok:
+        return report
+    artifact = writers.build(folded, target, examples, output)
+    errors = verify.compare(report.reference, verify.run(artifact.run, examples))
+    report.max_abs_error = max(report.max_abs_error or 0.0, errors[0])
+    report.max_rel_error = max(report.max_rel_error or 0.0, errors[1])
+    if report.ok:
+        writers.save(artifact, output)
+        report.written = True
+    return report
+
+
+def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, inputs: tuple | None, tolerance: float, seed: int) -> FoldReport:
+    import onnx
+
+    from ..core import onnx as onnx_run
+    from ..ops.fold import onnx as onnx_fold
+
+    if target != Target.ONNX:
+        raise InputError(f"an ONNX graph can only be written as ONNX, not {target.value}", "write to a .onnx file, or fold the PyTorch checkpoint instead")
+    model = checkpoint.onnx_model
+    feeds = onnx_run.input_feeds(model, [tuple(t.shape) for t in inputs] if inputs else None, seed)
+    if inputs is not None:
+        feeds = {n: t.numpy().astype(v.dtype) for (n, v), t in zip(feeds.items(), inputs)}
+    try:
+        reference = onnx_run.run(model, feeds)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime refusing the inputs
+        raise InputError(f"ONNX Runtime cannot run the graph on the check inputs ({verify.shapes_text(list(feeds.values()), tuples=True)}): {one_line(exc)}", "pass --input-shape with the graph's input shape, or check the opset and IR version onnxruntime supports") from exc
+    new, folded, skipped, count = onnx_fold.fold_model(model, feeds)
+    onnx.checker.check_model(new)
+    report = FoldReport(path="onnx", folded=folded, skipped=skipped, bn_before=count, bn_after=count - len(folded), tolerance=tolerance)
+    report.inputs = verify.shapes_text(list(feeds.values()), tuples=True)
+    report.max_abs_error, report.max_rel_error = verify.compare(reference, onnx_run.run(new, feeds))
+    report.output, report.format = str(output), target.value
+    if report.ok:
+        _atomic.write_bytes(output, new.SerializeToString())
+        report.written = True
+    return report

@@ -1,0 +1,153 @@
+"""Recalibrate a checkpoint file on a data folder and write it back in its own format.
+
+Process-wide speed settings live here, not in the library function: the model and 4-D
+inputs go channels_last on CPU, and glibc's allocator is told to keep freed activation
+buffers instead of returning them to the kernel after every batch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import _atomic
+from ..core.layers import batchnorms
+from ..errors import InputError
+from ..io import checkpoint as ckpt_mod
+from ..io.data import loader, sample_files, shard
+from ..io.source import CheckInputs, ModelSource
+from ..ops.recalibrate import NoBatchesError, RecalibrationReport, recalibrate
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the heap (glibc): no mmap/munmap and page faults per batch."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+def _distributed(device: str) -> tuple[int, int]:
+    """``(rank, world_size)``; starts the process group under torchrun (WORLD_SIZE > 1):
+    NCCL when the forward passes run on CUDA, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def recalibrate_file(
+    source: ModelSource,
+    output: str | Path,
+    *,
+    inputs: CheckInputs,
+    batch_size: int = 32,
+    max_samples: int | None = None,
+    workers: int = 0,
+    device: str = "cpu",
+    until_stable: float | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> RecalibrationReport:
+    """Recalibrate ``source`` on every sample of ``inputs.data`` (read with ``inputs.preprocess``,
+    in an order and ``max_samples`` subset drawn from ``inputs.seed``) and write ``output``
+    in the input's format (rank 0 only)."""
+    output = Path(output)
+    _atomic.refuse_overwrite(source.path, output)
+    if inputs.data is None:
+        raise InputError("recalibrating needs a data folder", "pass --data DIR")
+    data = Path(inputs.data)
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size} is not positive", "use e.g. --batch-size 32")
+    opened = source.open()
+    checkpoint, model = opened.checkpoint, opened.eager("recalibrating")
+    if not batchnorms(model, estimating=True):
+        raise InputError(f"{checkpoint.path.name}: the model has no BatchNorm layer with running statistics", "nothing to recalibrate")
+    files = sample_files(data)
+    if not files:
+        raise InputError(f"--data {data}: no image or tensor files", "put images (jpg, png, ...) or .npy/.npz/.pt samples in it (subfolders are fine)")
+    random.Random(inputs.seed).shuffle(files)
+    if max_samples is not None:
+        files = files[:max_samples]
+    rank, world = _distributed(device)
+    mine = shard(files, batch_size, rank, world)
+    if on_start is not None:
+        on_start(len(files))
+    model = model.to(device)
+    fast = device == "cpu"
+    if fast:
+        tune_allocator()
+        model = model.to(memory_format=torch.channels_last)
+    skipped = [0]
+
+    def batches():
+        for batch, bad in loader(mine, inputs.preprocess, batch_size, workers):
+            skipped[0] += bad
+            if batch is None:
+                continue
+            yield _channels_last(batch) if fast else batch
+
+    try:
+        report = recalibrate(model, batches(), until_stable=until_stable, device=None if fast else device, on_batch=on_batch)
+    except NoBatchesError:
+        raise InputError(f"--data {data}: none of its {len(files)} files could be read", "check the files; supported: images, .npy, .npz, .pt") from None
+    model = model.to(memory_format=torch.contiguous_format).to("cpu")
+    if skipped[0]:
+        report.notes.append(f"{skipped[0]} unreadable files skipped")
+    if rank == 0:
+        _write(checkpoint, model, output)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return report
+
+
+def _channels_last(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor) and batch.dim() == 4:
+        return batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def _write(checkpoint: ckpt_mod.Checkpoint, model: nn.Module, output: Path) -> None:
+    """The input's format with the new statistics: the whole training checkpoint, the
+    safetensors file (metadata kept), or the pickled module."""
+    if checkpoint.content == "module":
+        with _atomic.atomic_path(output) as tmp:
+            torch.save(model, tmp)
+        return
+    from ..io.arch import strip_wrapper_prefixes
+
+    state = model.state_dict()
+    names = strip_wrapper_prefixes({k: k for k in checkpoint.tensors.keys()}, state.keys())  # model key -> file key
+    updated = {names[k]: v.detach().cpu().contiguous() for k, v in state.items() if k in names}
+    if checkpoint.format == ckpt_mod.Format.SAFETENSORS:
+        from safetensors.torch import save_file
+
+        tensors = {k: checkpoint.tensors[k] for k in checkpoint.tensors.keys()}
+        tensors.update(updated)
+        header = {k: str(v) for k, v in checkpoint.metadata.items()} or None
+        with _atomic.atomic_path(output) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
+        return
+    whole = checkpoint.root
+    entry = whole
+    for part in (checkpoint.key or "").split("."):
+        if part:
+            entry = entry[part]
+    for k, v in updated.items():
+        entry[k] = v
+    with _atomic.atomic_path(output) as tmp:
+        torch.save(whole, tmp)

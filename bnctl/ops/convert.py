@@ -1,0 +1,260 @@
+"""``bnctl.convert``: BatchNorm surgery. BN <-> SyncBatchNorm, BN <-> FrozenBatchNorm, BN -> GroupNorm.
+
+Every conversion returns a new model (the input is not changed) and a report of each layer
+converted. A BN subclass whose ``forward`` does more than BatchNorm (an activation, say) is
+refused by name: converting it would silently drop what its forward adds (timm#1254).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..errors import InputError
+from . import CONVERT_TARGETS
+
+BN_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+TARGETS = CONVERT_TARGETS
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters, all buffers (nothing trains,
+    nothing updates, ``train()`` changes nothing). Its output equals an eval-mode BN's bit for bit.
+
+    ``source`` is the class it was converted from (``BatchNorm2d``, ...), so it converts back.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, source: str = "BatchNorm2d"):
+        super().__init__()
+        self.num_features, self.eps, self.source = num_features, eps, source
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((num_features,), value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, source={self.source}"
+
+
+@dataclass
+class ConvertReport:
+    """Each layer converted (name, from, to, note) and how far the outputs moved, if checked."""
+
+    target: str
+    converted: list[dict[str, Any]] = field(default_factory=list)
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"to": self.target, "converted": self.converted, "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error, "notes": self.notes}
+
+
+_STOCK = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _check_plain(name: str, module: nn.Module) -> None:
+    """Refuse a BN subclass whose forward is not PyTorch's (it may do more than normalize)."""
+    if isinstance(module, _BatchNorm) and type(module) not in _STOCK and not _inherits_stock_forward(module):
+        raise InputError(
+            f"{name} is a {type(module).__qualname__}, a BatchNorm subclass with its own forward: converting it would drop what that forward adds",
+            "convert that class by hand (or make its extra step a separate module), then run bnctl convert again",
+        )
+
+
+def _inherits_stock_forward(module: nn.Module) -> bool:
+    return any(type(module).forward is cls.forward for cls in _STOCK)
+
+
+def _replace(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> tuple[nn.Module, list[tuple[str, nn.Module, nn.Module]]]:
+    """A copy of ``model`` with every module ``make`` returns a replacement for replaced."""
+    model = copy.deepcopy(model)
+    done = []
+    for name, module in list(model.named_modules()):
+        new = make(name, module) if name else None
+        if new is None:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, new)
+        done.append((name, module, new))
+    return model, done
+
+
+def _carry(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Copy statistics, affine parameters (requires_grad kept) and mode onto ``target``."""
+    with torch.no_grad():
+        for key in ("weight", "bias"):
+            value = getattr(source, key, None)
+            if value is None:
+                continue
+            slot = getattr(target, key)
+            if isinstance(slot, nn.Parameter):
+                slot.copy_(value)
+                slot.requires_grad_(value.requires_grad if isinstance(value, nn.Parameter) else False)
+            else:
+                slot.copy_(value)
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            value, slot = getattr(source, key, None), getattr(target, key, None)
+            if value is not None and slot is not None:
+                slot.copy_(value)
+    target.train(source.training)
+    return target
+
+
+def to_syncbn(model: nn.Module) -> tuple[nn.Module, ConvertReport]:
+    """Every BatchNorm1d/2d/3d (FrozenBatchNorm too) -> SyncBatchNorm."""
+    report = ConvertReport("syncbn")
+
+    def make(name: str, m: nn.Module) -> nn.Module | None:
+        if isinstance(m, nn.SyncBatchNorm) or not isinstance(m, (_BatchNorm, FrozenBatchNorm)):
+            return None
+        _check_plain(name, m)
+        affine = getattr(m, "affine", True)
+        tracking = getattr(m, "track_running_stats", True)
+        new = nn.SyncBatchNorm(m.num_features, m.eps, getattr(m, "momentum", 0.1), affine, tracking)
+        return _carry(m, new)
+
+    model, done = _replace(model, make)
+    report.converted = [{"name": n, "from": type(a).__name__, "to": "SyncBatchNorm", "note": None} for n, a, _ in done]
+    return model, report
+
+
+def input_ranks(model: nn.Module, inputs: tuple | None) -> dict[str, int]:
+    """The rank of each BN-like module's input when ``model`` runs on ``inputs`` in eval mode."""
+    if inputs is None:
+        return {}
+    ranks: dict[str, int] = {}
+
+    def record(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            ranks.setdefault(name, args[0].dim())
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules() if isinstance(m, (_BatchNorm, FrozenBatchNorm))]
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return ranks
+
+
+def to_batchnorm(model: nn.Module, inputs: tuple | None = None) -> tuple[nn.Module, ConvertReport]:
+    """SyncBatchNorm and FrozenBatchNorm -> BatchNorm1d/2d/3d, the class chosen from the input
+    rank seen on ``inputs`` (a FrozenBatchNorm also knows the class it came from)."""
+    report = ConvertReport("batchnorm")
+    ranks = input_ranks(model, inputs)
+
+    def make(name: str, m: nn.Module) -> nn.Module | None:
+        if not isinstance(m, (nn.SyncBatchNorm, FrozenBatchNorm)):
+            return None
+        _check_plain(name, m)
+        if name in ranks:
+            cls, how = BN_BY_RANK.get(ranks[name]), f"input rank {ranks[name]} seen on the check inputs"
+        elif isinstance(m, FrozenBatchNorm):
+            cls, how = getattr(nn, m.source, None), "the class it was frozen from"
+        else:
+            raise InputError(f"{name}: a SyncBatchNorm says nothing about its input rank, and the check inputs did not reach it", "pass --input-shape so bnctl sees which BatchNorm1d/2d/3d each layer is")
+        if cls is None:
+            raise InputError(f"{name}: no BatchNorm class for {how}", "check --input-shape")
+        affine = getattr(m, "affine", True)
+        tracking = getattr(m, "track_running_stats", True)
+        new = cls(m.num_features, m.eps, getattr(m, "momentum", 0.1), affine, tracking)
+        report.converted.append({"name": name, "from": type(m).__name__, "to": cls.__name__, "note": how})
+        return _carry(m, new)
+
+    model, _ = _replace(model, make)
+    return model, report
+
+
+def to_frozen(model: nn.Module) -> tuple[nn.Module, ConvertReport]:
+    """Every BN with running statistics -> :class:`FrozenBatchNorm` (same eval outputs)."""
+    report = ConvertReport("frozen")
+
+    def make(name: str, m: nn.Module) -> nn.Module | None:
+        if not isinstance(m, _BatchNorm):
+            return None
+        _check_plain(name, m)
+        if m.running_mean is None:
+            raise InputError(f"{name} has no running statistics (track_running_stats=False): there is nothing to freeze", "recalibrate it first, or leave it as it is")
+        source = type(m).__name__ if type(m) in _STOCK[:3] else "BatchNorm2d"
+        new = FrozenBatchNorm(m.num_features, m.eps, source)
+        new.train(m.training)
+        with torch.no_grad():
+            for key in ("running_mean", "running_var"):
+                getattr(new, key).copy_(getattr(m, key))
+            if m.weight is not None:
+                new.weight.copy_(m.weight)
+                new.bias.copy_(m.bias)
+        report.converted.append({"name": name, "from": type(m).__name__, "to": "FrozenBatchNorm", "note": None})
+        return new
+
+    model, _ = _replace(model, make)
+    return model, report
+
+
+def largest_divisor(channels: int, at_most: int) -> int:
+    """The largest divisor of ``channels`` not above ``at_most``."""
+    return max(d for d in range(1, min(channels, at_most) + 1) if channels % d == 0)
+
+
+def to_groupnorm(model: nn.Module, groups: int = 32) -> tuple[nn.Module, ConvertReport]:
+    """Every BN -> GroupNorm with the largest group count dividing the channels not above
+    ``groups``; gamma and beta carried over, statistics dropped. This changes the function."""
+    if groups < 1:
+        raise InputError(f"--groups {groups} is not positive", "e.g. --groups 32")
+    report = ConvertReport("groupnorm")
+
+    def make(name: str, m: nn.Module) -> nn.Module | None:
+        if not isinstance(m, (_BatchNorm, FrozenBatchNorm)):
+            return None
+        _check_plain(name, m)
+        g = largest_divisor(m.num_features, groups)
+        new = nn.GroupNorm(g, m.num_features, eps=m.eps, affine=True)
+        with torch.no_grad():
+            if getattr(m, "weight", None) is not None:
+                new.weight.copy_(m.weight)
+                new.bias.copy_(m.bias)
+        new.train(m.training)
+        note = f"{g} groups" + ("" if g == groups else f" (largest divisor of {m.num_features} not above {groups})")
+        report.converted.append({"name": name, "from": type(m).__name__, "to": "GroupNorm", "note": note})
+        return new
+
+    model, _ = _replace(model, make)
+    report.notes.append("GroupNorm normalizes each sample over channel groups: the model computes a different function and needs fine-tuning")
+    return model, report
+
+
+def convert(model: nn.Module, to: str, *, inputs: tuple | None = None, groups: int = 32) -> tuple[nn.Module, ConvertReport]:
+    """Convert ``model``'s BN layers (see the module doc); with ``inputs``, the report holds how
+    far the eval outputs moved (0 for every conversion but groupnorm)."""
+    if to not in TARGETS:
+        raise InputError(f"--to {to!r} is not a conversion", f"choose one of: {', '.join(TARGETS)}")
+    if to == "syncbn":
+        result, report = to_syncbn(model)
+    elif to == "batchnorm":
+        result, report = to_batchnorm(model, inputs)
+    elif to == "frozen":
+        result, report = to_frozen(model)
+    else:
+        result, report = to_groupnorm(model, groups)
+    if not report.converted:
+        report.notes.append("no layer to convert")
+    if inputs is not None:
+        from ..core import verify
+
+        before, after = copy.deepcopy(model).eval(), copy.deepcopy(result).eval()
+        report.max_abs_error, report.max_rel_error = verify.compare(verify.run(before, inputs), verify.run(after, inputs))
+    return result, report

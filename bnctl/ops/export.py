@@ -1,0 +1,131 @@
+"""``bnctl export``: a PyTorch model to ONNX with its BatchNorm layers ready for inference.
+
+Eval mode (and a check that every BN really is in eval), SyncBatchNorm reverted, BN folded
+(unless told not to), exported with torch.onnx (the torch.export-based exporter; the
+TorchScript-based one as a fallback, said in the report), ``onnx.checker``, and ONNX Runtime
+against PyTorch on the check inputs. The graph is returned; :mod:`bnctl.jobs.export` writes it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import verify
+from ..core.layers import training_batchnorms
+from ..errors import InputError
+from .fold.report import DEFAULT_TOLERANCE
+
+
+@dataclass
+class ExportReport:
+    """What was done to the model, which exporter ran, and the parity and size figures."""
+
+    exporter: str = ""
+    opset: int | None = None
+    steps: list[str] = field(default_factory=list)
+    folded: int = 0
+    bn_left: int = 0
+    nodes_before: dict[str, int] = field(default_factory=dict)  # ONNX ops of the unfolded export
+    nodes_after: dict[str, int] = field(default_factory=dict)
+    bytes_before: int | None = None
+    bytes_after: int = 0
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    tolerance: float = DEFAULT_TOLERANCE
+    checked_shapes: list[str] = field(default_factory=list)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    output: str | None = None
+    written: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel_error is not None and self.max_rel_error <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"ok": self.ok}
+
+
+def _op_counts(data: bytes) -> dict[str, int]:
+    import onnx
+
+    return dict(Counter(n.op_type for n in onnx.load_from_string(data).graph.node).most_common())
+
+
+def export(
+    model: nn.Module,
+    inputs: tuple,
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = False,
+    fold: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> tuple[Any, ExportReport]:
+    """Prepare ``model`` (a copy), export it to ONNX and check it in ONNX Runtime.
+
+    Returns the ONNX ``ModelProto`` and the report; ``report.ok`` says whether ONNX Runtime
+    matched PyTorch within ``tolerance`` on the inputs (and a second batch size with
+    ``dynamic_batch``). ``model`` itself is not changed.
+    """
+    import onnx
+
+    from ..core import onnx as onnx_run
+    from ..io.writers import onnx_bytes
+    from .convert import to_batchnorm
+    from .fold import onnx as onnx_fold
+    from .fold.pytorch import fold as fold_model
+
+    report = ExportReport(opset=opset, tolerance=tolerance)
+    model = copy.deepcopy(model)
+    model.eval()
+    report.steps.append("model.eval()")
+    training = training_batchnorms(model)
+    if training:
+        raise InputError(f"{', '.join(training[:3])} {'is' if len(training) == 1 else 'are'} still in train mode after model.eval(): the export would normalize with batch statistics",
+                         "fix the module's train() override (bnctl audit --input-shape ... names it)")
+    reference = verify.reference_outputs(model, inputs)
+    if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        model, converted = to_batchnorm(model, inputs)
+        model.eval()
+        report.steps.append(f"{len(converted.converted)} SyncBatchNorm reverted to BatchNorm1d/2d/3d")
+    before, report.exporter = onnx_bytes(model, inputs, opset, "dynamic" if dynamic_batch else "static")
+    data = before
+    if fold and not isinstance(model, torch.jit.ScriptModule):
+        folded, fold_report = fold_model(model, inputs, tolerance=tolerance)
+        report.folded = len(fold_report.folded)
+        report.steps.append(f"{report.folded} of {fold_report.bn_before} BN folded in PyTorch ({fold_report.path})")
+        model = folded
+        data, report.exporter = onnx_bytes(model, inputs, opset, "dynamic" if dynamic_batch else "static")
+    proto = onnx.load_from_string(data)
+    if fold and any(n.op_type == "BatchNormalization" for n in proto.graph.node):
+        # what PyTorch could not fold (or a TorchScript model): fold it in the graph
+        proto, onnx_folded, _, _ = onnx_fold.fold_model(proto, onnx_run.input_feeds(proto, [tuple(t.shape) for t in inputs]))
+        report.folded += len(onnx_folded)
+        report.steps.append(f"{len(onnx_folded)} BatchNormalization nodes folded in the ONNX graph")
+        data = proto.SerializeToString()
+    onnx.checker.check_model(proto)
+    report.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    report.nodes_after, report.bytes_after = _op_counts(data), len(data)
+    report.nodes_before, report.bytes_before = _op_counts(before), len(before)
+    report.bn_left = report.nodes_after.get("BatchNormalization", 0)
+
+    names = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    checks = [inputs]
+    if dynamic_batch:
+        batch = inputs[0].shape[0]
+        other = batch + 1 if batch > 1 else 3
+        checks.append(tuple(torch.cat([t] * other)[:other] if isinstance(t, torch.Tensor) else t for t in inputs))
+    worst_abs = worst_rel = 0.0
+    for check in checks:
+        expected = reference if check is inputs else verify.reference_outputs(copy.deepcopy(model).eval(), check)
+        got = onnx_run.run(proto, {n: t.detach().numpy() for n, t in zip(names, check)})
+        abs_err, rel_err = verify.compare(expected, got)
+        worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
+        report.checked_shapes.append(verify.shapes_text(check))
+    report.max_abs_error, report.max_rel_error = worst_abs, worst_rel
+    return proto, report

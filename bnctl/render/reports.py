@@ -1,0 +1,114 @@
+"""Rich tables of the reports of the commands that write a model: fold, recalibrate, convert, export."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .inspect import num
+
+
+def fold_summary(report: Any) -> str:
+    """``Folded 10 of 10 BatchNorm layers (fx trace); ... max rel error 6.9e-08 (tolerance 1e-04)``."""
+    path = {"fx": "torch.fx trace", "torch.export": "torch.export graph", "module-tree": "module tree, each pair verified", "onnx": "ONNX graph"}.get(report.path, report.path)
+    text = f"Folded {len(report.folded)} of {report.bn_before} BatchNorm layers ({path}); {report.bn_after} left."
+    if report.max_abs_error is not None:
+        text += f"\nOutputs on {report.inputs}: max abs error {report.max_abs_error:.2g}, max rel error {report.max_rel_error:.2g} (tolerance {report.tolerance:g})."
+    if report.written:
+        text += f"\nWrote {report.output} ({report.format})."
+    return text
+
+
+def fold_table(report: Any):
+    """A rich renderable: one row per BN (folded, or kept and why), notes, the summary line."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for title in ("BatchNorm", "", "folded into / why not"):
+        table.add_column(title, overflow="fold")
+    for entry in report.folded:
+        where = f"{entry['into']} ({'the layer before' if entry['side'] == 'after' else 'the layer after'})"
+        if entry.get("note"):
+            where += f" [dim]- {entry['note']}[/]"
+        table.add_row(entry["bn"], "[green]folded[/]", where)
+    for entry in report.skipped:
+        table.add_row(entry["bn"], "[yellow]kept[/]", entry["reason"])
+    parts: list[Any] = [table] if report.folded or report.skipped else []
+    parts += [Text(f"note: {n}", style="dim") for n in report.notes]
+    parts.append(Text(fold_summary(report), style="bold" if report.ok else "bold red"))
+    return Group(*parts)
+
+
+def recalibration_table(report: Any):
+    """One row per BN: values seen per channel, mean shift, variance ratio; then the summary."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for title in ("BatchNorm", "values/channel", "mean shift (std)", "var ratio"):
+        table.add_column(title, justify="left" if title == "BatchNorm" else "right")
+    for layer in report.layers:
+        if not layer.reached:
+            table.add_row(layer.name, "[yellow]not reached[/]", "-", "-")
+            continue
+        table.add_row(layer.name, str(layer.count), num(layer.mean_shift), num(layer.var_ratio))
+    rate = f", {report.samples / report.seconds:.0f} samples/s" if report.seconds > 0 else ""
+    summary = f"Recalibrated {sum(l.reached for l in report.layers)} of {len(report.layers)} BatchNorm layers on {report.samples} samples ({report.batches} batches{rate}"
+    summary += f", {report.world_size} processes)." if report.world_size > 1 else ")."
+    if report.stopped_early:
+        summary += f" Stopped early: estimates stable after {report.samples} samples."
+    parts: list[Any] = [table, *[Text(f"note: {n}", style="dim") for n in report.notes]]
+    if report.unreached:
+        parts.append(Text(f"note: {len(report.unreached)} layers were not reached by the data and keep their statistics", style="yellow"))
+    parts.append(Text(summary, style="bold"))
+    return Group(*parts)
+
+
+def convert_table(report: Any):
+    """One row per converted layer (from -> to, note), notes, and the output change."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for title in ("layer", "from", "to", "note"):
+        table.add_column(title)
+    for c in report.converted:
+        table.add_row(c["name"], c["from"], c["to"], c["note"] or "")
+    parts: list[Any] = [table, *[Text(f"note: {n}", style="yellow") for n in report.notes]]
+    summary = f"Converted {len(report.converted)} layers to {report.target}."
+    if report.max_abs_error is not None:
+        summary += f" Eval outputs on the check inputs moved by max abs {report.max_abs_error:.2g} (rel {report.max_rel_error:.2g})."
+    parts.append(Text(summary, style="bold"))
+    return Group(*parts)
+
+
+def export_table(report: Any):
+    """Steps taken, ONNX op counts and file size before/after folding, parity, findings."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for title in ("ONNX op", "exported as is", "bnctl export"):
+        table.add_column(title, justify="left" if title == "ONNX op" else "right")
+    ops = sorted(set(report.nodes_before) | set(report.nodes_after), key=lambda o: -(report.nodes_before.get(o, 0) + report.nodes_after.get(o, 0)))
+    for op in ops:
+        table.add_row(op, str(report.nodes_before.get(op, 0)), str(report.nodes_after.get(op, 0)))
+    table.add_row("[bold]nodes[/]", str(sum(report.nodes_before.values())), str(sum(report.nodes_after.values())))
+    table.add_row("[bold]file size[/]", _size(report.bytes_before), _size(report.bytes_after))
+    parts: list[Any] = [Text("steps: " + "; ".join(report.steps)), table]
+    parts += [Text(f"{f['check']} {f['layer'] or ''}: {f['message']}", style="yellow") for f in report.findings]
+    summary = f"Exported with {report.exporter}, opset {report.opset}. ONNX Runtime vs PyTorch on {', '.join(report.checked_shapes)}: max abs error {report.max_abs_error:.2g}, max rel error {report.max_rel_error:.2g} (tolerance {report.tolerance:g})."
+    if report.written:
+        summary += f"\nWrote {report.output}."
+    parts.append(Text(summary, style="bold" if report.ok else "bold red"))
+    return Group(*parts)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"

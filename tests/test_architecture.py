@@ -1,0 +1,92 @@
+"""The layering ARCHITECTURE.md describes, checked on the code: each stage imports only from
+the stages below it (function-level imports included), and the document names every folder."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "bnctl"
+
+#: stage -> the stages it may import from (itself included); the top-level modules are stages of their own
+ALLOWED = {
+    "errors": {"errors"},
+    "_atomic": {"_atomic", "errors"},
+    "models": {"models"},
+    "core": {"core", "errors"},
+    "io": {"io", "core", "errors", "_atomic"},
+    "ops": {"ops", "io", "core", "errors"},
+    "render": {"render", "ops", "core", "errors", "_atomic"},
+    "audit": {"audit", "render", "ops", "io", "core", "errors"},
+    "jobs": {"jobs", "audit", "ops", "io", "core", "errors", "_atomic"},
+    "cli": {"cli", "jobs", "audit", "render", "ops", "io", "core", "errors", "_atomic", "__init__"},
+    "__init__": {"__init__", "ops", "io", "core", "errors"},
+    "__main__": {"cli"},
+}
+
+
+def _stage(module: str) -> str:
+    """``bnctl.io.checkpoint`` -> ``io``; ``bnctl`` -> ``__init__``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every bnctl module ``path`` imports, as absolute names (``from . import x`` gives ``pkg.x``)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "bnctl":
+                continue
+            if node.module is None or target.count(".") == 0:
+                found.update(f"{target}.{a.name}" for a in node.names)
+            else:
+                found.add(target)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "bnctl")
+    return found
+
+
+def test_each_stage_imports_only_from_the_stages_below_it():
+    broken = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        stage = _stage(_module_name(path)) if _module_name(path) != "bnctl" else "__init__"
+        if path.parent == PACKAGE and path.stem not in ("__init__", "__main__"):
+            stage = path.stem
+        for target in _imports(path):
+            if target == "bnctl.__version__" or target == "bnctl":
+                continue
+            used = _stage(target)
+            if used not in ALLOWED[stage]:
+                broken.append(f"{path.relative_to(ROOT)} ({stage}) imports {target} ({used})")
+    assert not broken, "\n".join(broken)
+
+
+def test_architecture_md_names_every_folder_and_module_folder():
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    folders = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*") if p.is_dir() and p.name != "__pycache__")
+    missing = [f for f in folders if not re.search(rf"`{re.escape(f)}/`", text)]
+    assert not missing, f"ARCHITECTURE.md does not describe: {missing}"
+    for stage in ALLOWED:
+        if (PACKAGE / stage).is_dir():
+            assert f"`{stage}/`" in text
+
+
+def test_no_module_is_over_400_lines():
+    long = {p.relative_to(ROOT).as_posix(): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 420}
+    assert not long, long
