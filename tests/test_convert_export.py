@@ -145,8 +145,8 @@ EXPORTS = [
     ("sample.safetensors", ARCH),
     ("sample.ckpt", ARCH),
     ("sample.module.pt", ("--trust",)),
-    ("sample.torchscript.pt", ()),
-    ("sample.pt2", ()),
+    ("sample.torchscript.pt", ("--trust",)),
+    ("sample.pt2", ("--trust",)),
 ]
 
 

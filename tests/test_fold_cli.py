@@ -59,8 +59,8 @@ CASES = [
     ("sample.pt", ARCH + SHAPE, "pt2"),
     ("sample.safetensors", ARCH + SHAPE, "state-dict"),
     ("sample.ckpt", ARCH + SHAPE, "onnx"),
-    ("sample.torchscript.pt", SHAPE, "torchscript"),
-    ("sample.pt2", (), "pt2"),
+    ("sample.torchscript.pt", ("--trust",) + SHAPE, "torchscript"),
+    ("sample.pt2", ("--trust",), "pt2"),
     ("sample.onnx", (), "onnx"),
     ("sample.module.pt", ("--trust",) + SHAPE, "module"),
 ]
@@ -91,7 +91,7 @@ def test_data_folder_gives_the_check_inputs(cli, tmp_path):
 
 def test_table_output_names_the_pairs_and_the_file(cli, tmp_path):
     out = tmp_path / "f.ts"
-    result = cli("fold", CHECKPOINTS / "sample.torchscript.pt", *SHAPE, "-o", out)
+    result = cli("fold", CHECKPOINTS / "sample.torchscript.pt", "--trust", *SHAPE, "-o", out)
     assert result.exit_code == 0
     assert "layers.2.shortcut.1" in result.stdout and "Folded 10 of 10" in result.stdout
     assert out.exists()
@@ -108,7 +108,9 @@ def test_table_output_names_the_pairs_and_the_file(cli, tmp_path):
         ((CHECKPOINTS / "sample.pt", *ARCH, "--input-shape", "2,5,32,32"), "rejects inputs of shape 2x5x32x32"),
         ((CHECKPOINTS / "sample.pt", *ARCH, "--input-shape", "2,three"), "is not a shape"),
         ((CHECKPOINTS / "sample.onnx", "--to", "pt2"), "can only be written as ONNX"),
-        ((CHECKPOINTS / "sample.pt2", "--input-shape", "4,3,32,32"), "rejects inputs"),
+        ((CHECKPOINTS / "sample.pt2", "--trust", "--input-shape", "4,3,32,32"), "rejects inputs"),
+        ((CHECKPOINTS / "sample.pt2",), "a program: folding loads and runs it, which bnctl does only with --trust"),
+        ((CHECKPOINTS / "sample.torchscript.pt", *SHAPE), "a program: folding loads and runs it, which bnctl does only with --trust"),
     ],
 )
 def test_bad_input_is_one_error_and_exit_2(cli, tmp_path, args, message):

@@ -232,6 +232,8 @@ def test_model_without_batchnorm_and_torchscript_are_refused(cli, tmp_path):
     result = cli("recalibrate", plain, "--trust", "--data", SAMPLES / "data", "-o", tmp_path / "o.pt")
     assert result.exit_code == 2 and "no BatchNorm layer" in result.stderr
     script = cli("recalibrate", CHECKPOINTS / "sample.torchscript.pt", "--data", SAMPLES / "data", "-o", tmp_path / "o.pt")
+    assert script.exit_code == 2 and "only with --trust" in script.stderr  # TorchScript is a program
+    script = cli("recalibrate", CHECKPOINTS / "sample.torchscript.pt", "--trust", "--data", SAMPLES / "data", "-o", tmp_path / "o.pt")
     assert script.exit_code == 2 and "needs an eager PyTorch model" in script.stderr
     assert not (tmp_path / "o.pt").exists()
 

@@ -53,8 +53,11 @@ def audit(
         return
     if not paths:
         raise InputError("no checkpoint to audit", "pass files or folders, e.g. bnctl audit model.pt (or --list to see the checks)")
+    from .._atomic import refuse_overwrite
     from ..audit.runner import audit as run_audit
-    from ..audit.runner import load_config
+    from ..audit.runner import expand, load_config
+
+    refuse_overwrite(expand(paths), output)
 
     settings = load_config(path=config)
     if select:

@@ -33,6 +33,10 @@ def inspect(
     from ..ops.inspect import inspect as run_inspect
     from ..render import inspect as render
 
+    from .._atomic import refuse_overwrite
+
+    refuse_overwrite(path, output)
+    refuse_overwrite(path, plot)
     chosen = fmt.value if fmt else (render.format_from_suffix(output) if output else None) or "table"
     if chosen == "parquet" and output is None:
         raise InputError("--format parquet writes a binary file and needs --output", "add --output layers.parquet")

@@ -140,7 +140,8 @@ def _is_lazy_batchnorm(module: nn.Module) -> bool:
 
 
 def _class_name(module: nn.Module) -> str:
-    if isinstance(module, torch.jit.ScriptModule):
+    """The class name as the user wrote it: a TorchScript module's (loaded or only read) original one."""
+    if isinstance(module, torch.jit.ScriptModule) or not isinstance(module, nn.Module):
         return getattr(module, "original_name", type(module).__name__)
     return type(module).__name__
 
@@ -320,6 +321,8 @@ def find(checkpoint: Any, module: nn.Module | None = None) -> list[BNLayer]:
         return from_state_dict(checkpoint.tensors)
     if checkpoint.module is not None:
         return from_module(checkpoint.module)
+    if checkpoint.script is not None:
+        return from_module(checkpoint.script)
     if checkpoint.program is not None:
         return from_program(checkpoint.program)
     return from_onnx(checkpoint.onnx_model)

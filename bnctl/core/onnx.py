@@ -29,10 +29,36 @@ def node_name(node: Any) -> str:
     return node.name or node.output[0]
 
 
+#: the largest input bnctl allocates from a graph's own dims (elements)
+MAX_INPUT_ELEMENTS = 1 << 28
+
+
+def check_graph(model: Any) -> None:
+    """An InputError where the graph cannot be evaluated as it stands: a node reads a value
+    nothing produces, or the default domain's opset is older than ONNX Runtime runs (7)."""
+    graph = model.graph
+    known = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
+    for node in graph.node:
+        if node.op_type == "Constant" or not node.op_type:
+            known.update(node.output)
+            continue
+        missing = next((name for name in node.input if name not in known), None)
+        if missing is not None:
+            raise InputError(
+                f"the ONNX graph is broken: node {node.name or node.op_type} reads '{missing}', which no node, initializer or input produces (or not before it)",
+                "the file is damaged or was edited by hand; export it again",
+            )
+        known.update(node.output)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < 7:
+        raise InputError(f"the ONNX graph uses opset {opset}; ONNX Runtime runs opset 7 and later", "convert it with onnx.version_converter, or export it again")
+
+
 def input_feeds(model: Any, shapes: Sequence[Sequence[int]] | None, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs for the graph: its static shapes, or ``shapes`` (one per input)."""
     from onnx import helper
 
+    check_graph(model)
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     rng = np.random.default_rng(seed)
@@ -46,6 +72,8 @@ def input_feeds(model: Any, shapes: Sequence[Sequence[int]] | None, seed: int = 
             dims = list(shapes[index])
         if any(d is None or d <= 0 for d in dims):
             raise InputError(f"ONNX input '{value.name}' has a dynamic shape {dims}", "pass --input-shape with concrete sizes, e.g. --input-shape 1,3,224,224")
+        if int(np.prod(dims, dtype=np.float64)) > MAX_INPUT_ELEMENTS:
+            raise InputError(f"ONNX input '{value.name}' has shape {dims}, too large to make a check input of", "pass --input-shape with the size you run the model at")
         dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         feeds[value.name] = rng.standard_normal(dims).astype(dtype)
     return feeds

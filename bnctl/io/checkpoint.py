@@ -10,8 +10,6 @@ the tensors a caller touches are read from disk.
 from __future__ import annotations
 
 import enum
-import io
-import json
 import pickle
 import re
 import warnings
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, UnsafeCheckpointError, one_line
+from .archive import Archive, regular_file
 
 
 class Format(str, enum.Enum):
@@ -65,8 +64,10 @@ SUPPORTED = (
 class Checkpoint:
     """What a file held, as read.
 
-    Exactly one of ``tensors`` (a state_dict), ``module`` (TorchScript or a pickled
-    ``nn.Module``), ``program`` (a ``torch.export`` program) or ``onnx_model`` is set.
+    Exactly one of ``tensors`` (a state_dict), ``module`` (TorchScript loaded with ``--trust``,
+    or a pickled ``nn.Module``), ``script`` (a TorchScript archive read without running it,
+    :class:`~bnctl.io.torchzip.ScriptModuleView`), ``program`` (a ``torch.export`` program)
+    or ``onnx_model`` is set.
     ``key`` names the entry of a training checkpoint that ``tensors`` came from, and
     ``candidates`` the entries that could have been chosen with ``--key``.
     """
@@ -75,19 +76,25 @@ class Checkpoint:
     format: Format
     tensors: Mapping[str, torch.Tensor] | None = None
     module: torch.nn.Module | None = None
+    script: Any = None
     program: Any = None
     onnx_model: Any = None
     key: str | None = None
     candidates: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
     root: Any = None  # the whole object a torch/pickle file held (the training checkpoint dict)
+    reader: Any = None  # reads the tensors of ``root`` that bnctl's own unpickler left unread
+
+    def whole(self) -> Any:
+        """The whole object the file held, every tensor read (for writing it back)."""
+        return self.reader.materialize(self.root) if self.reader is not None else self.root
 
     @property
     def content(self) -> str:
         """What the file holds: 'state_dict', 'module', 'program' or 'onnx'."""
         if self.tensors is not None:
             return "state_dict"
-        if self.module is not None:
+        if self.module is not None or self.script is not None:
             return "module"
         if self.program is not None:
             return "program"
@@ -165,22 +172,21 @@ def detect_format(path: str | Path) -> Format:
 
 
 def _check_path(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file", "check the path; `ls` the folder to see what is there")
-    if path.is_dir():
-        raise InputError(
-            f"{path} is a directory, not a checkpoint file",
-            f"pass one file inside it, e.g. {path / 'model.pt'}",
-        )
-    return path
+    return regular_file(path)
+
+
+def _is_tensor(value: Any) -> bool:
+    """A tensor, or one that bnctl's own unpickler has not read yet."""
+    from .pickles import TensorRef
+
+    return isinstance(value, (torch.Tensor, TensorRef))
 
 
 def _zip_format(path: Path) -> Format:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, ValueError, EOFError) as exc:
         raise InputError(
             f"{path} is a corrupted or truncated zip archive ({exc})",
             "the file was cut off or damaged; download or save it again",
@@ -210,60 +216,57 @@ def load(path: str | Path, *, key: str | None = None, trust: bool = False) -> Ch
     if fmt is Format.SAFETENSORS:
         return _load_safetensors(path, key)
     if fmt is Format.TORCHSCRIPT:
+        if not trust:
+            from .torchzip import read_script
+
+            return Checkpoint(path, fmt, script=read_script(path))
+        Archive(path, "torchscript", trust=True).verify()
         return Checkpoint(path, fmt, module=_guarded(path, "TorchScript", lambda: torch.jit.load(str(path), map_location="cpu")))
     if fmt is Format.EXPORT:
+        archive = Archive(path, "export", trust=trust)
+        archive.verify()  # torch's reader checks no CRC and reads every member anyway
         if not trust:
-            _check_export_pickles(path)
+            archive.check_export_objects()
         return Checkpoint(path, fmt, program=_guarded(path, "torch.export", lambda: torch.export.load(str(path))))
     if fmt is Format.ONNX:
         return Checkpoint(path, fmt, onnx_model=_load_onnx(path))
+    if fmt is Format.TORCH and not trust:
+        from . import pickles
+        from .torchzip import LazyTensors, read_pickle
+
+        try:
+            obj, reader = read_pickle(path)
+        except pickles.Refused:
+            pass  # a global bnctl's reader does not build: torch's weights-only unpickler decides
+        else:
+            checkpoint = _interpret(path, fmt, obj, key)
+            checkpoint.reader = reader
+            if checkpoint.tensors is not None:
+                checkpoint.tensors = LazyTensors(checkpoint.tensors, reader)
+            return checkpoint
+    if fmt is Format.TORCH:
+        Archive(path, "torch", trust=trust)
     obj = _unpickle(path, fmt, trust)
     return _interpret(path, fmt, obj, key)
 
 
 def _guarded(path: Path, what: str, loader):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return loader()
-        except Exception as exc:  # noqa: BLE001 - every loader failure is bad input here
-            raise InputError(
-                f"cannot read {path} as a {what} archive: {one_line(exc)}",
-                "the file may be damaged or written by a newer PyTorch; save it again",
-            ) from exc
+    """``loader()`` with torch's warnings and log records kept from the user (``--debug``
+    shows the traceback); any failure is one InputError."""
+    import logging
 
-
-def _check_export_pickles(path: Path) -> None:
-    """Refuse a .pt2 whose pickled members need more than the weights-only unpickler.
-
-    ``torch.export.load`` unpickles the example inputs with a fallback to
-    ``weights_only=False``, and weights or constants marked ``use_pickle`` without the
-    restriction at all: a crafted archive runs code there. Every such member must load
-    with ``weights_only=True`` first.
-    """
+    logging.disable(logging.CRITICAL)
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-            pickled = [n for n in names if n.endswith(".pt")]  # sample inputs, legacy weights/constants
-            for config in (n for n in names if n.endswith("_config.json")):
-                folder = config.rpartition("/")[0]
-                for entry in json.loads(archive.read(config)).get("config", {}).values():
-                    if entry.get("use_pickle"):
-                        pickled.append(f"{folder}/{entry['path_name']}")
-            for name in sorted(set(pickled) & names):
-                try:
-                    torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
-                except Exception as exc:  # noqa: BLE001 - torch.export.load would retry it unrestricted
-                    match = re.search(r"GLOBAL ([\w.]+)", str(exc))
-                    needs = f" ({match.group(1)})" if match else ""
-                    raise UnsafeCheckpointError(
-                        f"{path}: its member {name} pickles Python objects{needs}; torch.export.load would run code "
-                        "from the file, which bnctl does only with --trust",
-                        "only if you trust where it came from: add --trust",
-                    ) from exc
-    except (zipfile.BadZipFile, json.JSONDecodeError, KeyError, AttributeError) as exc:
-        raise InputError(f"cannot read {path} as a torch.export archive: {one_line(exc)}",
-                         "the file is damaged; save it again with torch.export.save") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return loader()
+    except Exception as exc:  # noqa: BLE001 - every loader failure is bad input here
+        raise InputError(
+            f"cannot read {path} as a {what} archive: {one_line(exc)}",
+            "the file may be damaged or written by a newer PyTorch; save it again",
+        ) from exc
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _load_safetensors(path: Path, key: str | None) -> Checkpoint:
@@ -380,7 +383,7 @@ def _is_state_dict(obj: Mapping) -> bool:
         return False
     tensors = 0
     for k, v in obj.items():
-        if isinstance(v, torch.Tensor):
+        if _is_tensor(v):
             tensors += 1
         elif not (isinstance(k, str) and k.endswith("_extra_state")):
             return False

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import InputError
+from ..errors import InputError, UnsafeCheckpointError
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class ModelSource:
                 notes.append(f"--arch ignored: {checkpoint.path.name} holds a {checkpoint.content}, not a state_dict")
             else:
                 built = arch_mod.load_state_dict(arch_mod.build(self.arch, self.arch_args), checkpoint.tensors, self.arch)
-        return OpenedModel(checkpoint, built, notes)
+        return OpenedModel(checkpoint, built, notes, trusted=self.trust)
 
 
 @dataclass
@@ -64,6 +64,7 @@ class OpenedModel:
     checkpoint: Any  # bnctl.io.checkpoint.Checkpoint
     built: Any = None  # nn.Module built by --arch
     notes: list[str] = field(default_factory=list)
+    trusted: bool = False  # --trust: programs from the file may be loaded and run
 
     @property
     def kind(self) -> str:
@@ -94,13 +95,24 @@ class OpenedModel:
 
     @property
     def module(self) -> Any:
-        """The ``nn.Module`` to configure or run (built by ``--arch``, or saved), else None."""
-        return self.built if self.built is not None else self.checkpoint.module
+        """The module tree to read the configuration of: built by ``--arch``, saved, or a
+        TorchScript archive read without loading it; else None."""
+        for value in (self.built, self.checkpoint.module, self.checkpoint.script):
+            if value is not None:
+                return value
+        return None
 
     def runnable(self, verb: str) -> Any:
-        """:attr:`model`, or an error saying that ``verb`` needs the model a state_dict belongs to."""
+        """:attr:`model`, or an error saying what ``verb`` needs: the model a state_dict belongs
+        to, or ``--trust`` for a program (TorchScript, ``.pt2``) that it would load and run."""
+        name = self.checkpoint.path.name
+        if self.checkpoint.script is not None or (self.checkpoint.program is not None and not self.trusted):
+            what = "a TorchScript archive" if self.checkpoint.script is not None else "a torch.export program"
+            raise UnsafeCheckpointError(
+                f"{name} is {what}, a program: {verb} loads and runs it, which bnctl does only with --trust",
+                "only if you trust where it came from: add --trust (bnctl inspect and bnctl audit read it without running it)",
+            )
         if self.model is None:
-            name = self.checkpoint.path.name
             raise InputError(f"{name} holds a state_dict: {verb} needs the model it belongs to", "pass --arch pkg.module:factory (and --arch-arg name=value) to build it")
         return self.model
 

@@ -37,11 +37,19 @@ def target_from_suffix(path: Path) -> Target | None:
 
 @dataclass
 class Artifact:
-    """A model ready to be written: how to run it, and how to write it to a path."""
+    """A model ready to be written: how to run it, and its file's bytes."""
 
     target: Target
     run: Callable[..., Any]
-    write: Callable[[Path], None]
+    data: Callable[[], bytes]
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save(obj)`` as bytes: written by Python afterwards, a full disk is a clean
+    error instead of an abort inside torch's zip writer."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def build(model: nn.Module, target: Target, inputs: tuple, dest: Path) -> Artifact:
@@ -56,8 +64,7 @@ def build(model: nn.Module, target: Target, inputs: tuple, dest: Path) -> Artifa
 
 def save(artifact: Artifact, dest: Path) -> None:
     """Write the artifact to ``dest`` atomically."""
-    with _atomic.atomic_path(dest) as tmp:
-        artifact.write(tmp)
+    _atomic.write_bytes(dest, artifact.data())
 
 
 def _free_batch(inputs: tuple, dim: Any = None) -> tuple:
@@ -70,11 +77,12 @@ def _free_batch(inputs: tuple, dim: Any = None) -> tuple:
 def _pt2(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
     program = torch.export.export(model, inputs, dynamic_shapes=_free_batch(inputs))
 
-    def write(p: Path) -> None:
-        with open(p, "wb") as f:  # a file object: torch.export.save wants a .pt2 name otherwise
-            torch.export.save(program, f)
+    def data() -> bytes:
+        buffer = io.BytesIO()  # a file object: torch.export.save wants a .pt2 name otherwise
+        torch.export.save(program, buffer)
+        return buffer.getvalue()
 
-    return Artifact(Target.PT2, program.module(), write)
+    return Artifact(Target.PT2, program.module(), data)
 
 
 def _torchscript(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
@@ -84,30 +92,27 @@ def _torchscript(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             scripted = torch.jit.trace(model, inputs, check_trace=False)
-    return Artifact(Target.TORCHSCRIPT, scripted, lambda p: torch.jit.save(scripted, str(p)))
+    def data() -> bytes:
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer)
+        return buffer.getvalue()
+
+    return Artifact(Target.TORCHSCRIPT, scripted, data)
 
 
 def _module(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    data = buffer.getvalue()
+    data = torch_bytes(model)
     reloaded = torch.load(io.BytesIO(data), weights_only=False)  # bytes we just wrote ourselves
-    return Artifact(Target.MODULE, reloaded, lambda p: p.write_bytes(data))
+    return Artifact(Target.MODULE, reloaded, lambda: data)
 
 
 def _state_dict(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if dest.suffix.lower() == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        def write(p: Path) -> None:
-            save_file(tensors, str(p))
-    else:
-
-        def write(p: Path) -> None:
-            torch.save(tensors, p)
-
-    return Artifact(Target.STATE_DICT, model, write)
+        return Artifact(Target.STATE_DICT, model, lambda: save(tensors))
+    return Artifact(Target.STATE_DICT, model, lambda: torch_bytes(tensors))
 
 
 def _onnx(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
@@ -120,7 +125,7 @@ def _onnx(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
     def run(*args: torch.Tensor) -> list[torch.Tensor]:
         return onnx_run.run(proto, {n: a.detach().numpy() for n, a in zip(names, args)})
 
-    return Artifact(Target.ONNX, run, lambda p: p.write_bytes(data))
+    return Artifact(Target.ONNX, run, lambda: data)
 
 
 def _load_onnx(data: bytes) -> Any:

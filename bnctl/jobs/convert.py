@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .. import _atomic
 from ..core import verify
 from ..io.source import CheckInputs, ModelSource
+from ..io.writers import torch_bytes
 from ..ops.convert import ConvertReport, convert
 
 
@@ -30,6 +29,5 @@ def convert_file(
     if examples is not None:
         verify.reference_outputs(model.eval(), examples)  # an InputError naming the shape if the model rejects it
     converted, report = convert(model, to, inputs=examples, groups=groups)
-    with _atomic.atomic_path(output) as tmp:
-        torch.save(converted if save_as == "module" else converted.state_dict(), tmp)
+    _atomic.write_bytes(output, torch_bytes(converted if save_as == "module" else converted.state_dict()))
     return report

@@ -22,6 +22,7 @@ from ..errors import InputError
 from ..io import checkpoint as ckpt_mod
 from ..io.data import loader, sample_files, shard
 from ..io.source import CheckInputs, ModelSource
+from ..io.writers import torch_bytes
 from ..ops.recalibrate import NoBatchesError, RecalibrationReport, recalibrate
 
 
@@ -125,8 +126,7 @@ def _write(checkpoint: ckpt_mod.Checkpoint, model: nn.Module, output: Path) -> N
     """The input's format with the new statistics: the whole training checkpoint, the
     safetensors file (metadata kept), or the pickled module."""
     if checkpoint.content == "module":
-        with _atomic.atomic_path(output) as tmp:
-            torch.save(model, tmp)
+        _atomic.write_bytes(output, torch_bytes(model))
         return
     from ..io.arch import strip_wrapper_prefixes
 
@@ -134,20 +134,18 @@ def _write(checkpoint: ckpt_mod.Checkpoint, model: nn.Module, output: Path) -> N
     names = strip_wrapper_prefixes({k: k for k in checkpoint.tensors.keys()}, state.keys())  # model key -> file key
     updated = {names[k]: v.detach().cpu().contiguous() for k, v in state.items() if k in names}
     if checkpoint.format == ckpt_mod.Format.SAFETENSORS:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {k: checkpoint.tensors[k] for k in checkpoint.tensors.keys()}
         tensors.update(updated)
         header = {k: str(v) for k, v in checkpoint.metadata.items()} or None
-        with _atomic.atomic_path(output) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
+        _atomic.write_bytes(output, save({k: v.contiguous() for k, v in tensors.items()}, metadata=header))
         return
-    whole = checkpoint.root
+    whole = checkpoint.whole()
     entry = whole
     for part in (checkpoint.key or "").split("."):
         if part:
             entry = entry[part]
     for k, v in updated.items():
         entry[k] = v
-    with _atomic.atomic_path(output) as tmp:
-        torch.save(whole, tmp)
+    _atomic.write_bytes(output, torch_bytes(whole))

@@ -4,6 +4,7 @@ Parquet and JSON. Functions return text (Parquet is written atomically); printin
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,6 @@ def write_parquet(result: InspectResult, dest: Path) -> None:
         import pyarrow  # noqa: F401
     except ImportError as exc:
         raise MissingExtraError("pyarrow", "parquet", "--format parquet") from exc
-    df = result.table()
-    with _atomic.atomic_path(dest) as tmp:
-        df.to_parquet(tmp, index=False)
+    buffer = io.BytesIO()
+    result.table().to_parquet(buffer, index=False)
+    _atomic.write_bytes(dest, buffer.getvalue())

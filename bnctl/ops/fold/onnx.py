@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...core.onnx import attribute, node_name
+from ...core.onnx import attribute, check_graph, node_name
 from ...errors import InputError
 from . import math as fold_math
 
@@ -51,7 +51,10 @@ class _Graph:
             from onnx.reference import ReferenceEvaluator
 
             names = sorted(wanted)
-            self.const.update(zip(names, ReferenceEvaluator(self.model).run(names, feeds)))
+            try:
+                self.const.update(zip(names, ReferenceEvaluator(self.model).run(names, feeds)))
+            except Exception:  # noqa: BLE001 - what cannot be evaluated stays computed (not folded, with that reason)
+                pass
 
     def _input_free(self, name: str, seen: set) -> bool:
         """Whether ``name``'s value depends on no graph input (a CastLike target type aside)."""
@@ -189,6 +192,7 @@ def fold_model(model: Any, feeds: dict[str, np.ndarray] | None = None) -> tuple[
     """
     import onnx
 
+    check_graph(model)
     new = onnx.ModelProto()
     new.CopyFrom(model)
     graph = _Graph(new)
