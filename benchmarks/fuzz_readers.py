@@ -70,11 +70,11 @@ def mutate(data: bytes, source: Path, rng: random.Random, kind: str) -> bytes:
                 dst.writestr(info, member)
         result = buffer.getvalue()
     if kind == "flip_member":  # writestr recomputed the CRC: put the original's back
-        result = _restore_crcs(result, source)
+        result = restore_crcs(result, source)
     return result
 
 
-def _restore_crcs(data: bytes, source: Path) -> bytes:
+def restore_crcs(data: bytes, source: Path) -> bytes:
     """Write the source archive's CRC-32 values back into ``data``'s headers (same names)."""
     import io
     import struct

@@ -53,8 +53,10 @@ def write_text(dest: str | os.PathLike, text: str) -> None:
 
 def _write_error(dest: Path, exc: OSError) -> InputError:
     folder = dest.parent.resolve() if dest.parent.exists() else dest.parent
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return InputError(f"cannot write {dest}: no space left on the device of {folder}", "free some space or write to another disk with -o/--output; nothing was written")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return InputError(f"cannot write {dest}: a part of {dest.parent} is a file, not a folder", "write to a folder with -o/--output")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return InputError(f"cannot write {dest}: {folder} is not writable ({exc.strerror})", "write to a folder you can write to with -o/--output")
     return InputError(f"cannot write {dest}: {exc.strerror or exc}", "check the destination path; nothing was written")

@@ -63,6 +63,7 @@ TRIGGERS = {
     "momentum_zero": lambda: healthy(momentum=0.0),
     "train_mode": lambda: healthy(training=True),
     "unmaterialized": lambda: BNLayer(name="lazy", kind="LazyBatchNorm2d", num_features=0, materialized=False),
+    "bad_tensor": lambda: layers.usable(healthy(weight=torch.ones(5))),
 }
 
 # a near miss for each flag: the same kind of change, on the healthy side of the line
@@ -78,6 +79,7 @@ NEAR_MISSES = {
     "momentum_zero": lambda: healthy(momentum=None, averaging="cumulative"),
     "train_mode": lambda: healthy(training=None),
     "unmaterialized": lambda: healthy(),
+    "bad_tensor": lambda: layers.usable(healthy(weight=torch.ones(8))),
 }
 
 

@@ -24,6 +24,7 @@ FLAG_CODES = {
     "never_updated": "BN104",
     "fp16_risk": "BN105",
     "dead_channels": "BN106",
+    "bad_tensor": "BN107",
     "train_mode": "BN201",
     "no_running_stats": "BN203",
     "momentum_zero": "BN204",

@@ -62,6 +62,11 @@ _CHECKS = [
           "They output a constant (their bias): capacity spent for nothing, often a sign of strong weight decay on BN.",
           "A network trained with L1 sparsity on BN weights (network slimming).",
           "Prune those channels, or leave them if that is intended."),
+    Check("BN107", "unusable-tensor", "error", "statistics",
+          "A tensor of the layer cannot be used: it has no data (meta), is sparse, complex or boolean, its shape is not (channels,), or num_batches_tracked is not a number.",
+          "Its statistics cannot be judged, and loading the checkpoint into the model fails or computes garbage.",
+          "A checkpoint saved from a model built on the meta device, or edited by a script that mixed up layers.",
+          "Save the checkpoint again from the trained model; inspect the layer's tensors with torch.load."),
     # --- configuration: needs a module ---------------------------------------------------
     Check("BN201", "saved-in-train-mode", "error", "configuration",
           "A BN layer of a model artifact is in train mode.",

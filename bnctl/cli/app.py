@@ -31,9 +31,11 @@ _state = {"debug": False}
 
 def fail(message: str, tip: str | None, code: int) -> None:
     """Print ``error: message`` (and ``tip: tip``) on stderr and exit with ``code``."""
-    typer.echo(f"error: {message}", err=True)
+    from ..render.text import plain
+
+    typer.echo(f"error: {plain(message)}", err=True)
     if tip:
-        typer.echo(f"tip: {tip}", err=True)
+        typer.echo(f"tip: {plain(tip)}", err=True)
     raise typer.Exit(code)
 
 

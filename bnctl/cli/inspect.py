@@ -12,6 +12,7 @@ from ..core.flags import FLAGS
 from ..errors import InputError
 from ..io.source import ModelSource
 from ..render import INSPECT_FORMATS
+from ..render.text import plain
 from .app import command, console, emit_text
 from .options import MODEL, PathArg, choices
 
@@ -42,7 +43,7 @@ def inspect(
         raise InputError("--format parquet writes a binary file and needs --output", "add --output layers.parquet")
     result = run_inspect(source.at(path))
     for note in result.notes if chosen != "table" else ():
-        typer.echo(f"note: {note}", err=True)
+        typer.echo(f"note: {plain(note)}", err=True)
     if chosen == "table":
         if output is None:
             # piped output keeps whole lines; a terminal gets the table fitted to its width

@@ -12,4 +12,5 @@ FLAGS: dict[str, str] = {
     "momentum_zero": "momentum is 0: the running statistics can never change",
     "train_mode": "saved in train mode: inference would use batch statistics",
     "unmaterialized": "a lazy BatchNorm that never saw an input: it has no tensors yet",
+    "bad_tensor": "a tensor of the layer cannot be used (no data, sparse, complex, or the wrong shape): it is left out of the summaries",
 }

@@ -8,7 +8,7 @@ and those stay unknown rather than guessed.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ class BNLayer:
     num_batches_tracked: int | None = None
     materialized: bool = True
     uses: int = 1
+    problems: list[str] = field(default_factory=list)  # tensors that could not be used, and why
 
 
 def _momentum(value: Any) -> tuple[float | None, str | None]:
@@ -54,8 +55,52 @@ def _momentum(value: Any) -> tuple[float | None, str | None]:
     return float(value), "ema"
 
 
-def _count(t: torch.Tensor | None) -> int | None:
-    return None if t is None else int(t.reshape(-1)[0]) if t.numel() else None
+def _count(t: Any) -> int | None:
+    """The counter's value; None where it is missing or not a finite number (:func:`usable` says why)."""
+    if not isinstance(t, torch.Tensor) or t.is_meta or t.layout != torch.strided or t.numel() != 1 or t.is_complex():
+        return None
+    value = float(t.reshape(-1)[0])
+    return int(value) if value == value and abs(value) != float("inf") else None
+
+
+def _problem(t: Any, channels: int) -> str | None:
+    """Why tensor ``t`` of a layer with ``channels`` channels cannot be used, or None."""
+    if not isinstance(t, torch.Tensor):
+        return f"is a {type(t).__name__}, not a tensor"
+    if t.is_meta:
+        return "has no data (a meta tensor)"
+    if t.layout != torch.strided:
+        return f"is {str(t.layout).replace('torch.', '')}, not dense"
+    if t.is_complex() or t.dtype == torch.bool:
+        return f"has dtype {str(t.dtype).replace('torch.', '')}"
+    if tuple(t.shape) != (channels,):
+        return f"has shape {tuple(t.shape)}, not ({channels},)"
+    return None
+
+
+def _counter_problem(t: Any) -> list[str]:
+    if t is not None and _count(t) is None:
+        return ["num_batches_tracked is not one finite number"]
+    return []
+
+
+def usable(layer: BNLayer) -> BNLayer:
+    """``layer`` with every tensor it cannot use left out and said in ``problems``: a meta,
+    sparse, complex or boolean tensor, one whose shape is not ``(channels,)``, a counter that
+    is not one finite number. The rest of the layer is still summarized."""
+    if not layer.materialized:
+        return layer
+    problems = list(layer.problems)
+    kept = {}
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(layer, name)
+        why = None if t is None else _problem(t, layer.num_features)
+        if why is not None:
+            problems.append(f"{name} {why}")
+        kept[name] = None if why is not None else t
+    if problems == layer.problems:
+        return layer
+    return replace(layer, problems=problems, **kept)
 
 
 # --- state_dict -------------------------------------------------------------------------
@@ -78,18 +123,20 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor]) -> list[BNLayer]:
         if "running_mean" not in keys or "running_var" not in keys:
             continue
         mean, var = tensors[keys["running_mean"]], tensors[keys["running_var"]]
-        if mean.dim() != 1 or mean.shape != var.shape:
-            continue
+        shaped = [t for t in (mean, var) if isinstance(t, torch.Tensor) and t.dim() == 1]
+        if not shaped:
+            continue  # statistics with no channel axis: not a BN (the name only looks like one)
         layers.append(
             BNLayer(
                 name=prefix,
                 kind=None,
-                num_features=mean.numel(),
+                num_features=shaped[0].numel(),
                 weight=tensors[keys["weight"]] if "weight" in keys else None,
                 bias=tensors[keys["bias"]] if "bias" in keys else None,
                 running_mean=mean,
                 running_var=var,
                 num_batches_tracked=_count(tensors[keys["num_batches_tracked"]]) if "num_batches_tracked" in keys else None,
+            problems=_counter_problem(tensors[keys["num_batches_tracked"]]) if "num_batches_tracked" in keys else [],
             )
         )
     return layers
@@ -314,15 +361,18 @@ def find(checkpoint: Any, module: nn.Module | None = None) -> list[BNLayer]:
 
     With ``module`` (built from ``--arch`` and loaded with the checkpoint's state_dict),
     layers come from that module, so kinds, eps and momentum are known; its mode is not.
+    Tensors that cannot be used are left out, with the reason (:func:`usable`).
     """
     if module is not None:
-        return from_module(module, mode_known=False)
-    if checkpoint.tensors is not None:
-        return from_state_dict(checkpoint.tensors)
-    if checkpoint.module is not None:
-        return from_module(checkpoint.module)
-    if checkpoint.script is not None:
-        return from_module(checkpoint.script)
-    if checkpoint.program is not None:
-        return from_program(checkpoint.program)
-    return from_onnx(checkpoint.onnx_model)
+        found = from_module(module, mode_known=False)
+    elif checkpoint.tensors is not None:
+        found = from_state_dict(checkpoint.tensors)
+    elif checkpoint.module is not None:
+        found = from_module(checkpoint.module)
+    elif checkpoint.script is not None:
+        found = from_module(checkpoint.script)
+    elif checkpoint.program is not None:
+        found = from_program(checkpoint.program)
+    else:
+        found = from_onnx(checkpoint.onnx_model)
+    return [usable(layer) for layer in found]

@@ -1,6 +1,7 @@
 """Per-layer summaries and health flags of BatchNorm layers, as rows and a pandas DataFrame.
 
-All arithmetic is float64. A summary of a tensor that contains NaN is NaN (never a value
+All arithmetic is float64, in numpy (per-layer torch calls cost several times as much, which
+a file with 200,000 layers feels). A summary of a tensor that contains NaN is NaN (never a value
 that hides it); a summary of a tensor the file does not hold is NaN too, and the row's
 ``flags`` say which is which.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+import numpy as np
 
 from .flags import FLAGS
 from .layers import BNLayer
@@ -30,15 +31,29 @@ COLUMNS = (
 )
 
 
-def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+def _f64(t: Any) -> np.ndarray | None:
+    """A tensor or array as a flat float64 numpy array (None stays None)."""
+    if t is None:
+        return None
+    if hasattr(t, "detach"):  # a torch tensor: usable() let only real dtypes through
+        import torch
+
+        return t.detach().to(device="cpu", dtype=torch.float64).reshape(-1).numpy()
+    return np.asarray(t, dtype=np.float64).reshape(-1)
 
 
-def _reduce(t: torch.Tensor | None, fn) -> float | None:
+def _reduce(t: np.ndarray | None, fn) -> float | None:
     """``fn(t)`` as a float; ``None`` when the file does not hold ``t``; NaN if ``t`` holds NaN."""
-    if t is None or t.numel() == 0:
+    if t is None or t.size == 0:
         return None
     return float(fn(t))
+
+
+def _median(t: np.ndarray) -> float:
+    """The lower median (torch.median's), NaN if ``t`` holds NaN."""
+    if np.isnan(t).any():
+        return float("nan")
+    return float(np.partition(t, (t.size - 1) // 2)[(t.size - 1) // 2])
 
 
 def summarize(layer: BNLayer) -> dict[str, Any]:
@@ -46,10 +61,15 @@ def summarize(layer: BNLayer) -> dict[str, Any]:
     mean, var = _f64(layer.running_mean), _f64(layer.running_var)
     weight, bias = _f64(layer.weight), _f64(layer.bias)
     eps = eps_of(layer)
+    with np.errstate(all="ignore"):  # NaN and negative variances give NaN, which the flags report
+        return _summarize(layer, mean, var, weight, bias, eps)
+
+
+def _summarize(layer: BNLayer, mean, var, weight, bias, eps: float) -> dict[str, Any]:
     scale = None
     if var is not None:
-        scale = (weight.abs() if weight is not None else torch.ones_like(var)) / torch.sqrt(var + eps)
-    dead = int((weight.abs() < DEAD_WEIGHT).sum()) if weight is not None else 0
+        scale = (np.abs(weight) if weight is not None else np.ones_like(var)) / np.sqrt(var + eps)
+    dead = int((np.abs(weight) < DEAD_WEIGHT).sum()) if weight is not None else 0
     row: dict[str, Any] = {
         "name": layer.name,
         "kind": layer.kind,
@@ -59,16 +79,16 @@ def summarize(layer: BNLayer) -> dict[str, Any]:
         "averaging": layer.averaging,
         "training": layer.training,
         "num_batches_tracked": layer.num_batches_tracked,
-        "mean_absmax": _reduce(mean, lambda t: t.abs().max()),
-        "var_min": _reduce(var, torch.min),
-        "var_max": _reduce(var, torch.max),
-        "weight_absmin": _reduce(weight, lambda t: t.abs().min()),
-        "mean_min": _reduce(mean, torch.min),
-        "mean_max": _reduce(mean, torch.max),
-        "var_median": _reduce(var, torch.median),  # NaN in, NaN out
-        "weight_absmax": _reduce(weight, lambda t: t.abs().max()),
-        "bias_absmax": _reduce(bias, lambda t: t.abs().max()),
-        "scale_max": _reduce(scale, torch.max),
+        "mean_absmax": _reduce(mean, lambda t: np.abs(t).max()),
+        "var_min": _reduce(var, np.min),
+        "var_max": _reduce(var, np.max),
+        "weight_absmin": _reduce(weight, lambda t: np.abs(t).min()),
+        "mean_min": _reduce(mean, np.min),
+        "mean_max": _reduce(mean, np.max),
+        "var_median": _reduce(var, _median),  # NaN in, NaN out
+        "weight_absmax": _reduce(weight, lambda t: np.abs(t).max()),
+        "bias_absmax": _reduce(bias, lambda t: np.abs(t).max()),
+        "scale_max": _reduce(scale, np.max),
         "dead_channels": dead,
     }
     found = _flags(layer, mean, var, weight, bias, scale, dead)
@@ -81,10 +101,12 @@ def _flags(layer: BNLayer, mean, var, weight, bias, scale, dead: int) -> list[tu
     found: list[tuple[str, str]] = []
     if not layer.materialized:
         return [("unmaterialized", "lazy BatchNorm never called: no statistics yet")]
+    if layer.problems:
+        found.append(("bad_tensor", "; ".join(layer.problems)))
     c = layer.num_features
-    bad = [f"{n}: {int((~torch.isfinite(t)).sum())} of {t.numel()}" for n, t in
+    bad = [f"{n}: {int((~np.isfinite(t)).sum())} of {t.size}" for n, t in
            (("running_mean", mean), ("running_var", var), ("weight", weight), ("bias", bias))
-           if t is not None and not bool(torch.isfinite(t).all())]
+           if t is not None and not bool(np.isfinite(t).all())]
     if bad:
         found.append(("nonfinite", "non-finite values in " + ", ".join(bad)))
     if var is None or mean is None:
@@ -98,7 +120,7 @@ def _flags(layer: BNLayer, mean, var, weight, bias, scale, dead: int) -> list[tu
         if low:
             basis = f"eps {layer.eps:g}" if layer.eps is not None else f"{DEFAULT_EPS:g} (the file does not record eps; PyTorch's default)"
             found.append(("var_below_eps", f"{low} of {c} channels have running_var < {basis}"))
-        if bool((mean == 0).all()) and bool((var == 1).all()):
+        if c and bool((mean == 0).all()) and bool((var == 1).all()):
             counter = f" although num_batches_tracked={layer.num_batches_tracked}" if layer.num_batches_tracked else ""
             found.append(("never_updated", f"running_mean all 0 and running_var all 1{counter}"))
     if dead:
@@ -122,15 +144,15 @@ def _fp16_risk(layer: BNLayer, mean, var, weight, bias, scale) -> str | None:
     if var is None or mean is None:
         return None
     reasons = []
-    finite = lambda t: t[torch.isfinite(t)]  # noqa: E731 - non-finite values have their own flag
-    for label, t in (("|running_mean|", mean.abs()), ("running_var", var), ("folded scale", scale)):
+    finite = lambda t: t[np.isfinite(t)]  # noqa: E731 - non-finite values have their own flag
+    for label, t in (("|running_mean|", np.abs(mean)), ("running_var", var), ("folded scale", scale)):
         t = finite(t)
-        if t.numel() and float(t.max()) > FP16_MAX:
+        if t.size and float(t.max()) > FP16_MAX:
             reasons.append(f"{label} reaches {float(t.max()):.3g} > {FP16_MAX:g}")
     if bias is not None:
         shift = finite(bias - mean * scale)
-        if shift.numel() and float(shift.abs().max()) > FP16_MAX:
-            reasons.append(f"folded shift reaches {float(shift.abs().max()):.3g} > {FP16_MAX:g}")
+        if shift.size and float(np.abs(shift).max()) > FP16_MAX:
+            reasons.append(f"folded shift reaches {float(np.abs(shift).max()):.3g} > {FP16_MAX:g}")
     denom = finite(var + eps_of(layer))
     tiny = int(((denom >= 0) & (denom < FP16_MIN_NORMAL)).sum())
     if tiny:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import enum
 import pickle
 import re
-import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .._quiet import quiet
 from ..errors import InputError, UnsafeCheckpointError, one_line
 from .archive import Archive, regular_file
 
@@ -116,28 +116,6 @@ class Checkpoint:
         if self.key is not None:
             text += f", entry '{self.key}'"
         return text
-
-
-class SafetensorsTensors(Mapping):
-    """A read-only mapping over a safetensors file that reads a tensor only when asked."""
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self._file = safe_open(str(path), framework="pt", device="cpu")
-        self._keys = list(self._file.keys())
-        self.metadata = self._file.metadata() or {}
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
-            raise KeyError(key)
-        return self._file.get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
 
 def detect_format(path: str | Path) -> Format:
@@ -253,30 +231,20 @@ def load(path: str | Path, *, key: str | None = None, trust: bool = False) -> Ch
 def _guarded(path: Path, what: str, loader):
     """``loader()`` with torch's warnings and log records kept from the user (``--debug``
     shows the traceback); any failure is one InputError."""
-    import logging
-
-    logging.disable(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             return loader()
     except Exception as exc:  # noqa: BLE001 - every loader failure is bad input here
         raise InputError(
             f"cannot read {path} as a {what} archive: {one_line(exc)}",
             "the file may be damaged or written by a newer PyTorch; save it again",
         ) from exc
-    finally:
-        logging.disable(logging.NOTSET)
 
 
 def _load_safetensors(path: Path, key: str | None) -> Checkpoint:
-    try:
-        tensors = SafetensorsTensors(path)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
-        raise InputError(
-            f"cannot read {path} as safetensors: {one_line(exc)}",
-            "the file is damaged or truncated; download or save it again",
-        ) from exc
+    from .safetensors import SafetensorsTensors
+
+    tensors = SafetensorsTensors(path)
     if key is not None:
         raise InputError(f"--key {key!r} does not apply to {path}: a safetensors file is one flat state_dict", "drop --key")
     return Checkpoint(path, Format.SAFETENSORS, tensors=tensors, metadata=dict(tensors.metadata))
@@ -301,8 +269,7 @@ def _unpickle(path: Path, fmt: Format, trust: bool) -> Any:
             "only if you trust where it came from: add --trust (or save a state_dict with torch.save)",
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             if fmt is Format.PICKLE:
                 with open(path, "rb") as f:
                     return pickle.load(f)  # trust=True: the user accepted running its code

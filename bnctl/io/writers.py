@@ -9,7 +9,6 @@ in-memory model it came from.
 from __future__ import annotations
 
 import io
-import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import _atomic
+from .._quiet import quiet
 from ..errors import BnctlError, InputError, one_line
 from .targets import Target
 
@@ -55,7 +55,8 @@ def torch_bytes(obj: Any) -> bytes:
 def build(model: nn.Module, target: Target, inputs: tuple, dest: Path) -> Artifact:
     """Turn ``model`` into the artifact for ``target``; errors that name the failing step."""
     try:
-        return _BUILDERS[target](model, inputs, dest)
+        with quiet():
+            return _BUILDERS[target](model, inputs, dest)
     except BnctlError:
         raise
     except Exception as exc:  # noqa: BLE001 - an exporter failing is the user's model's story
@@ -156,31 +157,24 @@ def onnx_bytes(model: nn.Module, inputs: tuple, opset: int | None = None, batch:
     """
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
     errors = []
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                import onnxscript  # noqa: F401
+    with quiet():
+        try:
+            import onnxscript  # noqa: F401
 
-                dynamic = _free_batch(inputs, torch.export.Dim("batch")) if batch == "dynamic" else _free_batch(inputs) if batch == "auto" else None
-                program = torch.onnx.export(model, inputs, dynamo=True, external_data=False, opset_version=opset, dynamic_shapes=dynamic, input_names=names, verbose=False)
-                return program.model_proto.SerializeToString(), "torch.onnx (torch.export-based)"
-            except ImportError:
-                errors.append("onnxscript is not installed")
-            except Exception as exc:  # noqa: BLE001 - try the other exporter
-                errors.append(exc)
-            buffer = io.BytesIO()
-            try:
-                axes = {n: {0: "batch"} for n in names} if batch != "static" else None
-                torch.onnx.export(model, inputs, buffer, dynamo=False, opset_version=opset or 17, input_names=names, dynamic_axes=axes)
-                return buffer.getvalue(), "torch.onnx (TorchScript-based fallback)"
-            except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
-    finally:
-        logger.setLevel(level)
+            dynamic = _free_batch(inputs, torch.export.Dim("batch")) if batch == "dynamic" else _free_batch(inputs) if batch == "auto" else None
+            program = torch.onnx.export(model, inputs, dynamo=True, external_data=False, opset_version=opset, dynamic_shapes=dynamic, input_names=names, verbose=False)
+            return program.model_proto.SerializeToString(), "torch.onnx (torch.export-based)"
+        except ImportError:
+            errors.append("onnxscript is not installed")
+        except Exception as exc:  # noqa: BLE001 - try the other exporter
+            errors.append(exc)
+        buffer = io.BytesIO()
+        try:
+            axes = {n: {0: "batch"} for n in names} if batch != "static" else None
+            torch.onnx.export(model, inputs, buffer, dynamo=False, opset_version=opset or 17, input_names=names, dynamic_axes=axes)
+            return buffer.getvalue(), "torch.onnx (TorchScript-based fallback)"
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
     named = [(e, _operator(e)) for e in errors if isinstance(e, BaseException)]
     exc, op = next(((e, o) for e, o in reversed(named) if o), (errors[-1] if errors else None, None))
     first = re.sub(r"\x1b\[[0-9;]*m", "", one_line(exc)) if exc is not None else "unknown error"

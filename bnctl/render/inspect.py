@@ -14,6 +14,7 @@ from ..core.stats import flag_counts
 from ..errors import MissingExtraError
 from ..ops.inspect import InspectResult
 from .json import dumps
+from .text import markup, plain
 
 TABULAR = ("csv", "parquet", "markdown")
 SEVERE = {"nonfinite", "negative_var", "never_updated", "train_mode", "no_running_stats"}
@@ -52,8 +53,8 @@ def summary_line(result: InspectResult) -> str:
 
 #: table columns: (title, value of a row, shown on a narrow terminal too)
 _COLUMNS = (
-    ("layer", lambda r: r["name"] or "(root)", True),
-    ("kind", lambda r: _unknown(r["kind"]), True),
+    ("layer", lambda r: markup(r["name"]) or "(root)", True),
+    ("kind", lambda r: _unknown(r["kind"], markup), True),
     ("C", lambda r: str(r["num_features"]), True),
     ("eps", lambda r: _unknown(r["eps"], "{:g}".format), False),
     ("momentum", lambda r: "cumulative" if r["averaging"] == "cumulative" else _unknown(r["momentum"], "{:g}".format), False),
@@ -87,13 +88,13 @@ def inspect_table(result: InspectResult, *, width: int = WIDE, max_details: int 
     if details:
         parts.append(Text(""))
         for name, detail in details[:max_details]:
-            parts.append(Text.assemble(("  " + (name or "(root)"), "bold"), ": ", detail))
+            parts.append(Text.assemble(("  " + (plain(name) or "(root)"), "bold"), ": ", plain(detail)))
         if len(details) > max_details:
             parts.append(Text(f"  ... {len(details) - max_details} more (--format json lists all)", style="dim"))
     for note in result.notes:
-        parts.append(Text(f"note: {note}", style="dim"))
+        parts.append(Text(f"note: {plain(note)}", style="dim"))
     parts.append(Text(""))
-    parts.append(Text(summary_line(result), style="bold"))
+    parts.append(Text(plain(summary_line(result)), style="bold"))
     return Group(*parts)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .inspect import num
+from .text import markup, plain
 
 
 def fold_summary(report: Any) -> str:
@@ -28,14 +29,14 @@ def fold_table(report: Any):
     for title in ("BatchNorm", "", "folded into / why not"):
         table.add_column(title, overflow="fold")
     for entry in report.folded:
-        where = f"{entry['into']} ({'the layer before' if entry['side'] == 'after' else 'the layer after'})"
+        where = f"{markup(entry['into'])} ({'the layer before' if entry['side'] == 'after' else 'the layer after'})"
         if entry.get("note"):
-            where += f" [dim]- {entry['note']}[/]"
-        table.add_row(entry["bn"], "[green]folded[/]", where)
+            where += f" [dim]- {markup(entry['note'])}[/]"
+        table.add_row(markup(entry["bn"]), "[green]folded[/]", where)
     for entry in report.skipped:
-        table.add_row(entry["bn"], "[yellow]kept[/]", entry["reason"])
+        table.add_row(markup(entry["bn"]), "[yellow]kept[/]", markup(entry["reason"]))
     parts: list[Any] = [table] if report.folded or report.skipped else []
-    parts += [Text(f"note: {n}", style="dim") for n in report.notes]
+    parts += [Text(f"note: {plain(n)}", style="dim") for n in report.notes]
     parts.append(Text(fold_summary(report), style="bold" if report.ok else "bold red"))
     return Group(*parts)
 
@@ -51,15 +52,15 @@ def recalibration_table(report: Any):
         table.add_column(title, justify="left" if title == "BatchNorm" else "right")
     for layer in report.layers:
         if not layer.reached:
-            table.add_row(layer.name, "[yellow]not reached[/]", "-", "-")
+            table.add_row(markup(layer.name), "[yellow]not reached[/]", "-", "-")
             continue
-        table.add_row(layer.name, str(layer.count), num(layer.mean_shift), num(layer.var_ratio))
+        table.add_row(markup(layer.name), str(layer.count), num(layer.mean_shift), num(layer.var_ratio))
     rate = f", {report.samples / report.seconds:.0f} samples/s" if report.seconds > 0 else ""
     summary = f"Recalibrated {sum(l.reached for l in report.layers)} of {len(report.layers)} BatchNorm layers on {report.samples} samples ({report.batches} batches{rate}"
     summary += f", {report.world_size} processes)." if report.world_size > 1 else ")."
     if report.stopped_early:
         summary += f" Stopped early: estimates stable after {report.samples} samples."
-    parts: list[Any] = [table, *[Text(f"note: {n}", style="dim") for n in report.notes]]
+    parts: list[Any] = [table, *[Text(f"note: {plain(n)}", style="dim") for n in report.notes]]
     if report.unreached:
         parts.append(Text(f"note: {len(report.unreached)} layers were not reached by the data and keep their statistics", style="yellow"))
     parts.append(Text(summary, style="bold"))
@@ -76,8 +77,8 @@ def convert_table(report: Any):
     for title in ("layer", "from", "to", "note"):
         table.add_column(title)
     for c in report.converted:
-        table.add_row(c["name"], c["from"], c["to"], c["note"] or "")
-    parts: list[Any] = [table, *[Text(f"note: {n}", style="yellow") for n in report.notes]]
+        table.add_row(markup(c["name"]), markup(c["from"]), markup(c["to"]), markup(c["note"] or ""))
+    parts: list[Any] = [table, *[Text(f"note: {plain(n)}", style="yellow") for n in report.notes]]
     summary = f"Converted {len(report.converted)} layers to {report.target}."
     if report.max_abs_error is not None:
         summary += f" Eval outputs on the check inputs moved by max abs {report.max_abs_error:.2g} (rel {report.max_rel_error:.2g})."
@@ -100,7 +101,7 @@ def export_table(report: Any):
     table.add_row("[bold]nodes[/]", str(sum(report.nodes_before.values())), str(sum(report.nodes_after.values())))
     table.add_row("[bold]file size[/]", _size(report.bytes_before), _size(report.bytes_after))
     parts: list[Any] = [Text("steps: " + "; ".join(report.steps)), table]
-    parts += [Text(f"{f['check']} {f['layer'] or ''}: {f['message']}", style="yellow") for f in report.findings]
+    parts += [Text(plain(f"{f['check']} {f['layer'] or ''}: {f['message']}"), style="yellow") for f in report.findings]
     summary = f"Exported with {report.exporter}, opset {report.opset}. ONNX Runtime vs PyTorch on {', '.join(report.checked_shapes)}: max abs error {report.max_abs_error:.2g}, max rel error {report.max_rel_error:.2g} (tolerance {report.tolerance:g})."
     if report.written:
         summary += f"\nWrote {report.output}."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...render.text import plain
 from ..runner import AuditResult
 
 
@@ -24,10 +25,10 @@ def to_text(result: AuditResult) -> str:
     lines = []
     for f in result.findings:
         where = f"{f.file}:{f.layer}" if f.layer else f.file
-        lines.append(f"{where}: {f.code} [{f.severity}] {f.message}")
+        lines.append(plain(f"{where}: {f.code} [{f.severity}] {f.message}"))
     for fa in result.errors:
-        lines.append(f"{fa.path}: error: {fa.error}")
+        lines.append(plain(f"{fa.path}: error: {fa.error}"))
     for fa in result.files:
-        lines += [f"{fa.path}: note: {n}" for n in fa.notes]
+        lines += [plain(f"{fa.path}: note: {n}") for n in fa.notes]
     lines.append(summary_line(result))
     return "\n".join(lines) + "\n"
