@@ -45,7 +45,7 @@ KeyOpt = Annotated[
 ]
 TrustOpt = Annotated[
     bool,
-    typer.Option("--trust", help="Allow loading pickled Python objects (whole modules). This runs code from the file.", rich_help_panel="Model"),
+    typer.Option("--trust", help="Load and run what the file holds as code: pickled modules, TorchScript (torch.jit.load), .pt2 programs. Without it bnctl reads their tensors only and runs nothing from the file.", rich_help_panel="Model"),
 ]
 
 # --- which check inputs -----------------------------------------------------------------

@@ -161,8 +161,66 @@ def _fp16_risk(layer: BNLayer, mean, var, weight, bias, scale) -> str | None:
 
 
 def rows(layers: list[BNLayer]) -> list[dict[str, Any]]:
-    """One :func:`summarize` row per layer, in order."""
-    return [summarize(layer) for layer in layers]
+    """One :func:`summarize` row per layer, in order.
+
+    Layers with the same channel count are summarized together, as rows of one array (a
+    file with 200,000 layers costs seconds, not minutes); any layer that might carry a flag
+    is summarized on its own by :func:`summarize`, so rows and details are the same either way.
+    """
+    out: list[dict[str, Any] | None] = [None] * len(layers)
+    groups: dict[int, list[int]] = {}
+    for i, layer in enumerate(layers):
+        complete = all(t is not None for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias))
+        if complete and layer.materialized and not layer.problems and layer.num_features > 0:
+            groups.setdefault(layer.num_features, []).append(i)
+        else:
+            out[i] = summarize(layer)
+    for index in groups.values():
+        if len(index) < 16:
+            for i in index:
+                out[i] = summarize(layers[i])
+            continue
+        for i, row in zip(index, _rows_together([layers[i] for i in index])):
+            out[i] = row if row is not None else summarize(layers[i])
+    return out  # type: ignore[return-value]
+
+
+def _rows_together(group: list[BNLayer]) -> list[dict[str, Any] | None]:
+    """Rows of layers with the same channel count and every tensor present; None for a layer
+    that might carry a flag (the caller summarizes it alone, with its details)."""
+    mean, var, weight, bias = (np.stack([_f64(getattr(l, name)) for l in group]) for name in ("running_mean", "running_var", "weight", "bias"))
+    eps = np.array([eps_of(l) for l in group])[:, None]
+    c = mean.shape[1]
+    with np.errstate(all="ignore"):
+        scale = np.abs(weight) / np.sqrt(var + eps)
+        finite = np.isfinite(mean).all(1) & np.isfinite(var).all(1) & np.isfinite(weight).all(1) & np.isfinite(bias).all(1)
+        shift = np.abs(bias - mean * scale).max(1)
+        suspicious = (
+            ~finite | (var < eps).any(1) | ((mean == 0).all(1) & (var == 1).all(1)) | (np.abs(weight) < DEAD_WEIGHT).any(1)
+            | (np.abs(mean).max(1) > FP16_MAX) | (var.max(1) > FP16_MAX) | (scale.max(1) > FP16_MAX) | (shift > FP16_MAX)
+            | (var + eps < FP16_MIN_NORMAL).any(1)
+        )
+        columns = {
+            "mean_absmax": np.abs(mean).max(1), "var_min": var.min(1), "var_max": var.max(1),
+            "weight_absmin": np.abs(weight).min(1), "mean_min": mean.min(1), "mean_max": mean.max(1),
+            "var_median": np.partition(var, (c - 1) // 2, axis=1)[:, (c - 1) // 2],
+            "weight_absmax": np.abs(weight).max(1), "bias_absmax": np.abs(bias).max(1), "scale_max": scale.max(1),
+        }
+    values = {k: v.tolist() for k, v in columns.items()}
+    result: list[dict[str, Any] | None] = []
+    for k, layer in enumerate(group):
+        if suspicious[k] or layer.training or (layer.averaging == "ema" and layer.momentum == 0):
+            result.append(None)
+            continue
+        row: dict[str, Any] = {
+            "name": layer.name, "kind": layer.kind, "num_features": layer.num_features, "eps": layer.eps,
+            "momentum": layer.momentum, "averaging": layer.averaging, "training": layer.training,
+            "num_batches_tracked": layer.num_batches_tracked,
+        }
+        row.update({name: column[k] for name, column in values.items()})
+        row.update(dead_channels=0, flags=[], details=[])
+        result.append(row)
+    return result
 
 
 def table(row_list: list[dict[str, Any]]):

@@ -10,6 +10,7 @@ entries overlap, and ``__metadata__`` maps strings to strings.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -57,16 +58,21 @@ class SafetensorsTensors(Mapping):
         self.metadata = metadata
         self._start = 8 + length
         self._entries = _checked(path, header, size - self._start)
-        self._map: np.ndarray | None = None
+        self._map: Any = None
 
     def __getitem__(self, key: str) -> Any:
+        import mmap
+
         import torch
 
         dtype, view, shape, begin, end = self._entries[key]
         if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        array = np.frombuffer(self._map[self._start + begin : self._start + end].tobytes(), dtype=dtype).reshape(shape)
-        tensor = torch.from_numpy(array.copy() if not array.flags.writeable else array)
+            with open(self.path, "rb") as f:  # copy-on-write: tensors may be changed, the file never is
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self.path.stat().st_size else b""
+        count = (end - begin) // dtype.itemsize
+        if count == 0:
+            return torch.from_numpy(np.empty(shape, dtype=dtype))
+        tensor = torch.from_numpy(np.frombuffer(self._map, dtype=dtype, count=count, offset=self._start + begin).reshape(shape))
         return tensor.view(getattr(torch, view)) if view else tensor
 
     def __iter__(self) -> Iterator[str]:
@@ -79,23 +85,25 @@ class SafetensorsTensors(Mapping):
 def _checked(path: Path, header: dict, data_size: int) -> dict[str, tuple]:
     entries: dict[str, tuple] = {}
     spans = []
+    kinds = {k: (np.dtype(n), view) for k, (n, view) in DTYPES.items()}
     for name, entry in header.items():
-        if not isinstance(entry, dict):
-            raise InputError(f"{path}: safetensors entry {name!r} is not an object", _TIP)
-        kind, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if kind not in DTYPES:
+        try:
+            kind, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise InputError(f"{path}: safetensors entry {name!r} lacks dtype, shape or data_offsets [begin, end]", _TIP) from None
+        if kind not in kinds:
             raise InputError(f"{path}: safetensors entry {name!r} has unknown dtype {kind!r}", _TIP)
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
             raise InputError(f"{path}: safetensors entry {name!r} has shape {shape!r}, not a list of sizes", _TIP)
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_size):
-            raise InputError(f"{path}: safetensors entry {name!r} has offsets {offsets!r} outside the file's {data_size} bytes of data", "the file is truncated or damaged; download or save it again")
-        dtype = np.dtype(DTYPES[kind][0])
-        expected = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-        if offsets[1] - offsets[0] != expected:
-            raise InputError(f"{path}: safetensors entry {name!r} holds {offsets[1] - offsets[0]} bytes, but shape {shape} of {kind} needs {expected}", _TIP)
-        entries[name] = (dtype, DTYPES[kind][1], tuple(shape), offsets[0], offsets[1])
-        if offsets[1] > offsets[0]:
-            spans.append((offsets[0], offsets[1], name))
+        if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= data_size:
+            raise InputError(f"{path}: safetensors entry {name!r} has offsets {[begin, end]!r} outside the file's {data_size} bytes of data", "the file is truncated or damaged; download or save it again")
+        dtype, view = kinds[kind]
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected:
+            raise InputError(f"{path}: safetensors entry {name!r} holds {end - begin} bytes, but shape {shape} of {kind} needs {expected}", _TIP)
+        entries[name] = (dtype, view, tuple(shape), begin, end)
+        if end > begin:
+            spans.append((begin, end, name))
     spans.sort()
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
