@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnctl.core import layers
+from bnctl.core import layers, modules
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -37,7 +37,7 @@ def zoo():
 
 
 def test_module_tree_kinds_and_attributes():
-    found = {l.name: l for l in layers.from_module(zoo().eval())}
+    found = {l.name: l for l in modules.from_module(zoo().eval())}
     assert {n: l.kind for n, l in found.items()} == {
         "0": "BatchNorm1d", "1": "BatchNorm2d", "2": "BatchNorm3d", "3": "SyncBatchNorm", "4": "FrozenBatchNorm2d",
     }
@@ -50,17 +50,17 @@ def test_module_tree_kinds_and_attributes():
 
 def test_lazy_batchnorm_before_and_after_materialization():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
-    (before,) = layers.from_module(model)
+    (before,) = modules.from_module(model)
     assert not before.materialized and before.num_features == 0
     model(torch.randn(2, 3, 4, 4))
-    (after,) = layers.from_module(model)
+    (after,) = modules.from_module(model)
     assert after.materialized and after.num_features == 4 and after.kind == "BatchNorm2d"
 
 
 def test_torchscript_keeps_attributes_and_mode():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, eps=1e-4, momentum=0.3)).train()
     scripted = torch.jit.script(model)
-    (layer,) = layers.from_module(scripted)
+    (layer,) = modules.from_module(scripted)
     assert (layer.kind, layer.eps, layer.momentum, layer.training) == ("BatchNorm2d", 1e-4, 0.3, True)
 
 
@@ -69,7 +69,7 @@ def test_export_program(train):
     model = nn.Sequential(nn.Conv1d(2, 3, 1), nn.BatchNorm1d(3, eps=1e-4, momentum=0.2))
     model.train(train)
     program = torch.export.export(model, (torch.randn(4, 2, 5),))
-    (layer,) = layers.from_program(program)
+    (layer,) = modules.from_program(program)
     assert (layer.name, layer.kind, layer.eps, layer.momentum, layer.training) == ("1", "BatchNorm1d", 1e-4, 0.2, train)
     torch.testing.assert_close(layer.running_var, model[1].running_var)
 
@@ -84,7 +84,7 @@ def test_export_program_counts_a_layer_called_twice():
             return self.bn(self.bn(x))
 
     program = torch.export.export(Twice().eval(), (torch.randn(2, 3),))
-    (layer,) = layers.from_program(program)
+    (layer,) = modules.from_program(program)
     assert layer.uses == 2
 
 
@@ -109,7 +109,7 @@ def test_onnx_attributes_and_training_mode():
     (layer,) = layers.from_onnx(_onnx_bn(None))
     assert (layer.name, layer.eps, layer.training) == ("bn", pytest.approx(1e-3), False)
     assert layer.momentum == pytest.approx(0.2)  # ONNX 0.8 = weight of the running value
-    torch.testing.assert_close(layer.running_var, torch.full((3,), 4.0))
+    torch.testing.assert_close(torch.as_tensor(layer.running_var), torch.full((3,), 4.0))
     assert layers.from_onnx(_onnx_bn(1))[0].training is True
     assert layers.from_onnx(_onnx_bn(1, outputs=3))[0].training is True
 

@@ -1,18 +1,11 @@
-"""The checks of :mod:`bnctl.audit.registry`, by group. Each function returns findings as
+"""The statistics and ONNX checks of :mod:`bnctl.audit.registry` (no torch: they read what
+inspect reads); the configuration and behaviour checks, which need a module, are in
+:mod:`bnctl.audit.model_checks`. Each function returns findings as
 ``(layer or None, code, message)``; the runner adds the file and filters them."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
-
-import torch
-from torch import nn
-
-from ..core import graph as g
-from ..core import verify
-from ..errors import one_line
-from ..core.layers import is_batchnorm, training_batchnorms
 
 Raw = tuple[str | None, str, str]
 
@@ -57,111 +50,13 @@ def from_rows(rows: list[dict[str, Any]], onnx: bool) -> list[Raw]:
     return found
 
 
-def frozen_in_train_mode(module: nn.Module) -> list[Raw]:
-    """BN206: parameters frozen by requires_grad while the layer trains (mode as saved)."""
-    found: list[Raw] = []
-    for name, m in module.named_modules():
-        if is_batchnorm(m) and m.training and getattr(m, "weight", None) is not None and not m.weight.requires_grad:
-            found.append((name, "BN206", "weight and bias have requires_grad=False but the layer is in train mode: its statistics still move"))
-    return found
-
-
-def conv_bias_before_bn(module: nn.Module) -> list[Raw]:
-    """BN208: a conv/linear with a bias feeding a BN alone, from the traced data flow
-    (the module tree's order where tracing fails)."""
-    found: list[Raw] = []
-    try:
-        graph = g.trace_graph(module)
-    except Exception:  # noqa: BLE001 - untraceable (TorchScript, control flow): use the module order
-        return _bias_before_bn_by_order(module)
-    for node in graph.nodes:
-        bn = g.bn_call(module, node)
-        layer = g.layer_call(bn.input) if bn is not None else None
-        if layer is None or layer.bias_node is None or len(bn.input.users) != 1:
-            continue
-        found.append((bn.name, "BN208", f"{layer.name} has a bias, which this BN's mean subtraction cancels"))
-    return found
-
-
-def _bias_before_bn_by_order(module: nn.Module) -> list[Raw]:
-    leaves = [(n, m) for n, m in module.named_modules() if n and (not list(m.children()) or is_batchnorm(m))]
-    found: list[Raw] = []
-    for (prev_name, prev), (name, m) in zip(leaves, leaves[1:]):
-        kind = getattr(prev, "original_name", type(prev).__name__)
-        if is_batchnorm(m) and kind.startswith(("Conv", "Linear")) and getattr(prev, "bias", None) is not None:
-            found.append((name, "BN208", f"{prev_name} has a bias, which this BN's mean subtraction cancels"))
-    return found
-
-
-# --- behaviour ------------------------------------------------------------------------------
-
-
-def _responsible(model: nn.Module, bn_name: str) -> str:
-    """The module whose train() override keeps ``bn_name`` training, if one does."""
-    parts = bn_name.split(".")
-    for i in range(len(parts) - 1, -1, -1):
-        path = ".".join(parts[:i])
-        owner = model.get_submodule(path) if path else model
-        if type(owner).train is not nn.Module.train and not type(owner).__module__.startswith("torch."):
-            return f"{type(owner).__name__}.train() ({path or 'the root module'}) keeps it training"
-    return "its mode was set after model.eval()"
-
-
-def behaviour(model: Any, inputs: tuple) -> list[Raw]:
-    """BN301-BN304 on a copy of ``model`` in eval mode, with check inputs (batch >= 2)."""
-    found: list[Raw] = []
-    model = copy.deepcopy(model)
-    model.eval()
-    if not isinstance(model, torch.jit.ScriptModule):
-        for name in training_batchnorms(model):
-            found.append((name, "BN304", f"in train mode after model.eval(): {_responsible(model, name)}"))
-    before = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    first = verify.run(model, inputs)
-    second = verify.run(model, inputs)
-    changed = [k for k, v in model.state_dict().items() if k in before and not _same(before[k], v)]
-    if changed:
-        shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
-        found.append((None, "BN303", f"an eval forward pass changed {len(changed)} buffers ({shown})"))
-    _, rel = verify.compare(first, second)
-    if rel > 1e-6:
-        found.append((None, "BN301", f"two eval forward passes on the same input differ (max rel. error {rel:.2g})"))
-    found += _batch_dependence(model, inputs, first)
-    return found
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal values, NaN equal to NaN (a NaN statistic that stays NaN did not change)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.is_floating_point():
-        return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
-    return torch.equal(a, b)
-
-
-def _batch_dependence(model: Any, inputs: tuple, batched: list[torch.Tensor]) -> list[Raw]:
-    n = inputs[0].shape[0]
-    worst = 0.0
-    for i in range(n):
-        single = tuple(t[i : i + 1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t for t in inputs)
-        try:
-            alone = verify.run(model, single)
-        except Exception as exc:  # noqa: BLE001 - e.g. BatchNorm1d training on one sample
-            return [(None, "BN302", f"a single sample fails in eval mode where a batch of {n} runs: {one_line(exc, last=True, limit=200)}")]
-        rows = [t[i : i + 1] for t in batched if t.dim() and t.shape[0] == n]
-        _, rel = verify.compare(rows, [t for t in alone if t.dim() and t.shape[0] == 1])
-        worst = max(worst, rel)
-    if worst > 1e-4:
-        return [(None, "BN302", f"a sample's output changes with the rest of its batch of {n} (max rel. error {worst:.2g})")]
-    return []
-
-
 def onnx_unfolded(model: Any, feeds: dict | None) -> list[Raw]:
     """BN402: BatchNormalization nodes that bnctl fold would fold."""
     from ..errors import BnctlError
     from ..ops.fold import onnx as onnx_fold
 
     try:
-        _, folded, _, _ = onnx_fold.fold_model(model, feeds)
+        _, folded, _, _ = onnx_fold.fold_model(model, feeds, plan=True)
     except BnctlError:
         return []
     return [(f["bn"], "BN402", f"foldable into {f['into']}, the layer {'before' if f['side'] == 'after' else 'after'} it: bnctl fold removes it") for f in folded]

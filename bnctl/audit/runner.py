@@ -194,7 +194,6 @@ def _behaviour_inputs(inputs: CheckInputs) -> tuple | None:
 def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
     from ..core import layers as layers_mod
     from ..core import stats
-    from ..core import verify
     from ..io import checkpoint as ckpt_mod
     from . import checks
 
@@ -217,22 +216,30 @@ def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
     done("statistics")
     runnable = opened.module
     if runnable is not None:
+        from . import model_checks
+
         if module is None:  # a saved module records its mode; one built by --arch does not
-            raw += checks.frozen_in_train_mode(runnable)
-        raw += checks.conv_bias_before_bn(runnable)
+            raw += model_checks.frozen_in_train_mode(runnable)
+        raw += model_checks.conv_bias_before_bn(runnable)
         done("configuration")
     elif checkpoint.program is not None:
-        runnable = checkpoint.program.module()
-        if inputs is not None and not _accepts(runnable, inputs):
+        runnable = checkpoint.program.module() if opened.trusted else None
+        if runnable is not None and inputs is not None and not _accepts(runnable, inputs):
             fa.notes.append("behaviour checks skipped: the program's input shapes are fixed and differ from the check inputs")
             runnable = None
         done("configuration")
+    if inputs is not None and (checkpoint.script is not None or (checkpoint.program is not None and not opened.trusted)):
+        fa.notes.append("behaviour checks skipped: they run the program in the file, which bnctl does only with --trust")
+        runnable = None
     if onnx:
         raw += checks.onnx_unfolded(checkpoint.onnx_model, _onnx_feeds(checkpoint.onnx_model, inputs))
         done("onnx")
     if runnable is not None and inputs is not None:
+        from ..core import verify
+        from . import model_checks
+
         verify.reference_outputs(runnable, inputs)  # an InputError naming the shape if the model rejects it
-        raw += checks.behaviour(runnable, inputs)
+        raw += model_checks.behaviour(runnable, inputs)
         done("behaviour")
     fa.findings = [Finding(str(path), layer, code, message) for layer, code, message in raw]
     return fa

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from .layers import is_plain_batchnorm
+from .modules import is_plain_batchnorm
 
 #: the layer kinds BN folds into
 Kind = Literal["conv", "conv_transpose", "linear"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from ..errors import InputError
 
@@ -79,8 +78,9 @@ def input_feeds(model: Any, shapes: Sequence[Sequence[int]] | None, seed: int = 
     return feeds
 
 
-def run(model: Any, feeds: dict[str, np.ndarray]) -> list[torch.Tensor]:
+def run(model: Any, feeds: dict[str, np.ndarray]) -> list[Any]:
     """Outputs of ``model`` in ONNX Runtime on ``feeds``, as torch tensors."""
+    import torch
     import onnxruntime as ort
 
     options = ort.SessionOptions()

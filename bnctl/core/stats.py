@@ -31,7 +31,7 @@ COLUMNS = (
 )
 
 
-def _f64(t: Any) -> np.ndarray | None:
+def as_float64(t: Any) -> np.ndarray | None:
     """A tensor or array as a flat float64 numpy array (None stays None)."""
     if t is None:
         return None
@@ -58,8 +58,8 @@ def _median(t: np.ndarray) -> float:
 
 def summarize(layer: BNLayer) -> dict[str, Any]:
     """One row: the layer's identity, summaries of its tensors, its flags and their details."""
-    mean, var = _f64(layer.running_mean), _f64(layer.running_var)
-    weight, bias = _f64(layer.weight), _f64(layer.bias)
+    mean, var = as_float64(layer.running_mean), as_float64(layer.running_var)
+    weight, bias = as_float64(layer.weight), as_float64(layer.bias)
     eps = eps_of(layer)
     with np.errstate(all="ignore"):  # NaN and negative variances give NaN, which the flags report
         return _summarize(layer, mean, var, weight, bias, eps)
@@ -188,7 +188,7 @@ def rows(layers: list[BNLayer]) -> list[dict[str, Any]]:
 def _rows_together(group: list[BNLayer]) -> list[dict[str, Any] | None]:
     """Rows of layers with the same channel count and every tensor present; None for a layer
     that might carry a flag (the caller summarizes it alone, with its details)."""
-    mean, var, weight, bias = (np.stack([_f64(getattr(l, name)) for l in group]) for name in ("running_mean", "running_var", "weight", "bias"))
+    mean, var, weight, bias = (np.stack([as_float64(getattr(l, name)) for l in group]) for name in ("running_mean", "running_var", "weight", "bias"))
     eps = np.array([eps_of(l) for l in group])[:, None]
     c = mean.shape[1]
     with np.errstate(all="ignore"):

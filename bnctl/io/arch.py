@@ -123,6 +123,16 @@ def strip_wrapper_prefixes(tensors: Mapping[str, torch.Tensor], expected: Iterab
     return dict(zip(keys, (tensors[k] for k in tensors)))
 
 
+def torch_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Every entry of a state_dict as torch holds it: bnctl's readers give numpy arrays and
+    keep the file's own dtype behind ``.torch(key)``."""
+    import numpy as np
+    import torch
+
+    own = getattr(tensors, "torch", None)
+    return {k: own(k) if own is not None else (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in tensors.items()}
+
+
 def load_state_dict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], spec: str = "the architecture") -> torch.nn.Module:
     """Load ``tensors`` into ``module`` strictly, after removing wrapper prefixes.
 
@@ -130,7 +140,7 @@ def load_state_dict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]
     mismatches, when the state_dict does not fit.
     """
     expected = module.state_dict().keys()
-    state = strip_wrapper_prefixes(tensors, expected)
+    state = strip_wrapper_prefixes(torch_tensors(tensors), expected)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

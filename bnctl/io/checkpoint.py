@@ -12,13 +12,15 @@ from __future__ import annotations
 import enum
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
+
 
 from .._quiet import quiet
 from ..errors import InputError, UnsafeCheckpointError, one_line
@@ -74,8 +76,8 @@ class Checkpoint:
 
     path: Path
     format: Format
-    tensors: Mapping[str, torch.Tensor] | None = None
-    module: torch.nn.Module | None = None
+    tensors: Mapping[str, Any] | None = None  # numpy arrays or torch tensors
+    module: Any = None  # torch.nn.Module
     script: Any = None
     program: Any = None
     onnx_model: Any = None
@@ -157,7 +159,20 @@ def _is_tensor(value: Any) -> bool:
     """A tensor, or one that bnctl's own unpickler has not read yet."""
     from .pickles import TensorRef
 
-    return isinstance(value, (torch.Tensor, TensorRef))
+    torch = sys.modules.get("torch")  # no torch tensor exists unless torch was imported
+    return isinstance(value, (TensorRef, np.ndarray)) or (torch is not None and isinstance(value, torch.Tensor))
+
+
+def _torch():
+    """torch, imported where a loader of torch's needs it (bnctl's own readers do not)."""
+    import torch
+
+    return torch
+
+
+def _is_module(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.nn.Module)
 
 
 def _zip_format(path: Path) -> Format:
@@ -199,13 +214,13 @@ def load(path: str | Path, *, key: str | None = None, trust: bool = False) -> Ch
 
             return Checkpoint(path, fmt, script=read_script(path))
         Archive(path, "torchscript", trust=True).verify()
-        return Checkpoint(path, fmt, module=_guarded(path, "TorchScript", lambda: torch.jit.load(str(path), map_location="cpu")))
+        return Checkpoint(path, fmt, module=_guarded(path, "TorchScript", lambda: _torch().jit.load(str(path), map_location="cpu")))
     if fmt is Format.EXPORT:
         archive = Archive(path, "export", trust=trust)
         archive.verify()  # torch's reader checks no CRC and reads every member anyway
         if not trust:
             archive.check_export_objects()
-        return Checkpoint(path, fmt, program=_guarded(path, "torch.export", lambda: torch.export.load(str(path))))
+        return Checkpoint(path, fmt, program=_guarded(path, "torch.export", lambda: _torch().export.load(str(path))))
     if fmt is Format.ONNX:
         return Checkpoint(path, fmt, onnx_model=_load_onnx(path))
     if fmt is Format.TORCH and not trust:
@@ -273,7 +288,7 @@ def _unpickle(path: Path, fmt: Format, trust: bool) -> Any:
             if fmt is Format.PICKLE:
                 with open(path, "rb") as f:
                     return pickle.load(f)  # trust=True: the user accepted running its code
-            return torch.load(path, map_location="cpu", weights_only=not trust, mmap=fmt is Format.TORCH)
+            return _torch().load(path, map_location="cpu", weights_only=not trust, mmap=fmt is Format.TORCH)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" in text:
@@ -302,7 +317,7 @@ def _unreadable(path: Path, exc: BaseException) -> InputError:
 
 def _interpret(path: Path, fmt: Format, obj: Any, key: str | None) -> Checkpoint:
     """Turn an unpickled object into a Checkpoint: a module, or a state_dict chosen by ``key``."""
-    if isinstance(obj, torch.nn.Module):
+    if _is_module(obj):
         if key is not None:
             raise InputError(f"--key {key!r} does not apply: {path} holds a whole module", "drop --key")
         return Checkpoint(path, fmt, module=obj)
@@ -330,7 +345,7 @@ def _interpret(path: Path, fmt: Format, obj: Any, key: str | None) -> Checkpoint
             f"--key {chosen!r} is not an entry of {path}",
             f"choose one of: {', '.join(candidates) or ', '.join(map(str, obj))}",
         )
-    if isinstance(value, torch.nn.Module):
+    if _is_module(value):
         return Checkpoint(path, fmt, module=value, key=chosen, candidates=candidates, metadata=metadata, root=obj)
     if isinstance(value, Mapping) and not _is_state_dict(value):
         nested = _preferred(tuple(_candidate_entries(value)))
@@ -359,7 +374,7 @@ def _is_state_dict(obj: Mapping) -> bool:
 
 def _candidate_entries(obj: Mapping) -> Iterator[str]:
     for k, v in obj.items():
-        if isinstance(v, torch.nn.Module) or (isinstance(v, Mapping) and (_is_state_dict(v) or any(
+        if _is_module(v) or (isinstance(v, Mapping) and (_is_state_dict(v) or any(
             isinstance(inner, Mapping) and _is_state_dict(inner) for inner in v.values()
         ))):
             yield str(k)

@@ -60,20 +60,35 @@ class SafetensorsTensors(Mapping):
         self._entries = _checked(path, header, size - self._start)
         self._map: Any = None
 
-    def __getitem__(self, key: str) -> Any:
-        import mmap
+    def __getitem__(self, key: str) -> np.ndarray:
+        """The tensor as a numpy array (bfloat16 widened to float32, exactly; float8 through torch)."""
+        _, view, _, _, _ = self._entries[key]
+        array = self._raw(key)
+        if view == "bfloat16":
+            return (array.astype(np.uint32) << 16).view(np.float32)
+        if view is not None:
+            return self.torch(key).float().numpy()
+        return array
 
+    def torch(self, key: str) -> Any:
+        """The tensor as torch holds it, with the file's own dtype."""
         import torch
 
-        dtype, view, shape, begin, end = self._entries[key]
+        _, view, _, _, _ = self._entries[key]
+        tensor = torch.from_numpy(self._raw(key))
+        return tensor.view(getattr(torch, view)) if view else tensor
+
+    def _raw(self, key: str) -> np.ndarray:
+        import mmap
+
+        dtype, _, shape, begin, end = self._entries[key]
         if self._map is None:
-            with open(self.path, "rb") as f:  # copy-on-write: tensors may be changed, the file never is
+            with open(self.path, "rb") as f:  # copy-on-write: arrays may be changed, the file never is
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self.path.stat().st_size else b""
         count = (end - begin) // dtype.itemsize
         if count == 0:
-            return torch.from_numpy(np.empty(shape, dtype=dtype))
-        tensor = torch.from_numpy(np.frombuffer(self._map, dtype=dtype, count=count, offset=self._start + begin).reshape(shape))
-        return tensor.view(getattr(torch, view)) if view else tensor
+            return np.empty(shape, dtype=dtype)
+        return np.frombuffer(self._map, dtype=dtype, count=count, offset=self._start + begin).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..errors import InputError, UnsafeCheckpointError
 from . import pickles
@@ -35,9 +34,26 @@ class TensorReader:
         self.big_endian = archive.has("byteorder") and archive.read("byteorder").strip() == b"big"
         self._storages: dict[str, np.ndarray] = {}
 
-    def tensor(self, ref: TensorRef, what: str = "a tensor") -> torch.Tensor:
-        """``ref`` as a torch tensor (a copy: the file is not kept open); an InputError naming
-        ``what`` where the file's bytes do not hold it."""
+    def array(self, ref: TensorRef, what: str = "a tensor") -> np.ndarray:
+        """``ref`` as a numpy array (a copy; bfloat16 widened to float32, exactly); an
+        InputError naming ``what`` where the file's bytes do not hold it."""
+        array = self._view(ref, what)
+        if ref.storage.torch_dtype == "bfloat16":
+            return (array.astype(np.uint32) << 16).view(np.float32)
+        return array
+
+    def tensor(self, ref: TensorRef, what: str = "a tensor") -> Any:
+        """``ref`` as a torch tensor with its own dtype and ``requires_grad``."""
+        import torch
+
+        result = torch.from_numpy(self._view(ref, what))
+        if ref.storage.torch_dtype == "bfloat16":
+            result = result.view(torch.bfloat16)
+        if ref.requires_grad and result.is_floating_point():
+            result.requires_grad_(True)
+        return result
+
+    def _view(self, ref: TensorRef, what: str) -> np.ndarray:
         storage = ref.storage
         data = self._storages.get(storage.key)
         dtype = np.dtype(storage.dtype).newbyteorder(">" if self.big_endian else "<") if np.dtype(storage.dtype).itemsize > 1 else np.dtype(storage.dtype)
@@ -54,12 +70,7 @@ class TensorReader:
             if ref.offset < 0 or last >= storage.numel:
                 raise InputError(f"{self.archive.path}: {what} points outside its storage", "the file is damaged; save it again")
             array = np.lib.stride_tricks.as_strided(data[ref.offset :], shape=ref.size, strides=tuple(st * dtype.itemsize for st in ref.stride))
-        result = torch.from_numpy(np.array(array, dtype=dtype.newbyteorder("=")))
-        if storage.torch_dtype == "bfloat16":
-            result = result.view(torch.bfloat16)
-        if ref.requires_grad and result.is_floating_point():
-            result.requires_grad_(True)
-        return result
+        return np.array(array, dtype=dtype.newbyteorder("="))
 
     def materialize(self, value: Any) -> Any:
         """``value`` with every TensorRef, at any depth of dicts, lists and tuples, read."""
@@ -76,12 +87,17 @@ class TensorReader:
 
 
 class LazyTensors(Mapping):
-    """A state_dict whose tensors are read from the archive when first asked for."""
+    """A state_dict whose tensors are read from the archive when first asked for, as numpy
+    arrays (:meth:`torch` gives a torch tensor with the file's own dtype)."""
 
     def __init__(self, entries: Mapping[str, Any], reader: TensorReader):
         self._entries, self._reader = entries, reader
 
     def __getitem__(self, key: str) -> Any:
+        value = self._entries[key]
+        return self._reader.array(value, key) if isinstance(value, TensorRef) else value
+
+    def torch(self, key: str) -> Any:
         value = self._entries[key]
         return self._reader.tensor(value, key) if isinstance(value, TensorRef) else value
 
@@ -214,13 +230,13 @@ class ScriptModuleView:
     def modules(self) -> Iterator[ScriptModuleView]:
         return (m for _, m in self.named_modules())
 
-    def _tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _tensors(self, names: list[str]) -> Iterator[tuple[str, Any]]:
         for name in names:
             if isinstance(self._state.get(name), TensorRef):
                 yield name, getattr(self, name)
 
-    def named_parameters(self, recurse: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_parameters(self, recurse: bool = False) -> Iterator[tuple[str, Any]]:
         return self._tensors(self._parameters)
 
-    def named_buffers(self, recurse: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_buffers(self, recurse: bool = False) -> Iterator[tuple[str, Any]]:
         return self._tensors(self._buffers)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import _atomic
-from ..core.layers import batchnorms
+from ..core.modules import batchnorms
 from ..errors import InputError
 from ..io import checkpoint as ckpt_mod
 from ..io.data import loader, sample_files, shard
@@ -128,7 +128,7 @@ def _write(checkpoint: ckpt_mod.Checkpoint, model: nn.Module, output: Path) -> N
     if checkpoint.content == "module":
         _atomic.write_bytes(output, torch_bytes(model))
         return
-    from ..io.arch import strip_wrapper_prefixes
+    from ..io.arch import strip_wrapper_prefixes, torch_tensors
 
     state = model.state_dict()
     names = strip_wrapper_prefixes({k: k for k in checkpoint.tensors.keys()}, state.keys())  # model key -> file key
@@ -136,7 +136,7 @@ def _write(checkpoint: ckpt_mod.Checkpoint, model: nn.Module, output: Path) -> N
     if checkpoint.format == ckpt_mod.Format.SAFETENSORS:
         from safetensors.torch import save
 
-        tensors = {k: checkpoint.tensors[k] for k in checkpoint.tensors.keys()}
+        tensors = torch_tensors(checkpoint.tensors)
         tensors.update(updated)
         header = {k: str(v) for k, v in checkpoint.metadata.items()} or None
         _atomic.write_bytes(output, save({k: v.contiguous() for k, v in tensors.items()}, metadata=header))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core import verify
-from ..core.layers import training_batchnorms
+from ..core.modules import training_batchnorms
 from ..errors import InputError
 from .fold.report import DEFAULT_TOLERANCE
 

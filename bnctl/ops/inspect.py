@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from torch import nn
 
 from ..core import layers as layers_mod
 from ..core import stats
@@ -55,7 +54,7 @@ class InspectResult:
         }
 
 
-def inspect(target: str | Path | ModelSource | nn.Module, **source: Any) -> InspectResult:
+def inspect(target: str | Path | ModelSource | Any, **source: Any) -> InspectResult:
     """Find every BatchNorm layer of ``target`` and summarize it.
 
     ``target`` is a checkpoint path, a :class:`~bnctl.io.source.ModelSource`, or a module;
@@ -64,8 +63,11 @@ def inspect(target: str | Path | ModelSource | nn.Module, **source: Any) -> Insp
     :func:`bnctl.io.checkpoint.load` reads it (safe unless ``trust``); only the BN tensors
     are read. What the file does not record stays ``None``.
     """
-    if isinstance(target, nn.Module):
-        found = layers_mod.from_module(target)
+    torch = sys.modules.get("torch")  # a module can only be given where torch is imported
+    if torch is not None and isinstance(target, torch.nn.Module):
+        from ..core.modules import from_module
+
+        found = [layers_mod.usable(layer) for layer in from_module(target)]
         return InspectResult(type(target).__name__, "nn.Module", "module", found, stats.rows(found))
     if not isinstance(target, ModelSource):
         target = ModelSource(Path(target), **source)

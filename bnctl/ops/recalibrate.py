@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..core.layers import batchnorms
+from ..core.modules import batchnorms
 from ..core.verify import eval_mode, shapes_text
 from ..errors import InputError, one_line
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import _atomic
 from ..errors import InputError, MissingExtraError
-from ..core.stats import flag_counts
+from ..core.stats import as_float64, flag_counts
 from ..ops.inspect import InspectResult
 
 
@@ -26,7 +26,7 @@ def plot(result: InspectResult, dest: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise MissingExtraError("matplotlib", "plot", "--plot") from exc
-    import torch
+    import numpy as np
 
     if dest.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise InputError(f"--plot {dest}: the file name must end in .png, .svg or .pdf", f"e.g. --plot {dest.with_suffix('.png')}")
@@ -38,15 +38,16 @@ def plot(result: InspectResult, dest: Path) -> None:
         for i, (layer, row) in enumerate(zip(layers, result.rows)):
             t = getattr(layer, attr)
             color = "tab:red" if row["flags"] else "tab:blue"
-            if t is None or t.numel() == 0:
+            v = as_float64(t)
+            if v is None or v.size == 0:
                 continue
-            v = t.detach().double().abs() if attr == "weight" else t.detach().double()
-            ok = v[torch.isfinite(v) & (v > 0)]
-            if ok.numel() < v.numel():
+            v = np.abs(v) if attr == "weight" else v
+            ok = np.sort(v[np.isfinite(v) & (v > 0)])
+            if ok.size < v.size:
                 ax.plot([i], [0.02], marker="x", color="tab:red", transform=ax.get_xaxis_transform(), clip_on=False)
-            if ok.numel():
-                ax.vlines(i, float(ok.min()), float(ok.max()), color=color, linewidth=3, alpha=0.6)
-                ax.plot([i], [float(ok.median())], "o", color=color, markersize=3)
+            if ok.size:
+                ax.vlines(i, float(ok[0]), float(ok[-1]), color=color, linewidth=3, alpha=0.6)
+                ax.plot([i], [float(ok[(ok.size - 1) // 2])], "o", color=color, markersize=3)
         ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.grid(True, axis="y", alpha=0.3)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from ...core.graph import Kind
 
 
@@ -32,6 +33,8 @@ def bn_scale_shift(
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The eval-mode BN as ``(scale, shift)``, float64, one value per channel."""
+    import torch
+
     mean = running_mean.detach().to(torch.float64)
     var = running_var.detach().to(torch.float64)
     scale = torch.rsqrt(var + eps)
@@ -66,6 +69,8 @@ def fold_after(
     ``bias`` may be ``None``; the returned bias always exists. Exact for any stride,
     padding, dilation and groups, since the BN acts on the layer's output channels.
     """
+    import torch
+
     w = weight.detach()
     if kind == "conv_transpose":
         cin, cout_g = w.shape[0], w.shape[1]
@@ -84,6 +89,8 @@ def _product(w: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     Done in slices along dim 0 that stay in cache: a whole float64 copy of a large
     weight costs several times the float32 arithmetic in memory traffic.
     """
+    import torch
+
     out = torch.empty_like(w)
     row = max(1, w[0].numel()) if w.shape[0] else 1
     step = max(1, (1 << 16) // row)
@@ -108,6 +115,8 @@ def fold_before(
     or a zero ``shift``); the caller checks that. ConvTranspose is not supported: its
     border outputs see fewer taps, so a constant input shift is not a per-channel bias.
     """
+    import torch
+
     if kind == "conv_transpose":
         raise ValueError("a BN before a ConvTranspose cannot be folded exactly")
     w = weight.detach()
@@ -129,6 +138,8 @@ def identity_bn(num_features: int, eps: float, shift: torch.Tensor | None, dtype
     Used where the BN module must stay (a state_dict for the user's unchanged class):
     weight 1, mean 0, var ``1 - eps`` so that ``var + eps`` is 1, bias ``shift``.
     """
+    import torch
+
     var = torch.full((num_features,), 1.0 - eps, dtype=torch.float64)
     bias = torch.zeros(num_features, dtype=torch.float64) if shift is None else shift.to(torch.float64)
     return {

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from ...core.onnx import attribute, check_graph, node_name
 from ...errors import InputError
@@ -124,15 +123,18 @@ class _Graph:
             graph.initializer.remove(tensor)
 
 
-def _bn_params(graph: _Graph, node: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _bn_params(graph: _Graph, node: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The BN's ``(scale, shift)`` in float64 (the formula of :func:`.math.bn_scale_shift`)."""
     missing = [name for name in node.input[1:5] if name not in graph.const]
     if missing:
         raise InputError(
             f"BatchNormalization node '{node.name or node.output[0]}' has non-constant inputs ({', '.join(missing)}): its statistics are computed in the graph",
             "fold the model before it is exported to ONNX, or fold the PyTorch checkpoint with bnctl fold",
         )
-    scale, bias, mean, var = (torch.from_numpy(graph.const[n].astype(np.float64)) for n in node.input[1:5])
-    return fold_math.bn_scale_shift(mean, var, float(attribute(node, "epsilon", 1e-5)), scale, bias)
+    gamma, beta, mean, var = (graph.const[n].astype(np.float64) for n in node.input[1:5])
+    with np.errstate(all="ignore"):
+        scale = gamma / np.sqrt(var + float(attribute(node, "epsilon", 1e-5)))
+    return scale, beta - mean * scale
 
 
 def _layer_weights(graph: _Graph, layer: Any) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
@@ -158,7 +160,7 @@ def _layer_weights(graph: _Graph, layer: Any) -> tuple[np.ndarray | None, np.nda
     return weight, bias, None
 
 
-def _write_layer(graph: _Graph, layer: Any, weight: torch.Tensor, bias: torch.Tensor, dtype: np.dtype) -> None:
+def _write_layer(graph: _Graph, layer: Any, weight: Any, bias: Any, dtype: np.dtype) -> None:
     import onnx
 
     w = weight.numpy().astype(dtype)
@@ -182,11 +184,12 @@ def _zero_pads(layer: Any) -> bool:
     return any(int(p) != 0 for p in attribute(layer, "pads", []) or [])
 
 
-def fold_model(model: Any, feeds: dict[str, np.ndarray] | None = None) -> tuple[Any, list[dict], list[dict], int]:
+def fold_model(model: Any, feeds: dict[str, np.ndarray] | None = None, *, plan: bool = False) -> tuple[Any, list[dict], list[dict], int]:
     """Fold the BN nodes of an ONNX ModelProto (a copy is changed, not ``model``).
 
     ``feeds`` (see :func:`input_feeds`) let weights the graph computes from constants be
-    evaluated; without them such weights count as computed.
+    evaluated; without them such weights count as computed. With ``plan``, only decide:
+    which BN folds into which layer and why the others stay (no weights computed, no torch).
     Returns the new model, the folded pairs, the skipped BNs with reasons, and the BN count.
     Raises InputError for a BN whose statistics are not constants.
     """
@@ -217,14 +220,19 @@ def fold_model(model: Any, feeds: dict[str, np.ndarray] | None = None) -> tuple[
         kind = _LAYER_KINDS[layer.op_type]
         groups = int(attribute(layer, "group", 1))
         channels = fold_math.out_channels(weight, kind, groups) if weight is not None and side == "after" else (fold_math.in_channels(weight, kind, groups) if weight is not None else None)
-        if why is None and channels != scale.numel():
-            why = f"{node_name(layer)} has {channels} channels, the BN {scale.numel()}"
+        if why is None and channels != scale.size:
+            why = f"{node_name(layer)} has {channels} channels, the BN {scale.size}"
         if why is not None:
             skipped.append({"bn": name, "reason": why})
             continue
-        fn = fold_math.fold_after if side == "after" else fold_math.fold_before
-        new_w, new_b = fn(torch.from_numpy(np.array(weight, dtype=np.float64)), None if bias is None else torch.from_numpy(np.array(bias, dtype=np.float64)), scale, shift, kind, groups)
         into = node_name(layer)
+        if plan:
+            folded.append({"bn": name, "into": into, "side": side, "note": None})
+            continue
+        import torch
+
+        fn = fold_math.fold_after if side == "after" else fold_math.fold_before
+        new_w, new_b = fn(torch.from_numpy(np.array(weight, dtype=np.float64)), None if bias is None else torch.from_numpy(np.array(bias, dtype=np.float64)), torch.from_numpy(scale), torch.from_numpy(shift), kind, groups)
         dtype = graph.const[layer.input[1]].dtype
         if layer.op_type == "MatMul":  # no bias input: the shift becomes an Add in the BN's place
             graph.put(layer, 1, new_w.numpy().astype(dtype).T, f"{into}_weight")
@@ -246,7 +254,7 @@ def fold_model(model: Any, feeds: dict[str, np.ndarray] | None = None) -> tuple[
     return new, folded, skipped, len(bns)
 
 
-def _neighbour(graph: _Graph, bn: Any, shift: torch.Tensor) -> tuple[Any, str, str]:
+def _neighbour(graph: _Graph, bn: Any, shift: np.ndarray) -> tuple[Any, str, str]:
     """The layer before (preferred) or after the BN that it folds into exactly."""
     x, y = bn.input[0], bn.output[0]
     producer = graph.producer(x)
@@ -268,6 +276,6 @@ def _neighbour(graph: _Graph, bn: Any, shift: torch.Tensor) -> tuple[Any, str, s
         return None, "", f"{why_after}; its output goes to {consumer.op_type}"
     if consumer.op_type == "Gemm" and attribute(consumer, "transA", 0):
         return None, "", f"{why_after}; it feeds a transposed Gemm input"
-    if consumer.op_type == "Conv" and _zero_pads(consumer) and bool(shift.abs().max() > 0):
+    if consumer.op_type == "Conv" and _zero_pads(consumer) and bool(np.abs(shift).max() > 0):
         return None, "", f"{why_after}; it precedes {node_name(consumer)}, which pads with zeros that never went through the BN (not exact)"
     return consumer, "before", ""

@@ -25,7 +25,7 @@ from torch import nn
 
 from ...core import graph as g
 from ...core import verify
-from ...core.layers import training_batchnorms
+from ...core.modules import training_batchnorms
 from ...errors import InputError, one_line
 from . import fx as gf
 from .report import DEFAULT_TOLERANCE, FoldReport

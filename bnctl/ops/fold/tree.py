@@ -18,7 +18,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from ...core import graph as g
 from ...core import verify
 from ...core.graph import Kind
-from ...core.layers import is_batchnorm
+from ...core.modules import is_batchnorm
 from . import fx as gf
 from .math import bn_scale_shift, fold_after, fold_before, identity_bn
 
