@@ -199,6 +199,66 @@ def from_onnx(model: Any) -> list[BNLayer]:
     return layers
 
 
+#: aten batch-norm ops of exported programs; those without a ``training`` argument are eval-only
+EXPORT_BN_OPS = ("batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+                 "_native_batch_norm_legit_no_training", "cudnn_batch_norm", "miopen_batch_norm")
+
+
+def from_program_json(program: Any) -> list[BNLayer]:
+    """BN layers of a ``.pt2`` program read as JSON (:class:`bnctl.io.pt2.ProgramView`): its
+    batch-norm calls, their tensors through the graph signature, eps, momentum and mode from
+    the call's arguments, the module class from ``nn_module_stack``. What
+    :func:`bnctl.core.modules.from_program` finds in a loaded program, without torch."""
+    sources = {}
+    for spec in program.signature.get("input_specs", []):
+        for kind, field_name in (("parameter", "parameter_name"), ("buffer", "buffer_name"), ("tensor_constant", "tensor_constant_name")):
+            entry = spec.get(kind) if isinstance(spec, dict) else None
+            if isinstance(entry, dict) and isinstance(entry.get("arg"), dict):
+                sources[entry["arg"].get("name")] = entry.get(field_name)
+    state = program.tensors
+    found: dict[str, BNLayer] = {}
+    for index, node in enumerate(program.graph.get("nodes", [])):
+        target = str(node.get("target", "")) if isinstance(node, dict) else ""
+        parts = target.split(".")
+        if len(parts) < 4 or parts[:3] != ["torch", "ops", "aten"] or parts[3] not in EXPORT_BN_OPS:
+            continue
+        args = {i.get("name"): i.get("arg") or {} for i in node.get("inputs", []) if isinstance(i, dict)}
+
+        def source(name: str) -> str | None:
+            tensor = args.get(name, {}).get("as_tensor") if isinstance(args.get(name), dict) else None
+            return sources.get(tensor.get("name")) if isinstance(tensor, dict) else None
+
+        names = [source(n) for n in ("weight", "bias", "running_mean", "running_var")]
+        tensors = [state.get(n) if n else None for n in names]
+        anchor = names[2] or names[0]
+        name = anchor.rpartition(".")[0] if anchor else str(node.get("name", f"batch_norm_{index}"))
+        if name in found:
+            found[name].uses += 1
+            continue
+        stack = str((node.get("metadata") or {}).get("nn_module_stack", ""))
+        kind = stack.split(";")[-1].rsplit(",", 1)[-1].rsplit(".", 1)[-1] if stack else None
+        momentum_arg = args.get("momentum", {})
+        momentum, averaging = momentum_kind(momentum_arg.get("as_float") if "as_float" in momentum_arg else None) if "momentum" in args else (None, None)
+        eps = args.get("eps", {}).get("as_float")
+        nbt = state.get(f"{name}.num_batches_tracked") if name else None
+        found[name] = BNLayer(
+            name=name,
+            kind=kind or None,
+            num_features=next((int(t.size) for t in tensors if t is not None), 0),
+            eps=float(eps) if eps is not None else None,
+            momentum=momentum,
+            averaging=averaging,
+            training=bool(args.get("training", {}).get("as_bool", False)),
+            track_running_stats=tensors[2] is not None,
+            weight=tensors[0],
+            bias=tensors[1],
+            running_mean=tensors[2],
+            running_var=tensors[3],
+            num_batches_tracked=counter(nbt),
+        )
+    return list(found.values())
+
+
 def find(checkpoint: Any, module: Any = None) -> list[BNLayer]:
     """The BN layers of a :class:`~bnctl.checkpoint.Checkpoint`.
 
@@ -210,6 +270,8 @@ def find(checkpoint: Any, module: Any = None) -> list[BNLayer]:
         found = from_state_dict(checkpoint.tensors)
     elif checkpoint.onnx_model is not None:
         found = from_onnx(checkpoint.onnx_model)
+    elif checkpoint.program is not None and isinstance(getattr(checkpoint.program, "graph", None), dict):
+        found = from_program_json(checkpoint.program)
     else:
         from . import modules  # torch: a module tree or a program
 

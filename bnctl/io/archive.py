@@ -123,7 +123,7 @@ class Archive:
                 data = self._stored(info)
             else:
                 data = self.zip.read(info)  # zipfile stops at the declared size and checks the CRC
-        except (zipfile.BadZipFile, OSError, zlib.error, EOFError, NotImplementedError, struct.error) as exc:
+        except (zipfile.BadZipFile, OSError, zlib.error, EOFError, NotImplementedError, struct.error, UnicodeDecodeError, ValueError) as exc:
             raise InputError(f"{self.path}: member {name} is damaged ({exc})", "the file is corrupted; download or save it again") from exc
         return data
 
@@ -150,22 +150,21 @@ class Archive:
 
     def check_export_objects(self) -> None:
         """Refuse a ``.pt2`` that ``torch.export.load`` would run code from: constants that are
-        opaque or custom objects (unpickled, or rebuilt by torch's C++ unpickler), and pickled
-        members (sample inputs, weights or constants marked ``use_pickle``) that need more
-        than the weights-only unpickler (torch retries those unrestricted)."""
+        opaque or custom objects (unpickled, or rebuilt by torch's C++ unpickler), weights or
+        constants stored as pickles, and pickled members (sample inputs) that hold more than
+        tensors and containers (torch retries those with the unrestricted unpickler). The
+        pickles are read by bnctl's restricted unpickler, which runs nothing."""
         import io
         import json
 
-        import torch
+        from . import pickles
 
-        pickled = [n[len(self.prefix) :] for n in self.members if n.endswith(".pt")]
         for name in self.members:
             inner = name[len(self.prefix) :]
             if not inner.endswith("_config.json"):
                 continue
             try:
                 entries = json.loads(self.read(inner)).get("config", {})
-                folder = inner.rpartition("/")[0]
                 for key, entry in entries.items():
                     if str(key).startswith(("opaque_obj", "custom_obj")) or "opaque_obj" in str(entry.get("path_name", "")):
                         raise UnsafeCheckpointError(
@@ -173,20 +172,27 @@ class Archive:
                             "only if you trust where it came from: add --trust",
                         )
                     if entry.get("use_pickle"):
-                        pickled.append(f"{folder}/{entry['path_name']}")
+                        raise UnsafeCheckpointError(
+                            f"{self.path}: {key} is stored as a pickle, which torch.export.load unpickles without restriction; bnctl reads it only with --trust",
+                            "only if you trust where it came from: add --trust",
+                        )
             except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
                 raise InputError(f"{self.path}: its {inner} is damaged ({exc})", "save the program again with torch.export.save") from exc
-        for inner in sorted(set(pickled)):
-            data = self.read(inner)
+        for name in sorted(n for n in self.members if n.endswith(".pt")):
             try:
-                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - torch.export.load would retry it unrestricted
-                match = re.search(r"GLOBAL ([\w.]+)", str(exc))
-                needs = f" ({match.group(1)})" if match else ""
+                with zipfile.ZipFile(io.BytesIO(self.read(name[len(self.prefix) :]))) as inner:
+                    pickled = next(n for n in inner.namelist() if n.endswith("data.pkl"))
+                    pickles.load(inner.read(pickled))
+            except pickles.Refused as exc:
                 raise UnsafeCheckpointError(
-                    f"{self.path}: its member {self.name(inner)} pickles Python objects{needs}; torch.export.load would run code from the file, which bnctl does only with --trust",
+                    f"{self.path}: its member {name} pickles Python objects ({exc.name}); torch.export.load would run code from the file, which bnctl does only with --trust",
                     "only if you trust where it came from: add --trust",
-                ) from exc
+                ) from None
+            except Exception as exc:  # noqa: BLE001 - a damaged or foreign pickle: torch would unpickle it unrestricted
+                raise UnsafeCheckpointError(
+                    f"{self.path}: its member {name} is not a tensor archive bnctl can check ({type(exc).__name__}); torch.export.load would unpickle it unrestricted, which bnctl does only with --trust",
+                    "only if you trust where it came from: add --trust",
+                ) from None
 
     def close(self) -> None:
         self.zip.close()

@@ -216,10 +216,11 @@ def load(path: str | Path, *, key: str | None = None, trust: bool = False) -> Ch
         Archive(path, "torchscript", trust=True).verify()
         return Checkpoint(path, fmt, module=_guarded(path, "TorchScript", lambda: _torch().jit.load(str(path), map_location="cpu")))
     if fmt is Format.EXPORT:
-        archive = Archive(path, "export", trust=trust)
-        archive.verify()  # torch's reader checks no CRC and reads every member anyway
         if not trust:
-            archive.check_export_objects()
+            from .pt2 import read_program
+
+            return Checkpoint(path, fmt, program=read_program(path))
+        Archive(path, "export", trust=True).verify()  # torch's reader checks no CRC
         return Checkpoint(path, fmt, program=_guarded(path, "torch.export", lambda: _torch().export.load(str(path))))
     if fmt is Format.ONNX:
         return Checkpoint(path, fmt, onnx_model=_load_onnx(path))
