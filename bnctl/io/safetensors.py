@@ -46,6 +46,7 @@ class SafetensorsTensors(Mapping):
             if length > size - 8 or length > MAX_HEADER:
                 raise InputError(f"{path}: its safetensors header declares {length} bytes, more than the file holds", "the file is truncated; " + _TIP)
             raw = f.read(length)
+        self._start = 8 + length
         try:
             header = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -56,13 +57,14 @@ class SafetensorsTensors(Mapping):
         if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise InputError(f"{path}: its safetensors __metadata__ is not a map of strings", _TIP)
         self.metadata = metadata
-        self._start = 8 + length
         self._entries = _checked(path, header, size - self._start)
         self._map: Any = None
 
     def __getitem__(self, key: str) -> np.ndarray:
         """The tensor as a numpy array (bfloat16 widened to float32, exactly; float8 through torch)."""
-        _, view, _, _, _ = self._entries[key]
+        dtype, view, shape, begin, end = self._entries[key]
+        if view is None and self._map is not None and end > begin:  # the common case, kept short
+            return np.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self._start + begin).reshape(shape)
         array = self._raw(key)
         if view == "bfloat16":
             return (array.astype(np.uint32) << 16).view(np.float32)

@@ -70,6 +70,19 @@ _COLUMNS = (
 WIDE = 130
 
 
+#: the most rows the table prints: past this a terminal table is no use (csv and json list all)
+MAX_TABLE_ROWS = 1000
+
+
+def _shown_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """All rows, or for a very large model the flagged ones, then the first others, in model order."""
+    if len(rows) <= MAX_TABLE_ROWS:
+        return rows
+    flagged = [i for i, r in enumerate(rows) if r["flags"]][:MAX_TABLE_ROWS]
+    others = [i for i, r in enumerate(rows) if not r["flags"]][: MAX_TABLE_ROWS - len(flagged)]
+    return [rows[i] for i in sorted(flagged + others)]
+
+
 def inspect_table(result: InspectResult, *, width: int = WIDE, max_details: int = 20):
     """A rich renderable: the layer table, the flag details, the notes and the summary line."""
     from rich.console import Group
@@ -81,9 +94,12 @@ def inspect_table(result: InspectResult, *, width: int = WIDE, max_details: int 
     for title, _, _ in columns:
         table.add_column(title, justify="left" if title in ("layer", "kind", "flags") else "right",
                          no_wrap=title != "flags", overflow="fold")
-    for row in result.rows:
+    shown = _shown_rows(result.rows)
+    for row in shown:
         table.add_row(*(value(row) for _, value, _ in columns))
     parts: list[Any] = [table] if result.rows else []
+    if len(shown) < len(result.rows):
+        parts.append(Text(f"... the table shows {len(shown)} of {len(result.rows)} layers (every flagged one first); --format csv or json lists all", style="dim"))
     details = [(row["name"], d) for row in result.rows for d in row["details"]]
     if details:
         parts.append(Text(""))
