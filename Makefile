@@ -41,6 +41,10 @@ demo: $(VENV)/.demo-installed
 	@$(BNCTL) recalibrate samples/checkpoints/sample.pt --arch bnctl.models:sample_net --data samples/data_shifted -o $(OUT)/recalibrated.pt
 	@echo "\n\$$ python samples/evaluate.py $(OUT)/recalibrated.pt samples/data_shifted"
 	@$(PY) samples/evaluate.py $(OUT)/recalibrated.pt samples/data_shifted
+	@echo "\n\$$ bnctl diff samples/checkpoints/sample.pt $(OUT)/recalibrated.pt"
+	@$(BNCTL) diff samples/checkpoints/sample.pt $(OUT)/recalibrated.pt
+	@echo "\n\$$ bnctl diff $(OUT)/recalibrated.pt --arch bnctl.models:sample_net --data samples/data_shifted --fail-above 0.01 --plot $(OUT)/drift.png"
+	@$(BNCTL) diff $(OUT)/recalibrated.pt --arch bnctl.models:sample_net --data samples/data_shifted --fail-above 0.01 --plot $(OUT)/drift.png
 	@echo "\n\$$ bnctl fold samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 8,3,32,32 -o $(OUT)/sample_folded.pt2"
 	@$(BNCTL) fold samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 8,3,32,32 -o $(OUT)/sample_folded.pt2
 	@echo "\n\$$ bnctl fold samples/checkpoints/sample.onnx -o $(OUT)/sample_folded.onnx"

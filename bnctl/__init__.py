@@ -22,6 +22,8 @@ _EXPORTS = {
     "ConvertReport": ("bnctl.ops.convert", "ConvertReport"),
     "export": ("bnctl.ops.export", "export"),
     "ExportReport": ("bnctl.ops.export", "ExportReport"),
+    "diff": ("bnctl.ops.diff", "diff"),
+    "DiffResult": ("bnctl.ops.diff", "DiffResult"),
     "ModelSource": ("bnctl.io.source", "ModelSource"),
     "CheckInputs": ("bnctl.io.source", "CheckInputs"),
     "load_checkpoint": ("bnctl.io.checkpoint", "load"),
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .io.checkpoint import load as load_checkpoint
     from .io.source import CheckInputs, ModelSource
     from .ops.convert import ConvertReport, convert
+    from .ops.diff import DiffResult, diff
     from .ops.export import ExportReport, export
     from .ops.fold import FoldReport, fold
     from .ops.inspect import InspectResult, inspect
