@@ -241,22 +241,29 @@ def from_program_json(program: Any) -> list[BNLayer]:
         momentum, averaging = momentum_kind(momentum_arg.get("as_float") if "as_float" in momentum_arg else None) if "momentum" in args else (None, None)
         eps = args.get("eps", {}).get("as_float")
         nbt = state.get(f"{name}.num_batches_tracked") if name else None
-        found[name] = BNLayer(
-            name=name,
-            kind=kind or None,
-            num_features=next((int(t.size) for t in tensors if t is not None), 0),
-            eps=float(eps) if eps is not None else None,
-            momentum=momentum,
-            averaging=averaging,
-            training=bool(args.get("training", {}).get("as_bool", False)),
-            track_running_stats=tensors[2] is not None,
-            weight=tensors[0],
-            bias=tensors[1],
-            running_mean=tensors[2],
-            running_var=tensors[3],
-            num_batches_tracked=counter(nbt),
-        )
+        training = bool(args.get("training", {}).get("as_bool", False))
+        found[name] = program_layer(name, kind or None, tensors, eps, (momentum, averaging), training, nbt)
     return list(found.values())
+
+
+def program_layer(name: str, kind: str | None, tensors: list, eps: Any, momentum: tuple, training: bool, counter_tensor: Any) -> BNLayer:
+    """A BN call of an exported program as a layer: ``tensors`` are weight, bias, running mean
+    and var (None where absent), ``momentum`` is :func:`momentum_kind`'s pair."""
+    return BNLayer(
+        name=name,
+        kind=kind,
+        num_features=next((int(t.shape[0]) if len(t.shape) else 1 for t in tensors if t is not None), 0),
+        eps=float(eps) if eps is not None else None,
+        momentum=momentum[0],
+        averaging=momentum[1],
+        training=training,
+        track_running_stats=tensors[2] is not None,
+        weight=tensors[0],
+        bias=tensors[1],
+        running_mean=tensors[2],
+        running_var=tensors[3],
+        num_batches_tracked=counter(counter_tensor),
+    )
 
 
 def find(checkpoint: Any, module: Any = None) -> list[BNLayer]:

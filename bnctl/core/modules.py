@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import BNLayer, counter, momentum_kind
+from .layers import BNLayer, counter, momentum_kind, program_layer
 
 #: Class names of the BatchNorm modules torch ships (also what TorchScript keeps as original_name).
 BATCHNORM_CLASSES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
@@ -159,21 +159,7 @@ def from_program(program: Any) -> list[BNLayer]:
         momentum, averaging = momentum_kind(args[i_mom] if i_mom < len(args) else None)
         training = bool(args[i_train]) if i_train is not None and i_train < len(args) else False
         nbt = state.get(f"{name}.num_batches_tracked") if name else None
-        found[name] = BNLayer(
-            name=name,
-            kind=kind,
-            num_features=next((t.numel() for t in tensors if t is not None), 0),
-            eps=float(args[i_eps]) if i_eps < len(args) else None,
-            momentum=momentum,
-            averaging=averaging,
-            training=training,
-            track_running_stats=tensors[2] is not None,
-            weight=tensors[0],
-            bias=tensors[1],
-            running_mean=tensors[2],
-            running_var=tensors[3],
-            num_batches_tracked=counter(nbt),
-        )
+        found[name] = program_layer(name, kind, tensors, args[i_eps] if i_eps < len(args) else None, (momentum, averaging), training, nbt)
     return list(found.values())
 
 

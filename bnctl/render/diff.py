@@ -3,12 +3,9 @@ of files), flat rows for CSV and Markdown, and the shift plot."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-from .. import _atomic
-from ..errors import InputError, MissingExtraError
 from ..ops.diff import DiffResult
 from .inspect import num
 from .text import markup, plain
@@ -101,15 +98,9 @@ def table(result: DiffResult, *, max_rows: int = 1000):
 def plot(result: DiffResult, dest: Path) -> None:
     """Bars of each layer's largest mean shift (one series per step), layers with a finding in
     red, the --fail-above line dashed."""
-    try:
-        import matplotlib
+    from .plot import pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise MissingExtraError("matplotlib", "plot", "--plot") from exc
-    if dest.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise InputError(f"--plot {dest}: the file name must end in .png, .svg or .pdf", f"e.g. --plot {dest.with_suffix('.png')}")
+    plt = pyplot(dest)
     names = list(dict.fromkeys(l.name for s in result.steps for l in s.layers))
     flagged = {l.name for s in result.steps for l in s.layers if l.findings}
     width = 0.8 / max(len(result.steps), 1)
@@ -131,7 +122,4 @@ def plot(result: DiffResult, dest: Path) -> None:
     ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(summary_line(result) + "\nred = layer with a finding", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format=dest.suffix.lower().lstrip("."), dpi=110)
-    plt.close(fig)
-    _atomic.write_bytes(dest, buf.getvalue())
+    save(fig, dest)

@@ -12,13 +12,8 @@ from ..ops.inspect import InspectResult
 
 
 
-def plot(result: InspectResult, dest: Path) -> None:
-    """Draw each layer's running_var and |weight| spread (log scale), flagged layers in red.
-
-    One column per layer, in model order: a bar from the smallest to the largest channel
-    value with a dot at the median; red layers carry a flag; a cross at the bottom marks a
-    layer whose values cannot sit on a log axis (non-finite, negative or zero).
-    """
+def pyplot(dest: Path):
+    """matplotlib's pyplot (Agg) for a figure to be saved as ``dest``; errors name the extra and the suffixes."""
     try:
         import matplotlib
 
@@ -26,10 +21,31 @@ def plot(result: InspectResult, dest: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise MissingExtraError("matplotlib", "plot", "--plot") from exc
-    import numpy as np
-
     if dest.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise InputError(f"--plot {dest}: the file name must end in .png, .svg or .pdf", f"e.g. --plot {dest.with_suffix('.png')}")
+    return plt
+
+
+def save(fig, dest: Path) -> None:
+    """Write ``fig`` to ``dest`` atomically, in the format its suffix names, and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=dest.suffix.lower().lstrip("."), dpi=110)
+    plt.close(fig)
+    _atomic.write_bytes(dest, buf.getvalue())
+
+
+def plot(result: InspectResult, dest: Path) -> None:
+    """Draw each layer's running_var and |weight| spread (log scale), flagged layers in red.
+
+    One column per layer, in model order: a bar from the smallest to the largest channel
+    value with a dot at the median; red layers carry a flag; a cross at the bottom marks a
+    layer whose values cannot sit on a log axis (non-finite, negative or zero).
+    """
+    import numpy as np
+
+    plt = pyplot(dest)
     layers = result.layers
     n = max(len(layers), 1)
     fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.28 * n + 2), 7), sharex=True)
@@ -63,7 +79,4 @@ def plot(result: InspectResult, dest: Path) -> None:
     subtitle = ", ".join(f"{k} {v}" for k, v in counts.items()) or "no flags"
     fig.suptitle(f"{Path(result.source).name}: {len(layers)} BatchNorm layers ({subtitle})\nred = flagged layer; x = non-finite, negative or zero values", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format=dest.suffix.lower().lstrip("."), dpi=110)
-    plt.close(fig)
-    _atomic.write_bytes(dest, buf.getvalue())
+    save(fig, dest)
