@@ -9,6 +9,7 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import numpy as np
+import pytest
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -17,6 +18,7 @@ from torch import nn
 from bnctl.audit.registry import CHECKS, GROUPS, SEVERITIES
 from bnctl.audit.runner import AuditConfig, audit
 from bnctl.io.source import CheckInputs, ModelSource
+from bnctl.models import sample_net
 
 import buggy_models
 from conftest import BROKEN, CHECKPOINTS, ROOT
@@ -273,3 +275,48 @@ def test_library_config_object():
     config = AuditConfig(select=["BN1"], per_layer_ignores={"head.*": ["BN104"]})
     result = audit([BROKEN / "never_updated.pt"], config=config)
     assert codes_by_layer(result) == {("layers.1.bn1", "BN104")}
+
+
+# --- a gate is never green by accident -------------------------------------------------------
+
+
+def test_a_selected_check_that_cannot_run_fails_the_gate_in_every_format(cli, tmp_path):
+    text = cli("audit", CHECKPOINTS / "sample.pt", "--select", "BN3")
+    assert text.exit_code == 2 and "BN301, BN302, BN303, BN304 (behaviour) did not run: needs check inputs" in text.stdout
+    doc = json.loads(cli("audit", CHECKPOINTS / "sample.pt", "--select", "BN3", "-f", "json").stdout)
+    assert doc["not_run"] == [{"file": str(CHECKPOINTS / "sample.pt"), "group": "behaviour", "checks": ["BN301", "BN302", "BN303", "BN304"], "reason": "needs check inputs: pass --input-shape or --data", "explicit": True}]
+    sarif = json.loads(cli("audit", CHECKPOINTS / "sample.pt", "--select", "BN301", "-f", "sarif").stdout)
+    invocation = sarif["runs"][0]["invocations"][0]
+    assert invocation["executionSuccessful"] is False and invocation["toolExecutionNotifications"][0]["level"] == "error"
+    junit = ET.fromstring(cli("audit", CHECKPOINTS / "sample.pt", "--select", "BN301", "-f", "junit").stdout)
+    assert junit.get("errors") == "1" and junit.find(".//testcase/error").get("type") == "not-run"
+    # with inputs the same selection runs and passes
+    assert cli("audit", CHECKPOINTS / "sample.pt", "--arch", "bnctl.models:sample_net", "--input-shape", "2,3,32,32", "--select", "BN3").exit_code == 0
+
+
+def test_checks_that_could_not_run_are_reported_without_failing_when_not_named(cli):
+    doc = json.loads(cli("audit", CHECKPOINTS / "sample.pt", "-f", "json").stdout)
+    assert {n["group"] for n in doc["not_run"]} == {"configuration", "behaviour"} and not any(n["explicit"] for n in doc["not_run"])
+    assert cli("audit", CHECKPOINTS / "sample.pt").exit_code == 0
+
+
+@pytest.mark.parametrize("args,near", [(("--select", "dead-channel"), "dead-channels"), (("--ignore", "BN999"), "BN"), (("--select", "BN7"), "BN")])
+def test_unknown_selectors_are_errors_with_the_nearest_check(cli, args, near):
+    result = cli("audit", CHECKPOINTS / "sample.pt", *args)
+    assert result.exit_code == 2 and "is no check code, prefix or name" in result.stderr and f"did you mean {near}" in result.stderr
+
+
+def test_an_unknown_selector_in_pyproject_is_an_error(cli, tmp_path):
+    config = tmp_path / "pyproject.toml"
+    config.write_text('[tool.bnctl.audit]\nignore = ["BN15"]\n')
+    result = cli("audit", CHECKPOINTS / "sample.pt", "--config", config)
+    assert result.exit_code == 2 and "'BN15' is no check code" in result.stderr
+
+
+def test_bnctl_frozen_batchnorm_in_train_mode_is_no_finding(cli, tmp_path):
+    from bnctl.ops.convert import convert
+
+    frozen, _ = convert(sample_net(), "frozen")
+    torch.save(frozen.train(), tmp_path / "frozen.pt")
+    result = cli("audit", tmp_path / "frozen.pt", "--trust", "-f", "json")
+    assert "BN206" not in {f["check"] for f in json.loads(result.stdout)["findings"]}

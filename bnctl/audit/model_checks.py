@@ -12,7 +12,7 @@ from torch import nn
 
 from ..core import graph as g
 from ..core import verify
-from ..core.modules import is_batchnorm, training_batchnorms
+from ..core.modules import is_batchnorm, is_frozen, training_batchnorms
 from ..errors import one_line
 from .checks import Raw
 
@@ -21,7 +21,7 @@ def frozen_in_train_mode(module: nn.Module) -> list[Raw]:
     """BN206: parameters frozen by requires_grad while the layer trains (mode as saved)."""
     found: list[Raw] = []
     for name, m in module.named_modules():
-        if is_batchnorm(m) and m.training and getattr(m, "weight", None) is not None and not m.weight.requires_grad:
+        if is_batchnorm(m) and not is_frozen(m) and m.training and getattr(m, "weight", None) is not None and not m.weight.requires_grad:
             found.append((name, "BN206", "weight and bias have requires_grad=False but the layer is in train mode: its statistics still move"))
     return found
 

@@ -157,6 +157,24 @@ def lookup(code_or_name: str) -> Check | None:
     return CHECKS.get(code_or_name.upper()) or BY_NAME.get(code_or_name.lower())
 
 
+def check_selectors(patterns: list[str], where: str) -> list[str]:
+    """``patterns`` if each is ``ALL``, a code, a prefix of some code (``BN1``) or a check name;
+    else an InputError naming the first unknown one and the nearest valid selector."""
+    import difflib
+
+    from ..errors import InputError
+
+    valid = [*CHECKS, *BY_NAME]
+    for p in patterns:
+        q = p.strip()
+        if not q or q.upper() == "ALL" or q.lower() in BY_NAME or any(code.startswith(q.upper()) for code in CHECKS):
+            continue
+        near = difflib.get_close_matches(q.upper() if q[:2].upper() == "BN" else q.lower(), valid, n=1, cutoff=0.5)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise InputError(f"{where}: '{q}' is no check code, prefix or name", f"{hint}bnctl audit --list shows every check")
+    return patterns
+
+
 def matches(code: str, patterns: list[str]) -> bool:
     """Whether ``code`` is selected by any of ``patterns``: a code, a prefix (``BN1``), a
     check name, or ``ALL``."""

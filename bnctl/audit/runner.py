@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-from .registry import CHECKS, SEVERITIES, matches
+from .registry import CHECKS, SEVERITIES, check_selectors, matches
 
 #: file names a folder is searched for (explicitly named files are always read)
 CHECKPOINT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pt2", ".onnx", ".ts", ".torchscript"}
@@ -55,6 +55,8 @@ class FileAudit:
     error: str | None = None
     groups: list[str] = field(default_factory=list)  # check groups that ran
     notes: list[str] = field(default_factory=list)
+    unable: dict[str, str] = field(default_factory=dict)  # check group -> why it could not run on this file
+    not_run: list[dict[str, Any]] = field(default_factory=list)  # selected checks that did not run (see AuditResult)
     seconds: dict[str, float] = field(default_factory=dict)  # time per check group
 
 
@@ -67,8 +69,16 @@ class AuditConfig:
     per_layer_ignores: dict[str, list[str]] = field(default_factory=dict)
     fail_on: str = "error"
 
+    def selects(self, code: str) -> bool:
+        """Whether check ``code`` is selected and not ignored."""
+        return matches(code, self.select) and not matches(code, self.ignore)
+
+    def names(self, code: str) -> bool:
+        """Whether ``code`` was selected by name, code or prefix (not only by ``ALL``)."""
+        return matches(code, [p for p in self.select if p.strip().upper() != "ALL"])
+
     def keeps(self, finding: Finding) -> bool:
-        if not matches(finding.code, self.select) or matches(finding.code, self.ignore):
+        if not self.selects(finding.code):
             return False
         return not any(fnmatch.fnmatchcase(finding.layer or "", glob) and matches(finding.code, codes) for glob, codes in self.per_layer_ignores.items())
 
@@ -88,9 +98,9 @@ def load_config(start: Path | None = None, path: Path | None = None) -> AuditCon
     unknown = set(table) - {"select", "ignore", "per-layer-ignores", "fail-on"}
     if unknown:
         raise InputError(f"{path}: unknown [tool.bnctl.audit] keys: {', '.join(sorted(unknown))}", "known keys: select, ignore, per-layer-ignores, fail-on")
-    config.select = list(table.get("select", config.select))
-    config.ignore = list(table.get("ignore", []))
-    config.per_layer_ignores = {str(k): list(v) for k, v in table.get("per-layer-ignores", {}).items()}
+    config.select = check_selectors(list(table.get("select", config.select)), f"{path}: select")
+    config.ignore = check_selectors(list(table.get("ignore", [])), f"{path}: ignore")
+    config.per_layer_ignores = {str(k): check_selectors(list(v), f"{path}: per-layer-ignores") for k, v in table.get("per-layer-ignores", {}).items()}
     config.fail_on = check_fail_on(table.get("fail-on", "error"))
     return config
 
@@ -123,9 +133,16 @@ class AuditResult:
     def summary(self) -> dict[str, int]:
         return {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
 
+    @property
+    def not_run(self) -> list[dict[str, Any]]:
+        """Selected checks that could not run, per file and group, and why; ``explicit`` where
+        the selection named them (not only ``ALL``)."""
+        return [{"file": fa.path, **n} for fa in self.files for n in fa.not_run]
+
     def exit_code(self, exit_zero: bool = False) -> int:
-        """2 when a file could not be read, 1 for a finding at or above fail-on, else 0."""
-        if self.errors:
+        """2 when a file could not be read or a check selected by name could not run (a gate
+        is never green by accident), 1 for a finding at or above fail-on, else 0."""
+        if self.errors or any(n["explicit"] for n in self.not_run):
             return 2
         threshold = SEVERITIES.index(self.config.fail_on)
         failing = any(SEVERITIES.index(f.severity) <= threshold for f in self.findings)
@@ -136,7 +153,8 @@ class AuditResult:
         return {
             "findings": [f.to_dict() for f in self.findings],
             "summary": self.summary(),
-            "files": [{"file": fa.path, "format": fa.description, "layers": fa.layers, "checks": fa.groups, "seconds": fa.seconds, "notes": fa.notes, "error": fa.error} for fa in self.files],
+            "files": [{"file": fa.path, "format": fa.description, "layers": fa.layers, "checks": fa.groups, "seconds": fa.seconds, "notes": fa.notes, "error": fa.error, "not_run": fa.not_run} for fa in self.files],
+            "not_run": self.not_run,
             "fail_on": self.config.fail_on,
         }
 
@@ -178,6 +196,7 @@ def audit(
         except BnctlError as exc:
             fa = FileAudit(str(path), error=exc.message)
         fa.findings = [f for f in fa.findings if config.keeps(f)]
+        fa.not_run = _not_run(fa, config)
         results.append(fa)
     return AuditResult(results, config)
 
@@ -189,6 +208,16 @@ def _behaviour_inputs(inputs: CheckInputs) -> tuple | None:
     if examples is not None and examples[0].shape[0] < 2:
         raise InputError(f"--data {inputs.data}: behaviour checks need at least 2 samples", "add samples, or use --input-shape")
     return examples
+
+
+def _not_run(fa: FileAudit, config: AuditConfig) -> list[dict[str, Any]]:
+    """The selected checks of each group that could not run on this file, and why."""
+    out = []
+    for group, reason in fa.unable.items():
+        codes = [c for c, check in CHECKS.items() if check.group == group and config.selects(c)]
+        if codes:
+            out.append({"group": group, "checks": codes, "reason": reason, "explicit": any(config.names(c) for c in codes)})
+    return out
 
 
 def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
@@ -222,25 +251,36 @@ def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
             raw += model_checks.frozen_in_train_mode(runnable)
         raw += model_checks.conv_bias_before_bn(runnable)
         done("configuration")
+    elif onnx:
+        fa.unable["configuration"] = "an ONNX graph has no module tree (its BN modes are checked by BN401)"
     elif checkpoint.program is not None:
+        fa.unable["configuration"] = "a .pt2 program has no module tree (the training flag of its batch-norm calls is checked by BN201)"
         runnable = checkpoint.program.module() if opened.trusted else None
-        if runnable is not None and inputs is not None and not _accepts(runnable, inputs):
-            fa.notes.append("behaviour checks skipped: the program's input shapes are fixed and differ from the check inputs")
-            runnable = None
-        done("configuration")
-    if inputs is not None and (checkpoint.script is not None or (checkpoint.program is not None and not opened.trusted)):
-        fa.notes.append("behaviour checks skipped: they run the program in the file, which bnctl does only with --trust")
-        runnable = None
+    else:
+        fa.unable["configuration"] = "a state_dict records no module configuration: pass --arch to build the model"
+    why_not = None
+    if inputs is None:
+        why_not = "needs check inputs: pass --input-shape or --data"
+    elif onnx:
+        why_not = "they run PyTorch models, not ONNX graphs"
+    elif checkpoint.script is not None or (checkpoint.program is not None and not opened.trusted):
+        why_not = "they run the program in the file, which bnctl does only with --trust"
+    elif runnable is None:
+        why_not = "they need the model: pass --arch to build it from the state_dict"
+    elif checkpoint.program is not None and not _accepts(runnable, inputs):
+        why_not = "the program's input shapes are fixed and differ from the check inputs"
     if onnx:
         raw += checks.onnx_unfolded(checkpoint.onnx_model, _onnx_feeds(checkpoint.onnx_model, inputs))
         done("onnx")
-    if runnable is not None and inputs is not None:
+    if why_not is None:
         from ..core import verify
         from . import model_checks
 
         verify.reference_outputs(runnable, inputs)  # an InputError naming the shape if the model rejects it
         raw += model_checks.behaviour(runnable, inputs)
         done("behaviour")
+    else:
+        fa.unable["behaviour"] = why_not
     fa.findings = [Finding(str(path), layer, code, message) for layer, code, message in raw]
     return fa
 

@@ -55,15 +55,16 @@ def audit(
         raise InputError("no checkpoint to audit", "pass files or folders, e.g. bnctl audit model.pt (or --list to see the checks)")
     from .._atomic import refuse_overwrite
     from ..audit.runner import audit as run_audit
+    from ..audit.registry import check_selectors
     from ..audit.runner import expand, load_config
 
     refuse_overwrite(expand(paths), output)
 
     settings = load_config(path=config)
     if select:
-        settings.select = _codes(select)
+        settings.select = check_selectors(_codes(select), "--select")
     if ignore:
-        settings.ignore = settings.ignore + _codes(ignore)
+        settings.ignore = settings.ignore + check_selectors(_codes(ignore), "--ignore")
     if fail_on is not None:
         settings.fail_on = fail_on.value
     result = run_audit(paths, model=source, inputs=inputs, config=settings)

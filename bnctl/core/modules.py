@@ -48,7 +48,8 @@ def training_batchnorms(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.training]
 
 
-def _is_frozen(module: nn.Module) -> bool:
+def is_frozen(module: nn.Module) -> bool:
+    """A frozen BN (bnctl's FrozenBatchNorm, torchvision's, detectron2's): its statistics never move."""
     return not isinstance(module, _BatchNorm) and "Frozen" in _class_name(module)
 
 
@@ -95,7 +96,7 @@ def from_module(module: nn.Module, *, mode_known: bool = True) -> list[BNLayer]:
                 momentum=momentum,
                 averaging=averaging,
                 # a frozen BN normalizes with its statistics in either mode: its mode means nothing
-                training=(False if _is_frozen(m) else bool(m.training)) if mode_known else None,
+                training=(False if is_frozen(m) else bool(m.training)) if mode_known else None,
                 track_running_stats=bool(getattr(m, "track_running_stats", mean is not None)),
                 weight=weight.detach() if weight is not None else None,
                 bias=tensors["bias"].detach() if tensors.get("bias") is not None else None,

@@ -32,6 +32,16 @@ def to_junit(result: AuditResult) -> str:
             else:
                 ET.SubElement(case, "system-out").text = f"[{f.severity}] {f.message}"
             cases += 1
+        for n in fa.not_run:  # a check selected by name that could not run is never a silent pass
+            if n["explicit"]:
+                case = ET.SubElement(suite, "testcase", classname=fa.path, name=f"{', '.join(n['checks'])} ({n['group']})")
+                ET.SubElement(case, "error", message=f"did not run: {n['reason']}", type="not-run")
+                suite.set("errors", str(int(suite.get("errors", "0")) + 1))
+                errors += 1
+                cases += 1
+        implicit = [n for n in fa.not_run if not n["explicit"]]
+        if implicit:
+            ET.SubElement(suite, "system-out").text = "\n".join(f"{n['group']} checks did not run: {n['reason']}" for n in implicit)
         if fa.error is None and not fails:
             ET.SubElement(suite, "testcase", classname=fa.path, name=f"audit ({fa.layers} BatchNorm layers)")
             cases += 1

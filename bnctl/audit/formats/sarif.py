@@ -59,10 +59,15 @@ def to_sarif(result: AuditResult) -> str:
             "partialFingerprints": {"bnctlFinding/v1": fingerprint},
         })
     notifications = [{"level": "error", "message": {"text": f"{fa.path}: {fa.error}"}} for fa in result.errors]
+    notifications += [
+        {"level": "error" if n["explicit"] else "note", "message": {"text": f"{n['file']}: {', '.join(n['checks'])} ({n['group']}) did not run: {n['reason']}"},
+         "descriptor": {"id": n["checks"][0]}, "locations": [{"physicalLocation": {"artifactLocation": {"uri": _uri(n["file"])}}}]}
+        for n in result.not_run
+    ]
     run = {
         "tool": {"driver": {"name": "bnctl", "version": __version__, "semanticVersion": __version__, "informationUri": HOME, "rules": rules}},
         "results": results,
-        "invocations": [{"executionSuccessful": not result.errors, "toolExecutionNotifications": notifications}],
+        "invocations": [{"executionSuccessful": not result.errors and not any(n["explicit"] for n in result.not_run), "toolExecutionNotifications": notifications}],
     }
     if os.environ.get("GITHUB_WORKSPACE"):
         run["originalUriBaseIds"] = {"%SRCROOT%": {"uri": Path(os.environ["GITHUB_WORKSPACE"]).as_uri() + "/"}}

@@ -17,7 +17,16 @@ def summary_line(result: AuditResult) -> str:
     text = f"Found {n} finding{'s' * (n != 1)} ({', '.join(parts)}) in {result.layers} BatchNorm layers of {files} file{'s' * (files != 1)}."
     if result.errors:
         text += f" {len(result.errors)} file{'s' * (len(result.errors) != 1)} could not be read."
+    explicit = [n for n in result.not_run if n["explicit"]]
+    if explicit:
+        text += f" {sum(len(n['checks']) for n in explicit)} selected checks could not run."
     return text
+
+
+def not_run_line(notice: dict) -> str:
+    """``x.pt: not run: BN301, BN302 (behaviour): needs check inputs: ...``"""
+    kind = "error" if notice["explicit"] else "notice"
+    return plain(f"{notice['file']}: {kind}: {', '.join(notice['checks'])} ({notice['group']}) did not run: {notice['reason']}")
 
 
 def to_text(result: AuditResult) -> str:
@@ -30,5 +39,6 @@ def to_text(result: AuditResult) -> str:
         lines.append(plain(f"{fa.path}: error: {fa.error}"))
     for fa in result.files:
         lines += [plain(f"{fa.path}: note: {n}") for n in fa.notes]
+    lines += [not_run_line(n) for n in result.not_run if n["explicit"]]
     lines.append(summary_line(result))
     return "\n".join(lines) + "\n"
