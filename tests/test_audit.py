@@ -320,3 +320,33 @@ def test_bnctl_frozen_batchnorm_in_train_mode_is_no_finding(cli, tmp_path):
     torch.save(frozen.train(), tmp_path / "frozen.pt")
     result = cli("audit", tmp_path / "frozen.pt", "--trust", "-f", "json")
     assert "BN206" not in {f["check"] for f in json.loads(result.stdout)["findings"]}
+
+
+def _onnx_bn_stats_from(tmp_path, how: str):
+    """A Conv + BatchNormalization whose statistics are computed from constants
+    (Constant -> Identity -> Cast, as older exporters write them) or are graph inputs."""
+    c = 3
+    inits = [numpy_helper.from_array(np.random.default_rng(0).random((c, 3, 1, 1)).astype(np.float32), "w")]
+    nodes, inputs = [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])]
+    for name, value in (("scale", np.ones(c)), ("bias", np.zeros(c)), ("mean", np.full(c, 0.5)), ("var", np.full(c, 2.0))):
+        if how == "computed":
+            nodes += [helper.make_node("Constant", [], [f"{name}_c"], value=numpy_helper.from_array(value.astype(np.float64), f"{name}_t")),
+                      helper.make_node("Identity", [f"{name}_c"], [f"{name}_i"]), helper.make_node("Cast", [f"{name}_i"], [name], to=TensorProto.FLOAT)]
+        else:
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [c]))
+    nodes += [helper.make_node("Conv", ["x", "w"], ["y"]), helper.make_node("BatchNormalization", ["y", "scale", "bias", "mean", "var"], ["z"], name="bn")]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / f"{how}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+def test_onnx_statistics_computed_from_constants_are_read_and_graph_inputs_are_no_finding(cli, tmp_path):
+    computed = _onnx_bn_stats_from(tmp_path, "computed")
+    layer = json.loads(cli("inspect", computed, "-f", "json").stdout)["layers"][0]
+    assert (layer["num_features"], layer["mean_absmax"], layer["var_min"]) == (3, 0.5, 2.0) and layer["flags"] == []
+    assert {f["check"] for f in json.loads(cli("audit", computed, "-f", "json").stdout)["findings"]} == {"BN402"}
+    runtime = _onnx_bn_stats_from(tmp_path, "runtime")
+    layer = json.loads(cli("inspect", runtime, "-f", "json").stdout)["layers"][0]
+    assert layer["num_features"] == 3 and layer["flags"] == []
+    assert json.loads(cli("audit", runtime, "-f", "json").stdout)["findings"] == []

@@ -201,7 +201,7 @@ def test_onnx_conv_transpose_gemm_and_bn_before_conv_fold(cli, tmp_path):
     np.testing.assert_allclose(ort_run(out, x), ort_run(src, x), rtol=1e-4, atol=1e-4)
 
 
-def test_onnx_bn_with_statistics_from_a_graph_input_is_an_error(cli, tmp_path):
+def test_onnx_bn_with_statistics_from_a_graph_input_is_kept_with_a_reason(cli, tmp_path):
     rng = np.random.default_rng(1)
     nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[1, 1]), helper.make_node("BatchNormalization", ["a", "s", "b", "m", "v"], ["y"])]
     inits = [_init("w", rng.normal(size=(3, 3, 1, 1))), _init("s", np.ones(3)), _init("b", np.zeros(3)), _init("m", np.zeros(3))]
@@ -209,7 +209,12 @@ def test_onnx_bn_with_statistics_from_a_graph_input_is_an_error(cli, tmp_path):
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], inits)
     src = tmp_path / "dyn.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), src)
-    result = cli("fold", src, "-o", tmp_path / "out.onnx", "--input-shape", "1,3,4,4", "--input-shape", "3")
-    assert result.exit_code == 2
-    assert "non-constant inputs (v)" in result.stderr
-    assert not (tmp_path / "out.onnx").exists()
+    result = cli("fold", src, "-o", tmp_path / "out.onnx", "--input-shape", "1,3,4,4", "--input-shape", "3", "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["folded"] == [] and "v" in report["skipped"][0]["reason"] and "run time" in report["skipped"][0]["reason"]
+    out = onnx.load(tmp_path / "out.onnx")
+    assert [n.op_type for n in out.graph.node] == ["Conv", "BatchNormalization"]
+    feeds = {"x": rng.normal(size=(1, 3, 4, 4)).astype(np.float32), "v": np.full(3, 4.0, np.float32)}
+    same = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0] for p in (src, tmp_path / "out.onnx")]
+    np.testing.assert_allclose(same[0], same[1], rtol=1e-6)

@@ -167,9 +167,15 @@ def from_onnx(model: Any) -> list[BNLayer]:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = node.attribute[0].t
 
+    from .onnx import computed_constants
+
+    values = {name: numpy_helper.to_array(proto) for name, proto in constants.items()}
+    stats_inputs = [n for node in model.graph.node if node.op_type == "BatchNormalization" for n in node.input[1:5] if n and n not in values]
+    if stats_inputs:  # older exporters compute them from constants (Constant -> Identity -> Cast)
+        values.update(computed_constants(model, stats_inputs, values))
+
     def tensor(name: str) -> np.ndarray | None:
-        proto = constants.get(name)
-        return None if proto is None else numpy_helper.to_array(proto)
+        return values.get(name)
 
     layers = []
     for index, node in enumerate(model.graph.node):
@@ -180,16 +186,17 @@ def from_onnx(model: Any) -> list[BNLayer]:
         scale_name = node.input[1] if len(node.input) > 1 else ""
         name = scale_name[: -len(".weight")] if scale_name.endswith(".weight") else (node.name or f"BatchNormalization_{index}")
         training = bool(attrs.get("training_mode", 0)) or len([o for o in node.output if o]) > 1
+        runtime = any(n and n not in values for n in node.input[3:5])  # statistics fed at run time: unknown here
         layers.append(
             BNLayer(
                 name=name,
                 kind="BatchNormalization",
-                num_features=next((int(t.size) for t in (mean, weight) if t is not None), 0),
+                num_features=next((int(t.size) for t in (mean, weight, bias, var) if t is not None), 0) or _channels_of(model, node),
                 eps=float(attrs.get("epsilon", 1e-5)),
                 momentum=float(f"{1.0 - float(attrs.get('momentum', 0.9)):.6g}"),  # float32 attr: 0.9 -> 0.1
                 averaging="ema",
                 training=training,
-                track_running_stats=mean is not None,
+                track_running_stats=None if runtime else mean is not None,
                 weight=weight,
                 bias=bias,
                 running_mean=mean,
@@ -264,6 +271,22 @@ def program_layer(name: str, kind: str | None, tensors: list, eps: Any, momentum
         running_var=tensors[3],
         num_batches_tracked=counter(counter_tensor),
     )
+
+
+def _channels_of(model: Any, node: Any) -> int:
+    """A BatchNormalization's channel count from ONNX shape inference (0 when unknown)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - shapes are a help, not a must
+        return 0
+    for value in (*inferred.value_info, *inferred.input, *inferred.output):
+        if value.name in (node.input[0], node.output[0]):
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) > 1 and dims[1].HasField("dim_value"):
+                return int(dims[1].dim_value)
+    return 0
 
 
 def find(checkpoint: Any, module: Any = None) -> list[BNLayer]:

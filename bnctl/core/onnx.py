@@ -88,3 +88,44 @@ def run(model: Any, feeds: dict[str, np.ndarray]) -> list[Any]:
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
+
+
+def computed_constants(model: Any, names: Sequence[str], known: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Values of ``names`` that the graph computes from constants alone (Constant, Identity,
+    Cast chains of older exporters): the nodes they need, evaluated with ONNX's reference
+    evaluator on their own. A name that depends on a graph input, or cannot be evaluated, is
+    left out."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output if o}
+    initializers = {i.name: i for i in graph.initializer}
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        needed, stack, seen, free = [], [name], set(), True
+        while stack and free:
+            value = stack.pop()
+            if value in seen or value in known or value in initializers or not value:
+                continue
+            seen.add(value)
+            node = producers.get(value)
+            if node is None:  # a graph input: known only at run time
+                free = False
+                break
+            needed.append(node)
+            stack.extend(node.input)
+        if not free or not needed:
+            continue
+        order = {id(n): i for i, n in enumerate(graph.node)}
+        nodes = sorted({id(n): n for n in needed}.values(), key=lambda n: order[id(n)])
+        used = {i for n in nodes for i in n.input}
+        inits = [initializers[i] for i in used if i in initializers]
+        consts = [helper.make_node("Constant", [], [k], value=helper.make_tensor(k, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), np.shape(v), np.asarray(v).flatten().tolist()))
+                  for k, v in known.items() if k in used and k not in initializers]
+        try:
+            sub = helper.make_model(helper.make_graph(consts + nodes, "constants", [], [helper.make_empty_tensor_value_info(name)], inits), opset_imports=model.opset_import)
+            out[name] = np.asarray(ReferenceEvaluator(sub).run(None, {})[0])
+        except Exception:  # noqa: BLE001 - what cannot be evaluated stays unknown
+            continue
+    return out

@@ -211,6 +211,10 @@ def fold_model(model: Any, feeds: dict[str, np.ndarray] | None = None, *, plan: 
         if any(o and (graph.readers(o) or o in graph.outputs) for o in bn.output[1:]):
             skipped.append({"bn": name, "reason": "its running mean/var outputs are read"})
             continue
+        runtime = [n for n in bn.input[1:5] if n not in graph.const]
+        if runtime:
+            skipped.append({"bn": name, "reason": f"its inputs {', '.join(runtime)} are known only at run time (graph inputs, or computed from them)"})
+            continue
         scale, shift = _bn_params(graph, bn)
         layer, side, why = _neighbour(graph, bn, shift)
         if layer is None:
