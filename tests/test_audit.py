@@ -350,3 +350,31 @@ def test_onnx_statistics_computed_from_constants_are_read_and_graph_inputs_are_n
     layer = json.loads(cli("inspect", runtime, "-f", "json").stdout)["layers"][0]
     assert layer["num_features"] == 3 and layer["flags"] == []
     assert json.loads(cli("audit", runtime, "-f", "json").stdout)["findings"] == []
+
+
+def test_folders_are_searched_by_content_with_gitignore_include_and_exclude(cli, tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "ignored").mkdir()
+    (tmp_path / "resnet.pth.tar").write_bytes((CHECKPOINTS / "sample.pt").read_bytes())  # timm's name
+    (tmp_path / "sub" / "weights").write_bytes((CHECKPOINTS / "sample.safetensors").read_bytes())  # no extension
+    (tmp_path / "ignored" / "m.onnx").write_bytes((CHECKPOINTS / "sample.onnx").read_bytes())
+    (tmp_path / "sub" / "old.pt").write_bytes((CHECKPOINTS / "sample.pt").read_bytes())
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / ".gitignore").write_text("ignored/\n")
+    doc = json.loads(cli("audit", tmp_path, "--exclude", "old.*", "-f", "json").stdout)
+    assert sorted(f["file"] for f in doc["files"]) == sorted([str(tmp_path / "resnet.pth.tar"), str(tmp_path / "sub" / "weights")])
+    assert doc["skipped"] == {"ignored by .gitignore": 1, "not a checkpoint": 1, "excluded by --exclude": 1}
+    only = json.loads(cli("audit", tmp_path, "--include", "*.tar", "-f", "json").stdout)
+    assert [f["file"] for f in only["files"]] == [str(tmp_path / "resnet.pth.tar")]
+    assert "skipped in the folders" in cli("audit", tmp_path).stdout
+
+
+def test_many_findings_of_one_check_are_one_line_and_statistics_count_them(cli):
+    grouped = cli("audit", BROKEN / "train_mode.torchscript.pt").stdout.splitlines()
+    assert len([l for l in grouped if "BN201" in l]) == 1 and "(10 layers: stem.1" in grouped[0]
+    full = cli("audit", BROKEN / "train_mode.torchscript.pt", "--verbose").stdout.splitlines()
+    assert len([l for l in full if "BN201" in l]) == 10
+    stats = cli("audit", BROKEN, "--statistics").stdout.splitlines()
+    assert stats[0].split() == ["10", "BN201", "[error]", "saved-in-train-mode"] and stats[-1].startswith("Found 23 findings")
+    quiet = cli("audit", BROKEN / "train_mode.torchscript.pt", "--quiet").stdout
+    assert "Found" not in quiet and "BN201" in quiet

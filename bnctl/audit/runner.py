@@ -19,8 +19,6 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 from .registry import CHECKS, SEVERITIES, check_selectors, matches
 
-#: file names a folder is searched for (explicitly named files are always read)
-CHECKPOINT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pt2", ".onnx", ".ts", ".torchscript"}
 
 
 @dataclass
@@ -117,6 +115,7 @@ class AuditResult:
 
     files: list[FileAudit]
     config: AuditConfig
+    skipped: dict[str, int] = field(default_factory=dict)  # files in the folders not audited, by reason
 
     @property
     def findings(self) -> list[Finding]:
@@ -155,19 +154,16 @@ class AuditResult:
             "summary": self.summary(),
             "files": [{"file": fa.path, "format": fa.description, "layers": fa.layers, "checks": fa.groups, "seconds": fa.seconds, "notes": fa.notes, "error": fa.error, "not_run": fa.not_run} for fa in self.files],
             "not_run": self.not_run,
+            "skipped": self.skipped,
             "fail_on": self.config.fail_on,
         }
 
 
-def expand(paths: Sequence[str | Path]) -> list[Path]:
-    """Files to audit: each file as given, each folder's checkpoint files (recursive, sorted)."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix.lower() in CHECKPOINT_SUFFIXES or f.name.endswith(".torchscript.pt")))
-        else:
-            out.append(p)
-    return out
+def expand(paths: Sequence[str | Path], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[Path]:
+    """Files to audit (:func:`bnctl.audit.discover.discover`)."""
+    from .discover import discover
+
+    return discover(paths, include, exclude).files
 
 
 def audit(
@@ -176,6 +172,8 @@ def audit(
     model: ModelSource = ModelSource(),
     inputs: CheckInputs = CheckInputs(),
     config: AuditConfig | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> AuditResult:
     """Audit every checkpoint in ``paths`` (files or folders), each opened with ``model``'s options.
 
@@ -184,10 +182,14 @@ def audit(
     check ``inputs`` (shapes or a data folder). A file that cannot be read is reported in its
     :class:`FileAudit` and the others are still audited.
     """
+    from .discover import discover
+
     config = config or AuditConfig()
-    files = expand(paths)
+    found = discover(paths, include, exclude)
+    files = found.files
     if not files:
-        raise InputError(f"no checkpoint files in {', '.join(map(str, paths))}", "name files, or a folder with " + ", ".join(sorted(CHECKPOINT_SUFFIXES)))
+        skipped = "; ".join(f"{n} {why}" for why, n in found.skipped.items()) or "the folders are empty"
+        raise InputError(f"no checkpoint files in {', '.join(map(str, paths))} ({skipped})", "name the files, or check --include/--exclude and .gitignore")
     examples = _behaviour_inputs(inputs)
     results = []
     for path in files:
@@ -198,7 +200,7 @@ def audit(
         fa.findings = [f for f in fa.findings if config.keeps(f)]
         fa.not_run = _not_run(fa, config)
         results.append(fa)
-    return AuditResult(results, config)
+    return AuditResult(results, config, found.skipped)
 
 
 def _behaviour_inputs(inputs: CheckInputs) -> tuple | None:

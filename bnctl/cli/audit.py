@@ -26,7 +26,7 @@ def _codes(values: list[str] | None) -> list[str]:
 
 @command()
 def audit(
-    paths: Annotated[Optional[list[Path]], typer.Argument(help="Checkpoints, or folders to search for them.", show_default=False)] = None,
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Checkpoints, or folders to search for them (by content; .gitignore honoured).", show_default=False)] = None,
     source: ModelSource = MODEL,
     inputs: CheckInputs = CHECKS,
     fmt: Annotated[AuditFormat, typer.Option("--format", "-f", help="Output format.")] = AuditFormat("text"),
@@ -38,6 +38,11 @@ def audit(
     config: Annotated[Optional[Path], typer.Option("--config", help="Read [tool.bnctl.audit] from this file. Default: the nearest pyproject.toml.", rich_help_panel="Checks")] = None,
     list_checks: Annotated[bool, typer.Option("--list", help="List every check and exit.", rich_help_panel="Checks")] = False,
     explain: Annotated[Optional[str], typer.Option("--explain", help="Explain a check (code or name) and exit.", rich_help_panel="Checks", show_default=False)] = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="In folders, audit only files matching this glob (a name or a path below the folder). Repeatable.", rich_help_panel="Files")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="In folders, skip files matching this glob. Repeatable.", rich_help_panel="Files")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Text: one line per finding (default: a check firing on more than 3 layers of a file is one line).")] = False,
+    statistics: Annotated[bool, typer.Option("--statistics", help="Text: how many findings each check has, instead of the findings.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Text: the findings only, no notes and no summary line.")] = False,
 ) -> None:
     """Find train/eval-mode bugs and unhealthy BatchNorm state; exit 1 on findings (a CI gate).
 
@@ -58,7 +63,7 @@ def audit(
     from ..audit.registry import check_selectors
     from ..audit.runner import expand, load_config
 
-    refuse_overwrite(expand(paths), output)
+    refuse_overwrite(expand(paths, include or [], exclude or []), output)
 
     settings = load_config(path=config)
     if select:
@@ -67,8 +72,13 @@ def audit(
         settings.ignore = settings.ignore + check_selectors(_codes(ignore), "--ignore")
     if fail_on is not None:
         settings.fail_on = fail_on.value
-    result = run_audit(paths, model=source, inputs=inputs, config=settings)
-    emit_text(formats.RENDERERS[fmt.value](result), output)
+    result = run_audit(paths, model=source, inputs=inputs, config=settings, include=include or [], exclude=exclude or [])
+    if fmt.value == "text":
+        from ..audit.formats import text
+
+        emit_text(text.statistics(result) if statistics else text.to_text(result, verbose=verbose, quiet=quiet), output)
+    else:
+        emit_text(formats.RENDERERS[fmt.value](result), output)
     if output is not None or fmt.value != "text":
         typer.echo(formats.summary_line(result), err=True)
     raise typer.Exit(result.exit_code(exit_zero))

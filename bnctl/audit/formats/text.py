@@ -29,16 +29,46 @@ def not_run_line(notice: dict) -> str:
     return plain(f"{notice['file']}: {kind}: {', '.join(notice['checks'])} ({notice['group']}) did not run: {notice['reason']}")
 
 
-def to_text(result: AuditResult) -> str:
-    """One line per finding (file, layer, code, message), unreadable files, notes, the summary."""
+#: a check that fires on more layers of one file than this is one line (``--verbose`` lists each)
+GROUP_ABOVE = 3
+
+
+def to_text(result: AuditResult, *, verbose: bool = False, quiet: bool = False) -> str:
+    """One line per finding (file, layer, code, message), or per check and file where it fires
+    on many layers; unreadable files, notes, checks that could not run, the summary line.
+    ``quiet`` keeps the findings and errors only."""
     lines = []
+    groups: dict[tuple[str, str], list] = {}
     for f in result.findings:
-        where = f"{f.file}:{f.layer}" if f.layer else f.file
-        lines.append(plain(f"{where}: {f.code} [{f.severity}] {f.message}"))
+        groups.setdefault((f.file, f.code), []).append(f)
+    for (file, code), found in groups.items():
+        if verbose or len(found) <= GROUP_ABOVE:
+            for f in found:
+                where = f"{f.file}:{f.layer}" if f.layer else f.file
+                lines.append(plain(f"{where}: {f.code} [{f.severity}] {f.message}"))
+            continue
+        names = [f.layer or "(model)" for f in found]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        lines.append(plain(f"{file}: {code} [{found[0].severity}] {found[0].message} ({len(found)} layers: {shown}; --verbose lists each)"))
     for fa in result.errors:
         lines.append(plain(f"{fa.path}: error: {fa.error}"))
+    lines += [not_run_line(n) for n in result.not_run if n["explicit"]]
+    if quiet:
+        return "\n".join(lines) + "\n" if lines else ""
     for fa in result.files:
         lines += [plain(f"{fa.path}: note: {n}") for n in fa.notes]
-    lines += [not_run_line(n) for n in result.not_run if n["explicit"]]
+    if result.skipped:
+        lines.append("skipped in the folders: " + "; ".join(f"{n} {why}" for why, n in result.skipped.items()))
     lines.append(summary_line(result))
     return "\n".join(lines) + "\n"
+
+
+def statistics(result: AuditResult) -> str:
+    """Counts per check, most frequent first (ruff's ``--statistics``), then the summary line."""
+    from ..registry import CHECKS
+
+    counts: dict[str, int] = {}
+    for f in result.findings:
+        counts[f.code] = counts.get(f.code, 0) + 1
+    lines = [f"{n:>6}  {code}  [{CHECKS[code].severity}] {CHECKS[code].name}" for code, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return "\n".join([*lines, summary_line(result)]) + "\n"
