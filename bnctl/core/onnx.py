@@ -101,6 +101,7 @@ def computed_constants(model: Any, names: Sequence[str], known: dict[str, Any]) 
     graph = model.graph
     producers = {o: n for n in graph.node for o in n.output if o}
     initializers = {i.name: i for i in graph.initializer}
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info) if v.type.HasField("tensor_type")}
     out: dict[str, np.ndarray] = {}
     for name in names:
         needed, stack, seen, free = [], [name], set(), True
@@ -113,12 +114,15 @@ def computed_constants(model: Any, names: Sequence[str], known: dict[str, Any]) 
             if node is None:  # a graph input: known only at run time
                 free = False
                 break
+            if node.op_type == "CastLike" and len(node.input) > 1 and node.input[1] not in known and node.input[1] not in initializers and types.get(node.input[1]):
+                # only the target's type matters: a Cast to it (exporters cast zero biases like the input)
+                node = helper.make_node("Cast", [node.input[0]], list(node.output), to=types[node.input[1]])
             needed.append(node)
             stack.extend(node.input)
         if not free or not needed:
             continue
-        order = {id(n): i for i, n in enumerate(graph.node)}
-        nodes = sorted({id(n): n for n in needed}.values(), key=lambda n: order[id(n)])
+        order = {o: i for i, n in enumerate(graph.node) for o in n.output}
+        nodes = sorted({id(n): n for n in needed}.values(), key=lambda n: order.get(n.output[0], 0))
         used = {i for n in nodes for i in n.input}
         inits = [initializers[i] for i in used if i in initializers]
         consts = [helper.make_node("Constant", [], [k], value=helper.make_tensor(k, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), np.shape(v), np.asarray(v).flatten().tolist()))

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ...core.onnx import attribute, check_graph, node_name
+from ...core.onnx import attribute, check_graph, computed_constants, node_name
 from ...errors import InputError
 from . import math as fold_math
 
@@ -36,7 +36,7 @@ class _Graph:
                 self.const[node.output[0]] = numpy_helper.to_array(attribute(node, "value"))
         self.outputs = {o.name for o in graph.output}
 
-    def fill_in(self, feeds: dict[str, np.ndarray]) -> None:
+    def fill_in(self) -> None:
         """Evaluate the BN and layer inputs that the graph computes from constants alone
         (exporters build zero biases with Shape/Expand/CastLike), so they count as constants."""
         wanted = {
@@ -46,14 +46,8 @@ class _Graph:
             for name in node.input[1:]
             if name and name not in self.const and self._input_free(name, set())
         }
-        if wanted:
-            from onnx.reference import ReferenceEvaluator
-
-            names = sorted(wanted)
-            try:
-                self.const.update(zip(names, ReferenceEvaluator(self.model).run(names, feeds)))
-            except Exception:  # noqa: BLE001 - what cannot be evaluated stays computed (not folded, with that reason)
-                pass
+        if wanted:  # only the nodes these need are evaluated (never the model's convolutions)
+            self.const.update(computed_constants(self.model, sorted(wanted), self.const))
 
     def _input_free(self, name: str, seen: set) -> bool:
         """Whether ``name``'s value depends on no graph input (a CastLike target type aside)."""
@@ -187,8 +181,8 @@ def _zero_pads(layer: Any) -> bool:
 def fold_model(model: Any, feeds: dict[str, np.ndarray] | None = None, *, plan: bool = False) -> tuple[Any, list[dict], list[dict], int]:
     """Fold the BN nodes of an ONNX ModelProto (a copy is changed, not ``model``).
 
-    ``feeds`` (see :func:`input_feeds`) let weights the graph computes from constants be
-    evaluated; without them such weights count as computed. With ``plan``, only decide:
+    Weights the graph computes from constants alone are evaluated (only the nodes they need);
+    ``feeds`` is kept for callers and not needed. With ``plan``, only decide:
     which BN folds into which layer and why the others stay (no weights computed, no torch).
     Returns the new model, the folded pairs, the skipped BNs with reasons, and the BN count.
     Raises InputError for a BN whose statistics are not constants.
@@ -199,8 +193,7 @@ def fold_model(model: Any, feeds: dict[str, np.ndarray] | None = None, *, plan: 
     new = onnx.ModelProto()
     new.CopyFrom(model)
     graph = _Graph(new)
-    if feeds is not None:
-        graph.fill_in(feeds)
+    graph.fill_in()
     folded, skipped = [], []
     bns = [n for n in new.graph.node if n.op_type == "BatchNormalization"]
     for bn in bns:
