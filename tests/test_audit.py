@@ -378,3 +378,79 @@ def test_many_findings_of_one_check_are_one_line_and_statistics_count_them(cli):
     assert stats[0].split() == ["10", "BN201", "[error]", "saved-in-train-mode"] and stats[-1].startswith("Found 23 findings")
     quiet = cli("audit", BROKEN / "train_mode.torchscript.pt", "--quiet").stdout
     assert "Found" not in quiet and "BN201" in quiet
+
+
+# --- --fix: audit finds X, --fix writes a file whose audit no longer finds X, outputs verified --
+
+
+def test_fix_turns_onnx_training_mode_bn_into_inference_bn_and_onnx_runtime_agrees(cli, tmp_path):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    stats = {"s": rng.random(3) + 0.5, "b": rng.normal(size=3), "m": rng.normal(size=3), "v": rng.random(3) + 0.5}
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in stats.items()]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("BatchNormalization", ["r", "s", "b", "m", "v"], ["y", "rm", "rv"], training_mode=1)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])], outputs, inits)
+    src, out = tmp_path / "train.onnx", tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=9), src)
+    assert "BN401" in cli("audit", src).stdout
+    assert cli("audit", src, "--fix", "--diff").exit_code == 1 and not out.exists()
+    result = cli("audit", src, "--fix", "-o", out)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "fixed: BN401" in result.stdout and json.loads(cli("audit", out, "-f", "json").stdout)["findings"] == []
+    x = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    expected = nn.BatchNorm2d(3).eval()  # the eval-mode PyTorch layer on the same statistics
+    with torch.no_grad():
+        for name, attr in (("s", "weight"), ("b", "bias"), ("m", "running_mean"), ("v", "running_var")):
+            getattr(expected, attr).copy_(torch.from_numpy(stats[name].astype(np.float32)))
+        want = expected(torch.relu(torch.from_numpy(x))).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fix_refuses_statistics_that_are_not_real(cli, tmp_path):
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (("s", np.ones(3)), ("b", np.zeros(3)), ("m", np.zeros(3)), ("v", np.ones(3)))]
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], training_mode=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=9), tmp_path / "never.onnx")
+    result = cli("audit", tmp_path / "never.onnx", "--fix", "-o", tmp_path / "out.onnx")
+    assert "not fixed: BN401" in result.stdout and "recalibrate" in result.stdout and not (tmp_path / "out.onnx").exists()
+
+
+def test_fix_saves_a_train_mode_torchscript_in_eval_mode_with_the_same_eval_outputs(cli, tmp_path):
+    out = tmp_path / "fixed.ts"
+    assert "BN201" in cli("audit", BROKEN / "train_mode.torchscript.pt").stdout
+    result = cli("audit", BROKEN / "train_mode.torchscript.pt", "--trust", "--fix", "-o", out, "--input-shape", "2,3,32,32")
+    assert result.exit_code == 0 and "max abs error 0" in result.stdout, result.stdout + result.stderr
+    assert json.loads(cli("audit", out, "-f", "json").stdout)["findings"] == []
+    x = torch.rand(3, 3, 32, 32)
+    original, fixed = torch.jit.load(str(BROKEN / "train_mode.torchscript.pt")).eval(), torch.jit.load(str(out))
+    assert not any(m.training for m in fixed.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x), original(x), rtol=0, atol=0)
+
+
+def test_fix_moves_a_conv_bias_into_the_bn_exactly(cli, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.ReLU())
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    torch.save(model, tmp_path / "m.pt")
+    assert "BN208" in cli("audit", tmp_path / "m.pt", "--trust").stdout
+    result = cli("audit", tmp_path / "m.pt", "--trust", "--fix", "-o", tmp_path / "fixed.pt")
+    assert result.exit_code == 0 and "fixed: BN208 1: 0.bias moved into running_mean" in result.stdout, result.stdout
+    fixed = torch.load(tmp_path / "fixed.pt", weights_only=False)
+    assert float(fixed[0].bias.abs().max()) == 0
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x), model(x), rtol=1e-5, atol=1e-6)
+    assert "BN208" not in cli("audit", tmp_path / "fixed.pt", "--trust").stdout
+
+
+def test_list_and_explain_say_which_checks_are_fixable(cli):
+    listing = cli("audit", "--list").stdout.splitlines()
+    assert next(l for l in listing if l.startswith("BN401")).split()[3] == "yes"
+    assert next(l for l in listing if l.startswith("BN104")).split()[3] == "-"
+    assert "bnctl audit --fix:" in cli("audit", "--explain", "BN208").stdout

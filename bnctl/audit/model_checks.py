@@ -29,28 +29,37 @@ def frozen_in_train_mode(module: nn.Module) -> list[Raw]:
 def conv_bias_before_bn(module: nn.Module) -> list[Raw]:
     """BN208: a conv/linear with a bias feeding a BN alone, from the traced data flow
     (the module tree's order where tracing fails)."""
-    found: list[Raw] = []
+    return [(bn, "BN208", f"{layer} has a bias, which this BN's mean subtraction cancels") for bn, layer in conv_bias_pairs(module)]
+
+
+def conv_bias_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """``(bn, layer)`` names: a conv/linear with a bias whose output only that BN reads."""
     try:
         graph = g.trace_graph(module)
     except Exception:  # noqa: BLE001 - untraceable (TorchScript, control flow): use the module order
-        return _bias_before_bn_by_order(module)
+        return _bias_pairs_by_order(module)
+    pairs = []
     for node in graph.nodes:
         bn = g.bn_call(module, node)
         layer = g.layer_call(bn.input) if bn is not None else None
         if layer is None or layer.bias_node is None or len(bn.input.users) != 1:
             continue
-        found.append((bn.name, "BN208", f"{layer.name} has a bias, which this BN's mean subtraction cancels"))
-    return found
+        bias = g.get_attr(module, layer.bias_node.target) if getattr(layer.bias_node, "op", None) == "get_attr" else None
+        if isinstance(bias, torch.Tensor) and not bool(bias.detach().any()):
+            continue  # an all-zero bias changes nothing
+        pairs.append((bn.name, layer.name))
+    return pairs
 
 
-def _bias_before_bn_by_order(module: nn.Module) -> list[Raw]:
+def _bias_pairs_by_order(module: nn.Module) -> list[tuple[str, str]]:
     leaves = [(n, m) for n, m in module.named_modules() if n and (not list(m.children()) or is_batchnorm(m))]
-    found: list[Raw] = []
+    pairs = []
     for (prev_name, prev), (name, m) in zip(leaves, leaves[1:]):
         kind = getattr(prev, "original_name", type(prev).__name__)
-        if is_batchnorm(m) and kind.startswith(("Conv", "Linear")) and getattr(prev, "bias", None) is not None:
-            found.append((name, "BN208", f"{prev_name} has a bias, which this BN's mean subtraction cancels"))
-    return found
+        bias = getattr(prev, "bias", None)
+        if is_batchnorm(m) and kind.startswith(("Conv", "Linear")) and bias is not None and bool(torch.as_tensor(bias).detach().any()):
+            pairs.append((name, prev_name))
+    return pairs
 
 
 # --- behaviour ------------------------------------------------------------------------------

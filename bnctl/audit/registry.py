@@ -26,8 +26,22 @@ class Check:
     fix: str  # what to do
 
     @property
+    def fixable(self) -> bool:
+        """Whether ``bnctl audit --fix`` repairs it (:data:`FIXABLE`)."""
+        return self.code in FIXABLE
+
+    @property
     def help_text(self) -> str:
-        return f"{self.summary}\n\nWhy: {self.why}\n\nExample: {self.example}\n\nFix: {self.fix}"
+        auto = f"\n\nbnctl audit --fix: {FIXABLE[self.code]}" if self.fixable else ""
+        return f"{self.summary}\n\nWhy: {self.why}\n\nExample: {self.example}\n\nFix: {self.fix}{auto}"
+
+
+#: what ``bnctl audit --fix`` does for each check it can repair (exactly: outputs in eval mode unchanged)
+FIXABLE = {
+    "BN201": "saves the module again in eval mode (TorchScript or a pickled module; needs --trust to load it).",
+    "BN208": "folds the bias into the BN: running_mean -= bias, and the bias becomes 0 (exact).",
+    "BN401": "turns the node into inference BatchNormalization on its stored statistics (training_mode=0, no running mean/var outputs), if those statistics are real.",
+}
 
 
 _CHECKS = [

@@ -40,6 +40,8 @@ def audit(
     explain: Annotated[Optional[str], typer.Option("--explain", help="Explain a check (code or name) and exit.", rich_help_panel="Checks", show_default=False)] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="In folders, audit only files matching this glob (a name or a path below the folder). Repeatable.", rich_help_panel="Files")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="In folders, skip files matching this glob. Repeatable.", rich_help_panel="Files")] = None,
+    fix: Annotated[bool, typer.Option("--fix", help="Repair what can be repaired (--list says which checks) and write the repaired model to --output; the input is never changed.", rich_help_panel="Fix")] = False,
+    diff: Annotated[bool, typer.Option("--diff", help="With --fix: show what would change, write nothing.", rich_help_panel="Fix")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Text: one line per finding (default: a check firing on more than 3 layers of a file is one line).")] = False,
     statistics: Annotated[bool, typer.Option("--statistics", help="Text: how many findings each check has, instead of the findings.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Text: the findings only, no notes and no summary line.")] = False,
@@ -58,6 +60,9 @@ def audit(
         return
     if not paths:
         raise InputError("no checkpoint to audit", "pass files or folders, e.g. bnctl audit model.pt (or --list to see the checks)")
+    if fix or diff:
+        _fix(paths, source, inputs, output, diff, config, select, ignore)
+        return
     from .._atomic import refuse_overwrite
     from ..audit.runner import audit as run_audit
     from ..audit.registry import check_selectors
@@ -82,3 +87,37 @@ def audit(
     if output is not None or fmt.value != "text":
         typer.echo(formats.summary_line(result), err=True)
     raise typer.Exit(result.exit_code(exit_zero))
+
+
+def _fix(paths, source, inputs, output, diff: bool, config, select, ignore) -> None:
+    from ..audit import formats
+    from ..audit.registry import check_selectors
+    from ..audit.runner import load_config
+    from ..jobs.fix import fix_file
+    from ..render.text import plain
+
+    if len(paths) != 1 or paths[0].is_dir():
+        raise InputError("--fix repairs one file at a time", "pass one checkpoint, e.g. bnctl audit model.onnx --fix -o fixed.onnx")
+    if output is None and not diff:
+        raise InputError("--fix writes the repaired model to --output", "add -o fixed.<ext>, or --diff to see the changes without writing")
+    settings = load_config(path=config)
+    if select:
+        settings.select = check_selectors(_codes(select), "--select")
+    if ignore:
+        settings.ignore = settings.ignore + check_selectors(_codes(ignore), "--ignore")
+    report = fix_file(source.at(paths[0]), None if diff else output, config=settings, inputs=inputs)
+    lines = [plain(f"{'would fix' if diff else 'fixed'}: {code} {layer}: {change}") for code, layer, change in report.repairs.fixed]
+    lines += [plain(f"not fixed: {code} {layer}: {why}") for code, layer, why in report.repairs.unfixed]
+    remaining = sorted({f.code for f in report.before.findings} - {c for c, _, _ in report.repairs.fixed})
+    if not report.repairs.fixed:
+        lines.append("nothing to fix" + (f" (findings of {', '.join(remaining)} are not fixable here)" if remaining else ""))
+    if report.max_abs_error is not None:
+        lines.append(f"eval-mode outputs, repaired against original on the check inputs: max abs error {report.max_abs_error:.2g}")
+    typer.echo("\n".join(lines))
+    if diff:
+        raise typer.Exit(1 if report.repairs.fixed else 0)
+    if not report.written:
+        raise typer.Exit(report.before.exit_code())
+    typer.echo(f"wrote {output}; its audit:", err=True)
+    typer.echo(formats.to_text(report.after).rstrip())
+    raise typer.Exit(report.after.exit_code())

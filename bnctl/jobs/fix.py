@@ -1,0 +1,118 @@
+"""``bnctl audit --fix``'s job: audit one file, repair what can be repaired
+(:mod:`bnctl.audit.fixes`), check the repaired model computes what the original computes in
+eval mode, write it (never over the input), and audit the written file again."""
+
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import _atomic
+from ..audit.fixes import Repairs, fix_module, fix_onnx
+from ..audit.registry import FIXABLE
+from ..audit.runner import AuditConfig, AuditResult, audit
+from ..errors import InputError
+from ..io.source import CheckInputs, ModelSource
+
+
+@dataclass
+class FixReport:
+    """What was repaired, what could not be, and the audit of the written file."""
+
+    before: AuditResult
+    repairs: Repairs = field(default_factory=Repairs)
+    after: AuditResult | None = None
+    output: str | None = None
+    written: bool = False
+    max_abs_error: float | None = None  # eval-mode outputs, repaired against original, on the check inputs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fixed": [{"check": c, "layer": l, "change": m} for c, l, m in self.repairs.fixed],
+            "unfixed": [{"check": c, "layer": l, "reason": m} for c, l, m in self.repairs.unfixed],
+            "not_fixable": sorted({f.code for f in self.before.findings if f.code not in FIXABLE}),
+            "output": self.output, "written": self.written, "max_abs_error": self.max_abs_error,
+            "after": self.after.to_dict() if self.after is not None else None,
+        }
+
+
+def fix_file(source: ModelSource, output: str | Path | None, *, config: AuditConfig | None = None, inputs: CheckInputs = CheckInputs()) -> FixReport:
+    """Repair the findings of ``source`` that :data:`FIXABLE` lists and write the result to
+    ``output`` (None: only say what would change)."""
+    from ..io import checkpoint as ckpt_mod
+
+    config = config or AuditConfig()
+    if output is not None:
+        _atomic.refuse_overwrite(source.path, output)
+    report = FixReport(audit([source.path], model=source, inputs=inputs, config=config))
+    if report.before.errors:
+        raise InputError(f"{source.path}: {report.before.errors[0].error}", "fix what makes the file unreadable first")
+    codes: dict[str, set[str]] = {}
+    for f in report.before.findings:
+        if f.code in FIXABLE:
+            codes.setdefault(f.code, set()).add(f.layer or "")
+    opened = source.open()
+    checkpoint = opened.checkpoint
+    if not codes:
+        data = None
+    elif checkpoint.format == ckpt_mod.Format.ONNX:
+        new, report.repairs = fix_onnx(checkpoint.onnx_model, codes.get("BN401", set()))
+        if report.repairs.fixed:
+            _check_onnx(new)
+        data = new.SerializeToString()
+    elif checkpoint.program is not None:
+        raise InputError(f"{source.path.name} is a .pt2 program: bnctl does not rewrite programs", "fix the model that exported it (model.eval() before torch.export) and export it again")
+    else:
+        model = opened.runnable("fixing")  # TorchScript needs --trust; a state_dict needs --arch
+        original = copy.deepcopy(model)
+        report.repairs = fix_module(model, codes)
+        examples = inputs.make()
+        if examples is not None:
+            from ..core import verify
+
+            report.max_abs_error = verify.compare(verify.reference_outputs(original.eval(), examples), verify.reference_outputs(model, examples))[0]
+        data = _module_bytes(model, opened)
+    if output is not None and data is not None and report.repairs.fixed:
+        _atomic.write_bytes(output, data)
+        report.output, report.written = str(output), True
+        report.after = audit([Path(output)], model=source.at(output), inputs=inputs, config=config)
+    return report
+
+
+def _check_onnx(after: Any) -> None:
+    """The repaired graph passes onnx.checker and runs in ONNX Runtime; else nothing is written."""
+    import onnx
+
+    from ..core import onnx as onnx_run
+    from ..errors import one_line
+
+    try:
+        onnx.checker.check_model(after)
+        feeds = onnx_run.input_feeds(after, None)
+    except InputError:
+        return  # dynamic input shapes: the checker's word stands
+    except Exception as exc:  # noqa: BLE001 - the checker's ValidationError
+        raise InputError(f"the repaired graph is not valid ONNX: {one_line(exc)}", "report this; nothing was written") from exc
+    try:
+        onnx_run.run(after, feeds)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime refusing the graph
+        raise InputError(f"ONNX Runtime cannot run the repaired graph: {one_line(exc)}", "check the opset and IR version onnxruntime supports; nothing was written") from exc
+
+
+def _module_bytes(model: Any, opened: Any) -> bytes:
+    """The repaired model in the input's own format: TorchScript, a pickled module, or the
+    state_dict of a model built by --arch."""
+    import torch
+
+    from ..io.writers import torch_bytes
+
+    if isinstance(model, torch.jit.ScriptModule):
+        buffer = io.BytesIO()
+        torch.jit.save(model, buffer)
+        return buffer.getvalue()
+    if opened.built is not None:
+        return torch_bytes(model.state_dict())
+    return torch_bytes(model)
