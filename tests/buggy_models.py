@@ -78,3 +78,10 @@ class BNAct(nn.BatchNorm2d):
 
 def bn_act() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), BNAct(4))
+
+
+def tiny_variance() -> nn.Module:
+    """A BN whose var + eps is float16-subnormal in every channel (BN108)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, eps=1e-7), nn.ReLU())
+    model[1].running_var.fill_(1e-6)
+    return model

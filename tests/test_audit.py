@@ -454,3 +454,20 @@ def test_list_and_explain_say_which_checks_are_fixable(cli):
     assert next(l for l in listing if l.startswith("BN401")).split()[3] == "yes"
     assert next(l for l in listing if l.startswith("BN104")).split()[3] == "-"
     assert "bnctl audit --fix:" in cli("audit", "--explain", "BN208").stdout
+
+
+def test_float16_overflow_and_precision_are_told_apart_and_the_error_is_measured_with_inputs(tmp_path):
+    model = buggy_models.tiny_variance()
+    torch.save(model.state_dict(), tmp_path / "t.pt")
+    potential = {f.code: f.message for f in audit([tmp_path / "t.pt"]).findings}
+    assert "BN108" in potential and "BN105" not in potential and "not measured" in potential["BN108"]
+    measured = audit([tmp_path / "t.pt"], model=ModelSource(arch=f"{MODELS}:tiny_variance"), inputs=CheckInputs(shapes=[(2, 3, 8, 8)]))
+    message = next(f.message for f in measured.findings if f.code == "BN108")
+    assert "measured on the check inputs: the model in float16 differs from float32 by" in message
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # the check inputs, seed 0
+    import copy
+
+    with torch.no_grad():
+        full, half = model.eval()(x), copy.deepcopy(model).eval().half()(x.half()).float()
+        want = (full - half).abs().max() / full.abs().max()
+    assert float(re.search(r"by ([0-9.e+-]+) \(relative\)", message).group(1)) == pytest.approx(float(want), rel=0.05)

@@ -64,6 +64,7 @@ TRIGGERS = {
     "train_mode": lambda: healthy(training=True),
     "unmaterialized": lambda: BNLayer(name="lazy", kind="LazyBatchNorm2d", num_features=0, materialized=False),
     "bad_tensor": lambda: layers.usable(healthy(weight=torch.ones(5))),
+    "fp16_precision": lambda: healthy(running_var=torch.full((8,), 1e-6), eps=1e-6),
 }
 
 # a near miss for each flag: the same kind of change, on the healthy side of the line
@@ -80,6 +81,7 @@ NEAR_MISSES = {
     "train_mode": lambda: healthy(training=None),
     "unmaterialized": lambda: healthy(),
     "bad_tensor": lambda: layers.usable(healthy(weight=torch.ones(8))),
+    "fp16_precision": lambda: healthy(running_var=torch.full((8,), 1e-3), eps=1e-5),
 }
 
 

@@ -16,6 +16,7 @@ FLAG_CODES = {
     "var_below_eps": "BN103",
     "never_updated": "BN104",
     "fp16_risk": "BN105",
+    "fp16_precision": "BN108",
     "dead_channels": "BN106",
     "bad_tensor": "BN107",
     "train_mode": "BN201",

@@ -122,3 +122,15 @@ def _batch_dependence(model: Any, inputs: tuple, batched: list[torch.Tensor]) ->
     if worst > 1e-4:
         return [(None, "BN302", f"a sample's output changes with the rest of its batch of {n} (max rel. error {worst:.2g})")]
     return []
+
+
+def float16_error(model: Any, inputs: tuple) -> float | None:
+    """The largest relative difference of the model's outputs in float16 against float32, on
+    the check inputs (eval mode, a copy); None where the model does not run in float16 here."""
+    reference = verify.reference_outputs(copy.deepcopy(model).eval(), inputs)
+    try:
+        half = copy.deepcopy(model).eval().half()
+        got = verify.run(half, tuple(t.half() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs))
+    except Exception:  # noqa: BLE001 - an op without a float16 kernel on this device
+        return None
+    return verify.compare(reference, [t.float() for t in got])[1]

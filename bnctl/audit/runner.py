@@ -278,8 +278,14 @@ def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
         from ..core import verify
         from . import model_checks
 
-        verify.reference_outputs(runnable, inputs)  # an InputError naming the shape if the model rejects it
+        import copy
+
+        verify.reference_outputs(copy.deepcopy(runnable), inputs)  # an InputError naming the shape if the model rejects it (a copy: a forward in train mode would move its statistics)
         raw += model_checks.behaviour(runnable, inputs)
+        if any(code in ("BN105", "BN108") for _, code, _ in raw):
+            error = model_checks.float16_error(runnable, inputs)
+            measured = f"measured on the check inputs: the model in float16 differs from float32 by {error:.2g} (relative)" if error is not None else "the model does not run in float16 here: not measured"
+            raw = [(layer, code, message.replace(" (not measured)", "") + f"; {measured}" if code in ("BN105", "BN108") else message) for layer, code, message in raw]
         done("behaviour")
     else:
         fa.unable["behaviour"] = why_not

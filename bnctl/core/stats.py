@@ -125,9 +125,11 @@ def _flags(layer: BNLayer, mean, var, weight, bias, scale, dead: int) -> list[tu
             found.append(("never_updated", f"running_mean all 0 and running_var all 1{counter}"))
     if dead:
         found.append(("dead_channels", f"{dead} of {c} channels have |weight| < {DEAD_WEIGHT:g}"))
-    risk = _fp16_risk(layer, mean, var, weight, bias, scale)
-    if risk:
-        found.append(("fp16_risk", risk))
+    overflow, precision = _fp16_risk(layer, mean, var, weight, bias, scale)
+    if overflow:
+        found.append(("fp16_risk", overflow))
+    if precision:
+        found.append(("fp16_precision", precision))
     if layer.averaging == "ema" and layer.momentum == 0:
         found.append(("momentum_zero", "momentum=0: running statistics never change"))
     if layer.training:
@@ -140,9 +142,11 @@ def eps_of(layer: BNLayer) -> float:
     return layer.eps if layer.eps is not None else DEFAULT_EPS
 
 
-def _fp16_risk(layer: BNLayer, mean, var, weight, bias, scale) -> str | None:
+def _fp16_risk(layer: BNLayer, mean, var, weight, bias, scale) -> tuple[str | None, str | None]:
+    """(overflow, precision): values beyond float16's range (inf when run in half precision),
+    and var + eps in float16's subnormal range (a potential loss of precision)."""
     if var is None or mean is None:
-        return None
+        return None, None
     reasons = []
     finite = lambda t: t[np.isfinite(t)]  # noqa: E731 - non-finite values have their own flag
     for label, t in (("|running_mean|", np.abs(mean)), ("running_var", var), ("folded scale", scale)):
@@ -155,9 +159,8 @@ def _fp16_risk(layer: BNLayer, mean, var, weight, bias, scale) -> str | None:
             reasons.append(f"folded shift reaches {float(np.abs(shift).max()):.3g} > {FP16_MAX:g}")
     denom = finite(var + eps_of(layer))
     tiny = int(((denom >= 0) & (denom < FP16_MIN_NORMAL)).sum())
-    if tiny:
-        reasons.append(f"{tiny} channels have var+eps < {FP16_MIN_NORMAL:.2g} (float16 subnormal: the scale loses precision)")
-    return "; ".join(reasons) or None
+    precision = f"{tiny} channels have var+eps < {FP16_MIN_NORMAL:.2g}, float16-subnormal: potential precision loss in half precision (not measured)" if tiny else None
+    return "; ".join(reasons) or None, precision
 
 
 def rows(layers: list[BNLayer]) -> list[dict[str, Any]]:
