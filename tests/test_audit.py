@@ -471,3 +471,22 @@ def test_float16_overflow_and_precision_are_told_apart_and_the_error_is_measured
         full, half = model.eval()(x), copy.deepcopy(model).eval().half()(x.half()).float()
         want = (full - half).abs().max() / full.abs().max()
     assert float(re.search(r"by ([0-9.e+-]+) \(relative\)", message).group(1)) == pytest.approx(float(want), rel=0.05)
+
+
+def test_fix_rewrites_a_pt2_exported_in_train_mode_to_the_eval_model(cli, tmp_path):
+    torch.manual_seed(0)
+    model = sample_net().train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 32, 32))  # real statistics
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 32, 32),)), tmp_path / "train.pt2")
+    assert "BN201" in cli("audit", tmp_path / "train.pt2").stdout
+    _ = cli("audit", tmp_path / "train.pt2", "--fix", "-o", tmp_path / "f.pt2")
+    assert _.exit_code == 2 and "--trust" in _.stderr  # loading a program needs --trust
+    result = cli("audit", tmp_path / "train.pt2", "--trust", "--fix", "-o", tmp_path / "fixed.pt2")
+    assert result.exit_code == 0 and "dropout" in result.stdout, result.stdout + result.stderr
+    assert json.loads(cli("audit", tmp_path / "fixed.pt2", "-f", "json").stdout)["findings"] == []
+    fixed = torch.export.load(tmp_path / "fixed.pt2").module()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x), model.eval()(x), rtol=0, atol=1e-6)

@@ -113,3 +113,44 @@ def fix_module(model: Any, codes: dict[str, set[str]]) -> Repairs:
                 layer.bias.zero_()
             repairs.fixed.append(("BN208", bn_name, f"{layer_name}.bias moved into running_mean and set to 0"))
     return repairs
+
+
+def fix_program(program: Any, layers: set[str]) -> tuple[Any, Any, Repairs]:
+    """BN201 on a ``torch.export`` program exported in train mode: its batch-norm calls for
+    the layers named normalize with their stored statistics (``training=False``), where those
+    are real, and its dropout calls stop dropping (a program exported in train mode has both).
+    Returns the program exported again, its graph module, and the repairs."""
+    import torch
+
+    from ..core.modules import from_program
+
+    found = {l.name: l for l in from_program(program)}
+    sources = {**program.graph_signature.inputs_to_parameters, **program.graph_signature.inputs_to_buffers}
+    layer_of = {}  # batch-norm node name -> layer, through the program's own graph signature
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.batch_norm.default and isinstance(node.args[3], torch.fx.Node):
+            layer_of[node.name] = sources.get(node.args[3].name, node.name).rpartition(".")[0]
+    module = program.module()
+    repairs = Repairs()
+    for node in module.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default or len(node.args) < 6 or node.args[5] is not True:
+            continue
+        name = layer_of.get(node.name, node.name)
+        if name not in layers:
+            continue
+        layer = found.get(name)
+        if layer is None or layer.running_mean is None or not _real(layer.running_mean.detach().numpy(), layer.running_var.detach().numpy()):
+            repairs.unfixed.append(("BN201", name, _NOT_REAL))
+            continue
+        node.args = (*node.args[:5], False, *node.args[6:])
+        repairs.fixed.append(("BN201", name, "batch_norm(training=True) -> training=False"))
+    if not repairs.fixed:
+        return program, module, repairs
+    dropouts = [n for n in module.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.dropout.default and len(n.args) > 2 and n.args[2] is True]
+    for node in dropouts:
+        node.args = (node.args[0], node.args[1], False)
+    if dropouts:
+        repairs.fixed.append(("BN201", "", f"{len(dropouts)} dropout calls exported in train mode -> train=False"))
+    module.recompile()
+    args, kwargs = program.example_inputs
+    return torch.export.export(module, tuple(args), kwargs or None), module, repairs

@@ -38,7 +38,7 @@ class Check:
 
 #: what ``bnctl audit --fix`` does for each check it can repair (exactly: outputs in eval mode unchanged)
 FIXABLE = {
-    "BN201": "saves the module again in eval mode (TorchScript or a pickled module; needs --trust to load it).",
+    "BN201": "saves the module again in eval mode (TorchScript or a pickled module), or rewrites a .pt2 program's batch-norm calls to training=False (and its dropout to train=False); needs --trust to load them.",
     "BN208": "folds the bias into the BN: running_mean -= bias, and the bias becomes 0 (exact).",
     "BN401": "turns the node into inference BatchNormalization on its stored statistics (training_mode=0, no running mean/var outputs), if those statistics are real.",
 }

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _atomic
-from ..audit.fixes import Repairs, fix_module, fix_onnx
+from ..audit.fixes import Repairs, fix_module, fix_onnx, fix_program
 from ..audit.registry import FIXABLE
 from ..audit.runner import AuditConfig, AuditResult, audit
 from ..errors import InputError
@@ -64,7 +64,19 @@ def fix_file(source: ModelSource, output: str | Path | None, *, config: AuditCon
             _check_onnx(new)
         data = new.SerializeToString()
     elif checkpoint.program is not None:
-        raise InputError(f"{source.path.name} is a .pt2 program: bnctl does not rewrite programs", "fix the model that exported it (model.eval() before torch.export) and export it again")
+        program = opened.runnable("fixing")  # a .pt2 is loaded and run only with --trust
+        new, module, report.repairs = fix_program(program, codes.get("BN201", set()))
+        data = None
+        if report.repairs.fixed:
+            import torch
+
+            from ..core import verify
+
+            args, _ = program.example_inputs
+            report.max_abs_error = verify.compare(verify.run(module, tuple(args)), verify.run(new.module(), tuple(args)))[0]
+            buffer = io.BytesIO()
+            torch.export.save(new, buffer)
+            data = buffer.getvalue()
     else:
         model = opened.runnable("fixing")  # TorchScript needs --trust; a state_dict needs --arch
         original = copy.deepcopy(model)
