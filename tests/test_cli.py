@@ -158,7 +158,8 @@ BAD_INPUTS = {
     "truncated zip": (lambda t: _write(t, "cut.pt", (CHECKPOINTS / "sample.pt").read_bytes()[:5000]), [], "corrupted or truncated zip"),
     "pickle needs classes": (lambda t: CHECKPOINTS / "sample.module.pt", [], "--trust"),
     "arch does not import": (lambda t: CHECKPOINTS / "sample.pt", ["--arch", "nowhere.nets:resnet"], "cannot import nowhere.nets"),
-    "arch-arg does not parse": (lambda t: CHECKPOINTS / "sample.pt", ["--arch", "bnctl.models:sample_net", "--arch-arg", "widths=(16,"], "not a Python literal"),
+    "arch-arg does not parse": (lambda t: CHECKPOINTS / "sample.pt", ["--arch", "bnctl.models:sample_net", "--arch-arg", "1x=3"], "not name=value"),
+    "arch-arg the factory rejects": (lambda t: CHECKPOINTS / "sample.pt", ["--arch", "bnctl.models:sample_net", "--arch-arg", "widths=(16,"], "failed with widths='(16,'"),
     "state_dict does not fit": (lambda t: CHECKPOINTS / "sample.pt", ["--arch", "bnctl.models:sample_net", "--arch-arg", "num_classes=10"], "does not fit"),
     "unknown key": (lambda t: CHECKPOINTS / "sample.ckpt", ["--key", "ema"], "not an entry"),
 }

@@ -95,7 +95,8 @@ def console(piped_width: int = 160) -> Any:
     """A rich Console on stdout: the terminal's width, or ``piped_width`` when piped."""
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else piped_width)
+    tty = sys.stdout.isatty()
+    return Console(width=None if tty else piped_width, soft_wrap=not tty)  # piped: whole lines, never hard-wrapped
 
 
 def emit_text(text: str, output: Path | None) -> None:

@@ -38,7 +38,7 @@ def inspect(
 
     refuse_overwrite(path, output)
     refuse_overwrite(path, plot)
-    chosen = fmt.value if fmt else (render.format_from_suffix(output) if output else None) or "table"
+    chosen = fmt.value if fmt else (render.format_from_suffix(output) if output else "table")
     if chosen == "parquet" and output is None:
         raise InputError("--format parquet writes a binary file and needs --output", "add --output layers.parquet")
     result = run_inspect(source.at(path))

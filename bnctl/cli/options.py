@@ -37,7 +37,7 @@ ArchOpt = Annotated[
 ]
 ArchArgOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--arch-arg", help="Keyword argument for the --arch factory, name=value (a Python literal). Repeatable.", rich_help_panel="Model"),
+    typer.Option("--arch-arg", help="Keyword argument for the --arch factory, name=value: a Python literal (64, True, (1, 2)), else a string (variant=small). Repeatable.", rich_help_panel="Model"),
 ]
 KeyOpt = Annotated[
     Optional[str],

@@ -26,7 +26,9 @@ WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
 def parse_arch_args(items: Iterable[str]) -> dict[str, Any]:
-    """Parse ``name=value`` strings; each value is a Python literal (``64``, ``'wide'``, ``(1, 2)``)."""
+    """Parse ``name=value`` strings. A value that is a Python literal (``64``, ``True``,
+    ``(1, 2)``, ``'wide'``) is that value; any other text is a string (``variant=small``), as
+    Python Fire and Hydra take it. Nothing is ever evaluated."""
     kwargs: dict[str, Any] = {}
     for item in items:
         name, sep, text = item.partition("=")
@@ -35,11 +37,8 @@ def parse_arch_args(items: Iterable[str]) -> dict[str, Any]:
             raise ArchError(f"--arch-arg {item!r} is not name=value", "write it as --arch-arg width=64")
         try:
             kwargs[name] = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError) as exc:
-            raise ArchError(
-                f"--arch-arg {item!r}: {text!r} is not a Python literal",
-                f"quote strings: --arch-arg \"{name}='{text}'\"; numbers, True/False, None, tuples and lists work as written",
-            ) from exc
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            kwargs[name] = text.strip()
     return kwargs
 
 
@@ -95,8 +94,10 @@ def build(spec: str, args: Mapping[str, Any] | None = None) -> torch.nn.Module:
     factory = resolve_factory(spec)
     try:
         module = factory(**dict(args or {}))
-    except TypeError as exc:
-        raise ArchError(f"--arch {spec!r}: {exc}", "pass the factory's arguments with --arch-arg name=value") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's factory failing with these arguments
+        given = ", ".join(f"{k}={v!r}" for k, v in (args or {}).items()) or "no arguments"
+        raise ArchError(f"--arch {spec!r} failed with {given}: {type(exc).__name__}: {str(exc)[:200]}",
+                        "check the --arch-arg values (a value that is not a Python literal is passed as a string)") from exc
     import torch
 
     if not isinstance(module, torch.nn.Module):

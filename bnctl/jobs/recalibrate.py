@@ -72,6 +72,8 @@ def recalibrate_file(
     data = Path(inputs.data)
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size} is not positive", "use e.g. --batch-size 32")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: this torch build has no CUDA, or no GPU is visible", "run with --device cpu, or install a CUDA build of torch on a machine with a GPU")
     opened = source.open()
     checkpoint, model = opened.checkpoint, opened.eager("recalibrating")
     if not batchnorms(model, estimating=True):

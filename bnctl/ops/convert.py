@@ -251,7 +251,7 @@ def convert(model: nn.Module, to: str, *, inputs: tuple | None = None, groups: i
     else:
         result, report = to_groupnorm(model, groups)
     if not report.converted:
-        report.notes.append("no layer to convert")
+        raise InputError(f"no BatchNorm layer to convert to {to}", "check the model (bnctl inspect lists its BatchNorm layers) and --to")
     if inputs is not None:
         from ..core import verify
 

@@ -26,6 +26,15 @@ class InspectResult:
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return f"InspectResult({self.source!r}, {self.description}: {self.summary()})"
+
+    def summary(self) -> str:
+        """``10 BatchNorm layers, 2 flagged (nonfinite 1, never_updated 1)``."""
+        counts = stats.flag_counts(self.rows)
+        detail = f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else ""
+        return f"{len(self.rows)} BatchNorm layer{'s' * (len(self.rows) != 1)}, {len(self.flagged)} flagged{detail}"
+
     @property
     def flagged(self) -> list[dict[str, Any]]:
         """Rows that carry at least one flag."""

@@ -20,9 +20,19 @@ TABULAR = ("csv", "parquet", "markdown")
 SEVERE = {"nonfinite", "negative_var", "never_updated", "train_mode", "no_running_stats"}
 
 
-def format_from_suffix(path: Path) -> str | None:
-    """The output format an ``--output`` file name implies, if any."""
-    return {".json": "json", ".csv": "csv", ".parquet": "parquet", ".md": "markdown", ".txt": "table"}.get(path.suffix.lower())
+#: output file suffixes and the format each implies
+SUFFIXES = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".md": "markdown", ".txt": "table"}
+
+
+def format_from_suffix(path: Path) -> str:
+    """The output format an ``--output`` file name implies; an InputError naming the known
+    suffixes for any other (``-o x.xlsx`` is never a text table under that name)."""
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        from ..errors import InputError
+
+        raise InputError(f"--output {path}: bnctl does not know what to write for '{path.suffix or 'no extension'}'", f"use one of {', '.join(SUFFIXES)}, or say the format with --format")
+    return fmt
 
 
 def num(value: Any) -> str:

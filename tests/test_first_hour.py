@@ -1,0 +1,53 @@
+"""What a new user types: string --arch-arg values, an output name bnctl cannot write, a
+conversion with nothing to convert, --device cuda without CUDA, piped output, short reprs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+import bnctl
+from conftest import CHECKPOINTS, SAMPLES
+
+ARCH = ("--arch", "bnctl.models:sample_net")
+
+
+def test_an_output_name_with_an_unknown_extension_is_an_error(cli, tmp_path):
+    for name in ("layers.xlsx", "layers.tsv"):
+        result = cli("inspect", CHECKPOINTS / "sample.pt", "-o", tmp_path / name)
+        assert result.exit_code == 2 and "does not know what to write" in result.stderr and ".csv" in result.stderr
+        assert not (tmp_path / name).exists()
+    assert cli("inspect", CHECKPOINTS / "sample.pt", "-o", tmp_path / "layers.tsv", "--format", "csv").exit_code == 0
+
+
+def test_converting_a_model_without_batchnorm_says_so(cli, tmp_path):
+    torch.save(nn.Sequential(nn.Conv2d(3, 4, 3)), tmp_path / "plain.pt")
+    result = cli("convert", tmp_path / "plain.pt", "--trust", "--to", "frozen", "-o", tmp_path / "out.pt")
+    assert result.exit_code == 2 and "no BatchNorm layer to convert" in result.stderr and not (tmp_path / "out.pt").exists()
+
+
+def test_device_cuda_without_cuda_is_a_clean_error(cli, tmp_path):
+    if torch.cuda.is_available():  # pragma: no cover - a GPU machine
+        return
+    result = cli("recalibrate", CHECKPOINTS / "sample.pt", *ARCH, "--data", SAMPLES / "data", "--device", "cuda", "-o", tmp_path / "r.pt")
+    assert result.exit_code == 2 and "has no CUDA" in result.stderr and "internal error" not in result.stderr
+
+
+def test_piped_reports_are_never_hard_wrapped(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnctl", "export", str(CHECKPOINTS / "sample.pt"), *ARCH, "--input-shape", "1,3,32,32", "--dynamic-batch", "-o", str(tmp_path / "m.onnx")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = next(line for line in proc.stdout.splitlines() if line.startswith("Exported with"))
+    assert len(summary) > 160 and summary.rstrip().endswith("(tolerance 0.0001)."), summary  # one line, however long
+
+
+def test_library_results_have_a_short_repr_and_a_summary():
+    result = bnctl.inspect(CHECKPOINTS / "sample.pt")
+    assert len(repr(result)) < 200 and "10 BatchNorm layers" in repr(result)
+    assert result.summary() == "10 BatchNorm layers, 0 flagged"
+    assert {"inspect", "fold", "recalibrate", "convert", "export", "diff", "ModelSource"} <= set(dir(bnctl))
