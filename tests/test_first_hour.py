@@ -51,3 +51,31 @@ def test_library_results_have_a_short_repr_and_a_summary():
     assert len(repr(result)) < 200 and "10 BatchNorm layers" in repr(result)
     assert result.summary() == "10 BatchNorm layers, 0 flagged"
     assert {"inspect", "fold", "recalibrate", "convert", "export", "diff", "ModelSource"} <= set(dir(bnctl))
+
+
+def _state(prefix: str) -> dict:
+    return {prefix + k: v for k, v in torch.load(CHECKPOINTS / "sample.pt", weights_only=True).items()}
+
+
+def test_a_common_key_prefix_is_found_and_said(cli, tmp_path):
+    import json
+
+    torch.save({"state_dict": _state("net.")}, tmp_path / "lightning.ckpt")  # a LightningModule holding self.net
+    result = cli("inspect", tmp_path / "lightning.ckpt", *ARCH, "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    assert "stripped 'net.'" in " ".join(json.loads(result.stdout)["notes"])
+    torch.save(_state("module.model."), tmp_path / "nested.pt")  # DDP around a wrapper
+    assert cli("inspect", tmp_path / "nested.pt", *ARCH).exit_code == 0
+
+
+def test_strip_and_add_prefix_options(cli, tmp_path):
+    state = {k.removeprefix("stem."): v for k, v in _state("").items() if k.startswith("stem.")}  # keys without the 'stem.' part
+    torch.save({f"x.{k}": v for k, v in state.items()}, tmp_path / "stem.pt")
+    from bnctl.io.arch import fit_keys
+
+    mapping, note = fit_keys(state.keys(), [f"stem.{k}" for k in state])
+    assert note == "keys: added 'stem.' to fit the model" and set(mapping.values()) == {f"stem.{k}" for k in state}
+    mapping, note = fit_keys([f"x.{k}" for k in state], [f"stem.{k}" for k in state], strip="x.", add="stem.")
+    assert set(mapping.values()) == {f"stem.{k}" for k in state} and "stripped 'x.'" in note and "added 'stem.'" in note
+    result = cli("inspect", tmp_path / "stem.pt", *ARCH)
+    assert result.exit_code == 2 and "--strip-prefix" in result.stderr  # the rest of the model is missing: a clear error

@@ -61,12 +61,13 @@ DataOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random check inputs.", rich_help_panel="Check inputs")]
 
 
-def model_source(arch: str | None = None, arch_arg: list[str] | None = None, key: str | None = None, trust: bool = False):
+def model_source(arch: str | None = None, arch_arg: list[str] | None = None, key: str | None = None, trust: bool = False,
+                 strip_prefix: str | None = None, add_prefix: str | None = None):
     """The model options as a :class:`~bnctl.io.source.ModelSource` (its path set by the command)."""
     from ..io.arch import parse_arch_args
     from ..io.source import ModelSource
 
-    return ModelSource(None, arch, parse_arch_args(arch_arg or []), key, trust)
+    return ModelSource(None, arch, parse_arch_args(arch_arg or []), key, trust, strip_prefix, add_prefix)
 
 
 def check_inputs(input_shape: list[str] | None = None, data: Path | None = None, seed: int = 0, preprocess: Any = None):
@@ -95,7 +96,10 @@ class OptionGroup:
     build: Callable[..., Any]
 
 
-MODEL = OptionGroup((("arch", ArchOpt, None), ("arch_arg", ArchArgOpt, None), ("key", KeyOpt, None), ("trust", TrustOpt, False)), model_source)
+StripPrefixOpt = Annotated[Optional[str], typer.Option("--strip-prefix", help="Remove this prefix from every key of the state_dict before loading it into --arch (found by itself where one common prefix fits).", rich_help_panel="Model")]
+AddPrefixOpt = Annotated[Optional[str], typer.Option("--add-prefix", help="Put this prefix before every key of the state_dict before loading it into --arch.", rich_help_panel="Model")]
+MODEL = OptionGroup((("arch", ArchOpt, None), ("arch_arg", ArchArgOpt, None), ("key", KeyOpt, None), ("trust", TrustOpt, False),
+                     ("strip_prefix", StripPrefixOpt, None), ("add_prefix", AddPrefixOpt, None)), model_source)
 CHECKS = OptionGroup((("input_shape", InputShapeOpt, None), ("data", DataOpt, None), ("seed", SeedOpt, 0)), check_inputs)
 IMAGES = OptionGroup(
     (

@@ -105,23 +105,50 @@ def build(spec: str, args: Mapping[str, Any] | None = None) -> torch.nn.Module:
     return module
 
 
-def strip_wrapper_prefixes(tensors: Mapping[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Remove ``module.`` / ``model.`` / ``_orig_mod.`` prefixes that every key carries.
+def fit_keys(keys: Iterable[str], expected: Iterable[str], *, strip: str | None = None, add: str | None = None) -> tuple[dict[str, str], str | None]:
+    """How the file's ``keys`` map onto the module's ``expected`` keys: file key -> module key,
+    and a note saying which prefix was stripped or added (None when the keys fit as they are).
 
-    A prefix is removed only while all keys have it and the module's own keys do not,
-    so a model whose first child is really called ``model`` keeps its names.
+    ``strip``/``add`` (``--strip-prefix``/``--add-prefix``) apply first. Then, if the keys do
+    not fit, the first of these that makes them fit exactly is used: the wrapper prefixes
+    ``module.``, ``model.``, ``_orig_mod.`` stripped (nested too), one common prefix of every
+    key stripped (``net.`` of a Lightning module's ``self.net``), or one common prefix of the
+    module's keys added. Otherwise the wrappers alone are stripped, and the caller reports
+    what is missing and unexpected.
     """
-    expected = set(expected)
-    keys = list(tensors)
-    while keys:
-        prefix = next(
-            (p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in keys) and not all(k.startswith(p) for k in expected)),
-            None,
-        )
+    keys, expected = list(keys), set(expected)
+    given = {k: (k[len(strip):] if strip and k.startswith(strip) else k) for k in keys}
+    given = {k: (add or "") + v for k, v in given.items()}
+    told = [f"stripped '{strip}'"] if strip else []
+    told += [f"added '{add}'"] if add else []
+    note = lambda what: "keys: " + ", ".join(told + ([what] if what else [])) + " to fit the model" if told or what else None  # noqa: E731
+    if set(given.values()) == expected or not given:
+        return given, note(None)
+    wrapped = dict(given)
+    stripped = []
+    while True:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(v.startswith(p) for v in wrapped.values()) and not all(e.startswith(p) for e in expected)), None)
         if prefix is None:
             break
-        keys = [k[len(prefix):] for k in keys]
-    return dict(zip(keys, (tensors[k] for k in tensors)))
+        wrapped = {k: v[len(prefix):] for k, v in wrapped.items()}
+        stripped.append(prefix)
+    if set(wrapped.values()) == expected:
+        return wrapped, note(f"stripped '{''.join(stripped)}'")
+    first = next(iter(given.values())).split(".")
+    for n in range(1, min(4, len(first))):
+        prefix = ".".join(first[:n]) + "."
+        if all(v.startswith(prefix) for v in given.values()):
+            candidate = {k: v[len(prefix):] for k, v in given.items()}
+            if set(candidate.values()) == expected:
+                return candidate, note(f"stripped '{prefix}'")
+    first = next(iter(expected)).split(".")
+    for n in range(1, min(4, len(first))):
+        prefix = ".".join(first[:n]) + "."
+        if all(e.startswith(prefix) for e in expected):
+            candidate = {k: prefix + v for k, v in given.items()}
+            if set(candidate.values()) == expected:
+                return candidate, note(f"added '{prefix}'")
+    return wrapped, note(f"stripped '{''.join(stripped)}'" if stripped else None)
 
 
 def torch_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
@@ -134,14 +161,20 @@ def torch_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
     return {k: own(k) if own is not None else (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in tensors.items()}
 
 
-def load_state_dict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], spec: str = "the architecture") -> torch.nn.Module:
-    """Load ``tensors`` into ``module`` strictly, after removing wrapper prefixes.
+def load_state_dict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], spec: str = "the architecture", *,
+                    strip: str | None = None, add: str | None = None, notes: list[str] | None = None) -> torch.nn.Module:
+    """Load ``tensors`` into ``module`` strictly, after fitting their key prefixes
+    (:func:`fit_keys`; the prefix used is appended to ``notes``).
 
     Raises :class:`ArchError` naming the missing and unexpected keys, or the shape
     mismatches, when the state_dict does not fit.
     """
     expected = module.state_dict().keys()
-    state = strip_wrapper_prefixes(torch_tensors(tensors), expected)
+    names, note = fit_keys(tensors.keys(), expected, strip=strip, add=add)
+    if note and notes is not None:
+        notes.append(note)
+    own = torch_tensors(tensors)
+    state = {names[k]: own[k] for k in own}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -152,7 +185,7 @@ def load_state_dict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]
             parts.append(f"{len(unexpected)} unexpected ({_listing(unexpected)})")
         raise ArchError(
             f"the checkpoint does not fit {spec}: keys " + "; ".join(parts),
-            "check --arch and --arch-arg, or pick another entry of the checkpoint with --key",
+            "check --arch and --arch-arg, pick another entry of the checkpoint with --key, or fit the names with --strip-prefix/--add-prefix",
         )
     own = module.state_dict()
     mismatched = [f"{k} is {list(state[k].shape)} in the checkpoint, {list(own[k].shape)} in the model"

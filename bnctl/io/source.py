@@ -19,7 +19,8 @@ from ..errors import InputError, UnsafeCheckpointError
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Which model: a file, and how to open it (``--arch``, ``--arch-arg``, ``--key``, ``--trust``).
+    """Which model: a file, and how to open it (``--arch``, ``--arch-arg``, ``--key``, ``--trust``,
+    ``--strip-prefix``, ``--add-prefix``).
 
     ``path`` may be left out where a command reads many files with the same options
     (``bnctl audit``): :meth:`at` gives the options for one file.
@@ -30,6 +31,8 @@ class ModelSource:
     arch_args: Mapping[str, Any] = field(default_factory=dict)
     key: str | None = None
     trust: bool = False
+    strip_prefix: str | None = None  # removed from every key of the file before it is fitted to the model
+    add_prefix: str | None = None  # put before every key of the file
 
     def at(self, path: str | Path) -> ModelSource:
         """The same options for another file."""
@@ -52,7 +55,8 @@ class ModelSource:
             if checkpoint.tensors is None:
                 notes.append(f"--arch ignored: {checkpoint.path.name} holds a {checkpoint.content}, not a state_dict")
             else:
-                built = arch_mod.load_state_dict(arch_mod.build(self.arch, self.arch_args), checkpoint.tensors, self.arch)
+                built = arch_mod.load_state_dict(arch_mod.build(self.arch, self.arch_args), checkpoint.tensors, self.arch,
+                                                 strip=self.strip_prefix, add=self.add_prefix, notes=notes)
         return OpenedModel(checkpoint, built, notes, trusted=self.trust)
 
 

@@ -110,7 +110,7 @@ def recalibrate_file(
     if skipped[0]:
         report.notes.append(f"{skipped[0]} unreadable files skipped")
     if rank == 0:
-        _write(checkpoint, model, output)
+        _write(checkpoint, model, output, source.strip_prefix, source.add_prefix)
     if world > 1:
         import torch.distributed as dist
 
@@ -124,16 +124,17 @@ def _channels_last(batch: Any) -> Any:
     return batch
 
 
-def _write(checkpoint: ckpt_mod.Checkpoint, model: nn.Module, output: Path) -> None:
+def _write(checkpoint: ckpt_mod.Checkpoint, model: nn.Module, output: Path, strip: str | None = None, add: str | None = None) -> None:
     """The input's format with the new statistics: the whole training checkpoint, the
     safetensors file (metadata kept), or the pickled module."""
     if checkpoint.content == "module":
         _atomic.write_bytes(output, torch_bytes(model))
         return
-    from ..io.arch import strip_wrapper_prefixes, torch_tensors
+    from ..io.arch import fit_keys, torch_tensors
 
     state = model.state_dict()
-    names = strip_wrapper_prefixes({k: k for k in checkpoint.tensors.keys()}, state.keys())  # model key -> file key
+    fitted, _ = fit_keys(checkpoint.tensors.keys(), state.keys(), strip=strip, add=add)
+    names = {model_key: file_key for file_key, model_key in fitted.items()}  # model key -> file key
     updated = {names[k]: v.detach().cpu().contiguous() for k, v in state.items() if k in names}
     if checkpoint.format == ckpt_mod.Format.SAFETENSORS:
         from safetensors.torch import save
