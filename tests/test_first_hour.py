@@ -79,3 +79,21 @@ def test_strip_and_add_prefix_options(cli, tmp_path):
     assert set(mapping.values()) == {f"stem.{k}" for k in state} and "stripped 'x.'" in note and "added 'stem.'" in note
     result = cli("inspect", tmp_path / "stem.pt", *ARCH)
     assert result.exit_code == 2 and "--strip-prefix" in result.stderr  # the rest of the model is missing: a clear error
+
+
+def test_recalibrate_takes_a_dataloader_of_inputs_and_labels_as_update_bn_does():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bnctl.models import sample_net
+
+    torch.manual_seed(0)
+    x, labels = torch.rand(24, 3, 32, 32), torch.randint(0, 4, (24,))
+    a, b, c = sample_net(), sample_net(), sample_net()
+    b.load_state_dict(a.state_dict())
+    c.load_state_dict(a.state_dict())
+    bnctl.recalibrate(a, DataLoader(TensorDataset(x, labels), batch_size=8))  # (x, y) batches
+    bnctl.recalibrate(b, [x[i : i + 8] for i in range(0, 24, 8)])
+    bnctl.recalibrate(c, [{"image": x[i : i + 8]} for i in range(0, 24, 8)], input_fn=lambda batch: batch["image"])
+    for name in ("stem.1.running_mean", "stem.1.running_var", "head.2.running_var"):
+        torch.testing.assert_close(a.state_dict()[name], b.state_dict()[name], rtol=0, atol=0)
+        torch.testing.assert_close(c.state_dict()[name], b.state_dict()[name], rtol=0, atol=0)

@@ -106,14 +106,30 @@ class RecalibrationReport:
         }
 
 
-def as_call(batch: Any) -> tuple[tuple, dict]:
+def as_call(batch: Any, positional: int | None = None) -> tuple[tuple, dict]:
     """How a batch becomes the model's arguments: a tensor -> ``model(t)``, a tuple or list ->
-    ``model(*batch)``, a dict -> ``model(**batch)``."""
+    ``model(*batch)``, a dict -> ``model(**batch)``. A tuple longer than the ``positional``
+    arguments ``forward`` takes is cut to them: a DataLoader's ``(x, y)`` feeds ``x``, as
+    ``torch.optim.swa_utils.update_bn`` does."""
     if isinstance(batch, dict):
         return (), batch
     if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
+        args = tuple(batch)
+        return (args[:positional] if positional is not None and len(args) > positional else args), {}
     return (batch,), {}
+
+
+def positional_arguments(model: Any) -> int | None:
+    """How many positional arguments ``model.forward`` takes (None: any number, or unknown)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:
@@ -215,11 +231,14 @@ def recalibrate(
     stable_batches: int = 3,
     device: torch.device | str | None = None,
     on_batch: Callable[[int], None] | None = None,
+    input_fn: Callable[[Any], Any] | None = None,
 ) -> RecalibrationReport:
     """Replace the running statistics of every BN of ``model`` (in place) with the exact
     population statistics of its inputs over ``batches``.
 
-    ``batches`` is any iterable; each batch is passed as :func:`as_call` says. BN layers no
+    ``batches`` is any iterable; each batch is passed as :func:`as_call` says (a DataLoader's
+    ``(x, y)`` feeds ``x`` to a one-argument ``forward``), or, with ``input_fn``, as
+    ``input_fn(batch)`` returns it (a tensor, a tuple of arguments or a dict of keyword arguments). BN layers no
     batch reaches keep their statistics and are listed in ``report.unreached``. Weights, other
     buffers and every module's mode are left as they were; ``num_batches_tracked`` becomes the
     number of batches that reached the layer. ``until_stable`` stops once no estimate moved
@@ -237,12 +256,13 @@ def recalibrate(
         raise InputError("--until-stable works on one process only", "run without torchrun, or drop --until-stable")
     old = {n: (bn.running_mean.detach().double().clone(), bn.running_var.detach().double().clone()) for n, bn in layers.items()}
     report = RecalibrationReport(world_size=dist.get_world_size() if distributed else 1)
+    positional = positional_arguments(model)
     start = time.perf_counter()
     previous: dict[str, tuple] = {}
     calm = 0
     with eval_mode(model), _Recorder(layers) as recorder, torch.inference_mode():
         for batch in batches:
-            args, kwargs = as_call(batch)
+            args, kwargs = as_call(input_fn(batch) if input_fn is not None else batch, None if input_fn is not None else positional)
             if device is not None:
                 args = tuple(a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args)
                 kwargs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
