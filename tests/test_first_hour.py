@@ -97,3 +97,21 @@ def test_recalibrate_takes_a_dataloader_of_inputs_and_labels_as_update_bn_does()
     for name in ("stem.1.running_mean", "stem.1.running_var", "head.2.running_var"):
         torch.testing.assert_close(a.state_dict()[name], b.state_dict()[name], rtol=0, atol=0)
         torch.testing.assert_close(c.state_dict()[name], b.state_dict()[name], rtol=0, atol=0)
+
+
+def test_a_module_converted_from_a_file_arch_loads_back_where_the_file_is_importable(tmp_path):
+    (tmp_path / "nets.py").write_text(
+        "from torch import nn\n\n"
+        "def factory(width=4):\n"
+        "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width), nn.ReLU())\n"
+    )
+    code = "import torch, nets\ntorch.save(nets.factory().state_dict(), 'w.pt')\n"
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
+    # like the console script: the working folder is not on sys.path
+    bnctl_cli = [sys.executable, "-c", "import os, sys\nsys.path = [p for p in sys.path if p not in ('', '.', os.getcwd())]\nfrom bnctl.cli import main\nsys.argv[0] = 'bnctl'\nmain()"]
+    convert = subprocess.run([*bnctl_cli, "convert", "w.pt", "--arch", "nets.py:factory", "--to", "syncbn", "-o", "s.pt"], cwd=tmp_path, capture_output=True, text=True)
+    assert convert.returncode == 0, convert.stderr
+    back = subprocess.run([*bnctl_cli, "convert", "s.pt", "--trust", "--to", "batchnorm", "--input-shape", "1,3,8,8", "-o", "b.pt"], cwd=tmp_path, capture_output=True, text=True)
+    assert back.returncode == 0, back.stderr
+    loaded = subprocess.run([sys.executable, "-c", "import torch; m = torch.load('b.pt', weights_only=False); print(type(m[1]).__name__)"], cwd=tmp_path, capture_output=True, text=True)
+    assert loaded.stdout.strip() == "BatchNorm2d", loaded.stderr

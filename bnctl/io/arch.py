@@ -73,7 +73,12 @@ def _import_file(target: str):
     path = Path(target)
     if not path.is_file():
         raise ArchError(f"--arch: {path} is not a file", "check the path before the ':'")
-    module_name = f"_bnctl_arch_{abs(hash(str(path.resolve())))}"
+    # the file's own name, as `import nets` would give it: modules pickled from it (bnctl convert)
+    # then load back wherever nets.py is importable; a private name only where that one is taken
+    module_name = path.stem
+    taken = sys.modules.get(module_name)
+    if not module_name.isidentifier() or (taken is not None and Path(getattr(taken, "__file__", "") or "").resolve() != path.resolve()):
+        module_name = f"_bnctl_arch_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

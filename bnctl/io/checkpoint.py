@@ -10,6 +10,7 @@ the tensors a caller touches are read from disk.
 from __future__ import annotations
 
 import enum
+import os
 import pickle
 import re
 import sys
@@ -286,10 +287,16 @@ def _unpickle(path: Path, fmt: Format, trust: bool) -> Any:
         )
     try:
         with quiet():
-            if fmt is Format.PICKLE:
-                with open(path, "rb") as f:
-                    return pickle.load(f)  # trust=True: the user accepted running its code
-            return _torch().load(path, map_location="cpu", weights_only=not trust, mmap=fmt is Format.TORCH)
+            if trust:  # classes pickled from a model file import as `python -m` would find them: from the working folder
+                sys.path.insert(0, os.getcwd())
+            try:
+                if fmt is Format.PICKLE:
+                    with open(path, "rb") as f:
+                        return pickle.load(f)  # trust=True: the user accepted running its code
+                return _torch().load(path, map_location="cpu", weights_only=not trust, mmap=fmt is Format.TORCH)
+            finally:
+                if trust:
+                    sys.path.remove(os.getcwd())
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" in text:
