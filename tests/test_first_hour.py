@@ -115,3 +115,16 @@ def test_a_module_converted_from_a_file_arch_loads_back_where_the_file_is_import
     assert back.returncode == 0, back.stderr
     loaded = subprocess.run([sys.executable, "-c", "import torch; m = torch.load('b.pt', weights_only=False); print(type(m[1]).__name__)"], cwd=tmp_path, capture_output=True, text=True)
     assert loaded.stdout.strip() == "BatchNorm2d", loaded.stderr
+
+
+def test_syncbn_back_to_batchnorm_needs_no_input_shape_where_the_data_flow_tells(cli, tmp_path):
+    from bnctl.ops.convert import convert
+
+    model = nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4, 8), nn.BatchNorm1d(8))
+    sync, _ = convert(model, "syncbn")
+    torch.save(sync, tmp_path / "sync.pt")
+    result = cli("convert", tmp_path / "sync.pt", "--trust", "--to", "batchnorm", "-o", tmp_path / "plain.pt")
+    assert result.exit_code == 0, result.stderr
+    back = torch.load(tmp_path / "plain.pt", weights_only=False)
+    assert [type(back[i]).__name__ for i in (1, 5)] == ["BatchNorm3d", "BatchNorm1d"]
+    assert "fed by the 3-D convolution 0" in result.stdout

@@ -151,11 +151,41 @@ def input_ranks(model: nn.Module, inputs: tuple | None) -> dict[str, int]:
     return ranks
 
 
+def ranks_from_data_flow(model: nn.Module) -> dict[str, tuple[int, str]]:
+    """Input rank of each BN module, from the conv or linear that feeds it or that it feeds
+    (a ConvNd's weight has N + 2 dims, its input rank); empty where the model cannot be traced."""
+    from ..core import graph as g
+
+    try:
+        graph = g.trace_graph(model)
+    except Exception:  # noqa: BLE001 - untraceable: the check inputs must tell
+        return {}
+    modules = dict(model.named_modules())
+    ranks: dict[str, tuple[int, str]] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), (_BatchNorm, FrozenBatchNorm)) or not node.args:
+            continue
+        neighbours = [("fed by", g.layer_call(node.args[0]))] + [("feeds", g.layer_call(user)) for user in node.users]
+        for how, layer in neighbours:
+            if layer is None or (how == "feeds" and layer.args.get("input") is not node):
+                continue
+            weight = g.get_attr(model, layer.weight_target) if layer.weight_target else None
+            if layer.kind == "linear":
+                ranks[node.target] = (2, f"{how} the linear layer {layer.name}")
+            elif isinstance(weight, torch.Tensor):
+                ranks[node.target] = (weight.dim(), f"{how} the {weight.dim() - 2}-D convolution {layer.name}")
+            else:
+                continue
+            break
+    return ranks
+
+
 def to_batchnorm(model: nn.Module, inputs: tuple | None = None) -> tuple[nn.Module, ConvertReport]:
     """SyncBatchNorm and FrozenBatchNorm -> BatchNorm1d/2d/3d, the class chosen from the input
     rank seen on ``inputs`` (a FrozenBatchNorm also knows the class it came from)."""
     report = ConvertReport("batchnorm")
     ranks = input_ranks(model, inputs)
+    flow = {} if ranks else ranks_from_data_flow(model)
 
     def make(name: str, m: nn.Module) -> nn.Module | None:
         if not isinstance(m, (nn.SyncBatchNorm, FrozenBatchNorm)):
@@ -163,10 +193,13 @@ def to_batchnorm(model: nn.Module, inputs: tuple | None = None) -> tuple[nn.Modu
         _check_plain(name, m)
         if name in ranks:
             cls, how = BN_BY_RANK.get(ranks[name]), f"input rank {ranks[name]} seen on the check inputs"
+        elif name in flow:
+            rank, neighbour = flow[name]
+            cls, how = BN_BY_RANK.get(rank), f"input rank {rank}: {neighbour}"
         elif isinstance(m, FrozenBatchNorm):
             cls, how = getattr(nn, m.source, None), "the class it was frozen from"
         else:
-            raise InputError(f"{name}: a SyncBatchNorm says nothing about its input rank, and the check inputs did not reach it", "pass --input-shape so bnctl sees which BatchNorm1d/2d/3d each layer is")
+            raise InputError(f"{name}: a SyncBatchNorm says nothing about its input rank, and neither the data flow (no conv or linear next to it) nor check inputs tell", "pass --input-shape so bnctl sees which BatchNorm1d/2d/3d each layer is")
         if cls is None:
             raise InputError(f"{name}: no BatchNorm class for {how}", "check --input-shape")
         affine = getattr(m, "affine", True)
