@@ -91,8 +91,11 @@ def test_syncbn_keeps_statistics_eps_momentum_requires_grad_and_mode():
 
 def test_syncbn_back_needs_to_see_the_input_rank():
     sync, _ = convert(trained(MODELS["bn2d"][0]()), "syncbn")
+    back, report = convert(sync, "batchnorm")  # the convolution next to each layer tells its rank
+    assert all(c["to"] == "BatchNorm2d" for c in report.converted)
+    alone, _ = convert(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()), "syncbn")  # nothing tells
     with pytest.raises(InputError, match="input rank"):
-        convert(sync, "batchnorm")
+        convert(alone, "batchnorm")
 
 
 def test_groupnorm_of_the_sample_model_runs_and_has_no_bn_left(sample):
