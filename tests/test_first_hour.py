@@ -128,3 +128,21 @@ def test_syncbn_back_to_batchnorm_needs_no_input_shape_where_the_data_flow_tells
     back = torch.load(tmp_path / "plain.pt", weights_only=False)
     assert [type(back[i]).__name__ for i in (1, 5)] == ["BatchNorm3d", "BatchNorm1d"]
     assert "fed by the 3-D convolution 0" in result.stdout
+
+
+def test_images_of_several_sizes_are_resized_with_image_size_or_named(cli, tmp_path):
+    import json
+
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for i, (h, w) in enumerate([(32, 32), (32, 32), (48, 40), (48, 40), (48, 40)]):
+        pixels = (torch.rand(h, w, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    for args in (("audit", CHECKPOINTS / "sample.pt", *ARCH, "--data", folder), ("recalibrate", CHECKPOINTS / "sample.pt", *ARCH, "--data", folder, "-o", tmp_path / "r.pt")):
+        result = cli(*args)
+        assert result.exit_code == 2 and "2 sizes (H x W: 48x40 (3), 32x32 (2))" in result.stderr and "--image-size 48,40" in result.stderr, result.stderr
+    resized = cli("audit", CHECKPOINTS / "sample.pt", *ARCH, "--data", folder, "--image-size", "32", "-f", "json")
+    assert resized.exit_code in (0, 1) and "behaviour" in json.loads(resized.stdout)["files"][0]["checks"]

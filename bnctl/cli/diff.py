@@ -97,7 +97,7 @@ def diff(
 
 def _drift(source, data: Path, preprocess, batch_size: int, workers: int):
     """The statistics of ``data`` against ``source``'s (the samples read as recalibrate reads them)."""
-    from ..io.data import loader, sample_files
+    from ..io.data import check_one_size, loader, sample_files
     from ..ops import diff as diff_op
 
     if batch_size < 1:
@@ -105,6 +105,7 @@ def _drift(source, data: Path, preprocess, batch_size: int, workers: int):
     files = sample_files(data) if data.is_dir() else []
     if not files:
         raise InputError(f"--data {data}: no image or tensor files", "put images (jpg, png, ...) or .npy/.npz/.pt samples in it (subfolders are fine)")
+    check_one_size(files, preprocess)
     random.Random(0).shuffle(files)  # the order bnctl recalibrate reads them in (--seed 0): the same batches
     batches = (batch for batch, _ in loader(files, preprocess, batch_size, workers) if batch is not None)
     return diff_op.drift(source, batches)

@@ -100,7 +100,6 @@ StripPrefixOpt = Annotated[Optional[str], typer.Option("--strip-prefix", help="R
 AddPrefixOpt = Annotated[Optional[str], typer.Option("--add-prefix", help="Put this prefix before every key of the state_dict before loading it into --arch.", rich_help_panel="Model")]
 MODEL = OptionGroup((("arch", ArchOpt, None), ("arch_arg", ArchArgOpt, None), ("key", KeyOpt, None), ("trust", TrustOpt, False),
                      ("strip_prefix", StripPrefixOpt, None), ("add_prefix", AddPrefixOpt, None)), model_source)
-CHECKS = OptionGroup((("input_shape", InputShapeOpt, None), ("data", DataOpt, None), ("seed", SeedOpt, 0)), check_inputs)
 IMAGES = OptionGroup(
     (
         ("image_size", Annotated[Optional[str], typer.Option("--image-size", help="Resize images to H or H,W. Default: as they are (they must then share one size).", rich_help_panel="Data")], None),
@@ -111,6 +110,14 @@ IMAGES = OptionGroup(
     ),
     preprocess,
 )
+
+
+def _check_inputs_with_images(input_shape=None, data=None, seed=0, **images: Any):
+    return check_inputs(input_shape, data, seed, preprocess(**images) if data is not None else None)
+
+
+#: --input-shape or --data, with the image options of recalibrate: one set of input options for every command
+CHECKS = OptionGroup((("input_shape", InputShapeOpt, None), ("data", DataOpt, None), ("seed", SeedOpt, 0), *IMAGES.params), _check_inputs_with_images)
 
 
 def _evaluated(annotation: Any, command: Callable) -> Any:

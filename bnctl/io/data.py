@@ -93,6 +93,7 @@ def example_batch(folder: Path, count: int = 16, preprocess: Preprocess | None =
     """Up to ``count`` samples stacked into one batch, read with ``preprocess``: samples of
     another shape than the first are left out."""
     size = preprocess.size if preprocess is not None else None
+    check_one_size(sample_files(folder), preprocess)
     samples: list[torch.Tensor] = []
     for sample in iter_samples(folder, preprocess):
         if samples and sample.shape != samples[0].shape:
@@ -132,6 +133,29 @@ class SampleFolder(torch.utils.data.Dataset):
             return read_sample(self.files[index], preprocess=self.preprocess)
         except Exception:  # noqa: BLE001 - a broken file is skipped, not fatal
             return None
+
+
+def check_one_size(files: list[Path], preprocess: Preprocess | None) -> None:
+    """An InputError naming the sizes found when images of several sizes would be stacked
+    as they are (no ``--image-size``, no ``--transform``). Reads the image headers only."""
+    if preprocess is not None and (preprocess.size is not None or preprocess.transform is not None):
+        return
+    from PIL import Image
+
+    sizes: dict[tuple[int, int], int] = {}
+    for path in files:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            with Image.open(path) as image:
+                sizes[image.size] = sizes.get(image.size, 0) + 1
+        except Exception:  # noqa: BLE001 - an unreadable file is skipped later, and said
+            continue
+    if len(sizes) > 1:
+        common = sorted(sizes.items(), key=lambda kv: -kv[1])
+        listing = ", ".join(f"{h}x{w} ({n})" for (w, h), n in common[:4]) + (f" and {len(common) - 4} more" if len(common) > 4 else "")
+        (w, h), _ = common[0]
+        raise InputError(f"the images have {len(sizes)} sizes (H x W: {listing}); a batch needs one", f"pass --image-size {h},{w} (or --transform) to resize them")
 
 
 def collate(samples: list[Any]) -> tuple[Any, int]:

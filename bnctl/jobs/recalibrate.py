@@ -20,7 +20,7 @@ from .. import _atomic
 from ..core.modules import batchnorms
 from ..errors import InputError
 from ..io import checkpoint as ckpt_mod
-from ..io.data import loader, sample_files, shard
+from ..io.data import check_one_size, loader, sample_files, shard
 from ..io.source import CheckInputs, ModelSource
 from ..io.writers import torch_bytes
 from ..ops.recalibrate import NoBatchesError, RecalibrationReport, recalibrate
@@ -81,6 +81,7 @@ def recalibrate_file(
     files = sample_files(data)
     if not files:
         raise InputError(f"--data {data}: no image or tensor files", "put images (jpg, png, ...) or .npy/.npz/.pt samples in it (subfolders are fine)")
+    check_one_size(files, inputs.preprocess)
     random.Random(inputs.seed).shuffle(files)
     if max_samples is not None:
         files = files[:max_samples]
