@@ -146,3 +146,14 @@ def test_images_of_several_sizes_are_resized_with_image_size_or_named(cli, tmp_p
         assert result.exit_code == 2 and "2 sizes (H x W: 48x40 (3), 32x32 (2))" in result.stderr and "--image-size 48,40" in result.stderr, result.stderr
     resized = cli("audit", CHECKPOINTS / "sample.pt", *ARCH, "--data", folder, "--image-size", "32", "-f", "json")
     assert resized.exit_code in (0, 1) and "behaviour" in json.loads(resized.stdout)["files"][0]["checks"]
+
+
+def test_until_stable_that_never_stabilises_says_so_and_names_the_layer(cli, tmp_path):
+    import json
+
+    result = cli("recalibrate", CHECKPOINTS / "sample.pt", *ARCH, "--data", SAMPLES / "data_shifted", "--until-stable", "1e-12", "--workers", "0", "-o", tmp_path / "r.pt", "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert not doc["stopped_early"] and doc["samples"] == 160
+    note = next(n for n in doc["notes"] if n.startswith("never stable"))
+    assert any(layer["name"] in note for layer in doc["layers"]) and "still moved" in note

@@ -205,10 +205,10 @@ def _merge_distributed(moments: dict[str, _Moments]) -> None:
         moments[name] = merged
 
 
-def _stable(previous: dict[str, tuple], moments: dict[str, _Moments], eps: dict[str, float], tolerance: float) -> tuple[bool, dict[str, tuple]]:
+def _stable(previous: dict[str, tuple], moments: dict[str, _Moments], eps: dict[str, float], tolerance: float) -> tuple[bool, dict[str, tuple], tuple[str, float]]:
     """Whether no layer's estimate moved more than ``tolerance`` since the last batch
-    (mean in units of std, variance relative)."""
-    current, moved = {}, 0.0
+    (mean in units of std, variance relative), and the layer that moved most, by how much."""
+    current, most = {}, ("", 0.0)
     for name, m in moments.items():
         if m.mean is None:
             continue
@@ -217,10 +217,12 @@ def _stable(previous: dict[str, tuple], moments: dict[str, _Moments], eps: dict[
         if name in previous:
             old_mean, old_var = previous[name]
             std = torch.sqrt(old_var + eps[name])
-            moved = max(moved, float(((mean - old_mean).abs() / std).max()), float(((var - old_var).abs() / (old_var + eps[name])).max()))
+            moved = max(float(((mean - old_mean).abs() / std).max()), float(((var - old_var).abs() / (old_var + eps[name])).max()))
         else:
             moved = math.inf
-    return moved <= tolerance, current
+        if moved > most[1] or not most[0]:
+            most = (name, moved)
+    return most[1] <= tolerance, current, most
 
 
 def recalibrate(
@@ -260,6 +262,7 @@ def recalibrate(
     start = time.perf_counter()
     previous: dict[str, tuple] = {}
     calm = 0
+    most = ("", math.inf)
     with eval_mode(model), _Recorder(layers) as recorder, torch.inference_mode():
         for batch in batches:
             args, kwargs = as_call(input_fn(batch) if input_fn is not None else batch, None if input_fn is not None else positional)
@@ -281,7 +284,7 @@ def recalibrate(
             if on_batch is not None:
                 on_batch(size)
             if until_stable is not None:
-                steady, previous = _stable(previous, recorder.moments, {n: bn.eps for n, bn in layers.items()}, until_stable)
+                steady, previous, most = _stable(previous, recorder.moments, {n: bn.eps for n, bn in layers.items()}, until_stable)
                 calm = calm + 1 if steady else 0
                 if calm >= stable_batches:
                     report.stopped_early = True
@@ -294,6 +297,9 @@ def recalibrate(
         report.samples, report.batches = int(counts[0]), int(counts[1])
     if report.batches == 0:
         raise NoBatchesError("no batch to recalibrate on", "pass an iterable with at least one batch")
+    if until_stable is not None and not report.stopped_early:
+        name, moved = most
+        report.notes.append(f"never stable within --until-stable {until_stable:g}: every sample was used; {name} still moved {moved:.3g} on the last batch")
     _write_statistics(layers, moments, old, report)
     report.seconds = time.perf_counter() - start
     return report
