@@ -41,7 +41,7 @@ def diff(
     workers: Annotated[int, typer.Option("--workers", help="Processes decoding samples (--data).", rich_help_panel="Data")] = 2,
     fmt: Annotated[DiffFormat, typer.Option("--format", "-f", help="Output format.")] = DiffFormat("table"),
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the output to this file (atomically) instead of stdout.")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw each layer's largest mean shift to this PNG (needs matplotlib: pip install 'bnctl[plot]').")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw each layer's largest mean shift to this PNG (needs matplotlib: pip install 'bnctl\\[plot]').")] = None,
     fail_above: Annotated[Optional[float], typer.Option("--fail-above", help="Exit 1 when a layer's mean moved more than this many old standard deviations (a CI gate).")] = None,
 ) -> None:
     """Show how BatchNorm statistics moved between checkpoints, or how far a data folder is from them."""

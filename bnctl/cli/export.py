@@ -19,8 +19,8 @@ def export(
     source: ModelSource = MODEL,
     inputs: CheckInputs = CHECKS,
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset. Default: the exporter's.")] = None,
-    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic (checked at two batch sizes).")] = False,
-    no_fold: Annotated[bool, typer.Option("--no-fold", help="Keep the BatchNorm nodes.")] = False,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", metavar="", help="Make the batch dimension dynamic (checked at two batch sizes).")] = False,
+    no_fold: Annotated[bool, typer.Option("--no-fold", metavar="", help="Keep the BatchNorm nodes.")] = False,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Largest ONNX Runtime vs PyTorch difference, relative to the largest |output|. Beyond it: exit 1, nothing written.")] = 1e-4,
     fmt: ReportFormatOpt = ReportFormat("table"),
 ) -> None:

@@ -28,7 +28,7 @@ def inspect(
         typer.Option("--format", "-f", help="Output format. Default: table, or what --output's extension says.", show_default=False),
     ] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the output to this file (atomically) instead of stdout.")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw running_var and |gamma| per layer to this PNG (needs bnctl[plot]).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw running_var and |gamma| per layer to this PNG (needs matplotlib: pip install 'bnctl\\[plot]').")] = None,
 ) -> None:
     """Show each BatchNorm layer's statistics and affine parameters, and flag what is unhealthy."""
     from ..ops.inspect import inspect as run_inspect

@@ -45,7 +45,7 @@ KeyOpt = Annotated[
 ]
 TrustOpt = Annotated[
     bool,
-    typer.Option("--trust", help="Load and run what the file holds as code: pickled modules, TorchScript (torch.jit.load), .pt2 programs. Without it bnctl reads their tensors only and runs nothing from the file.", rich_help_panel="Model"),
+    typer.Option("--trust", metavar="", help="Load and run what the file holds as code: pickled modules, TorchScript (torch.jit.load), .pt2 programs. Without it bnctl reads their tensors only and runs nothing from the file.", rich_help_panel="Model"),
 ]
 
 # --- which check inputs -----------------------------------------------------------------
@@ -105,7 +105,7 @@ IMAGES = OptionGroup(
         ("image_size", Annotated[Optional[str], typer.Option("--image-size", help="Resize images to H or H,W. Default: as they are (they must then share one size).", rich_help_panel="Data")], None),
         ("mean", Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean subtracted from images in [0,1], e.g. 0.485,0.456,0.406.", rich_help_panel="Data")], None),
         ("std", Annotated[Optional[str], typer.Option("--std", help="Per-channel std images are divided by, e.g. 0.229,0.224,0.225.", rich_help_panel="Data")], None),
-        ("grayscale", Annotated[bool, typer.Option("--grayscale", help="Read images as one channel.", rich_help_panel="Data")], False),
+        ("grayscale", Annotated[bool, typer.Option("--grayscale", metavar="", help="Read images as one channel.", rich_help_panel="Data")], False),
         ("transform", Annotated[Optional[str], typer.Option("--transform", help="pkg.mod:fn or file.py:fn taking a Pillow image, returning the model input; replaces the default preprocessing.", rich_help_panel="Data")], None),
     ),
     preprocess,

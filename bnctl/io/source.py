@@ -125,7 +125,8 @@ class OpenedModel:
         model = self.runnable(verb)
         if self.kind == "eager":
             return model
-        raise InputError(f"{self.checkpoint.path.name} is a {self.checkpoint.describe()}: {verb} needs an eager PyTorch model", "use the training checkpoint (state_dict + --arch) or a pickled module (--trust)")
+        what = self.checkpoint.describe()
+        raise InputError(f"{self.checkpoint.path.name} is {'an' if what[:1] in 'AEIOU' else 'a'} {what}: {verb} needs an eager PyTorch model", "use the training checkpoint (state_dict + --arch) or a pickled module (--trust)")
 
 
 @dataclass(frozen=True)
