@@ -157,3 +157,17 @@ def test_until_stable_that_never_stabilises_says_so_and_names_the_layer(cli, tmp
     assert not doc["stopped_early"] and doc["samples"] == 160
     note = next(n for n in doc["notes"] if n.startswith("never stable"))
     assert any(layer["name"] in note for layer in doc["layers"]) and "still moved" in note
+
+
+def test_long_commands_show_their_stage_on_a_terminal_and_nothing_when_piped(tmp_path):
+    import shutil
+
+    bnctl_bin = str(__import__("pathlib").Path(sys.executable).with_name("bnctl"))
+    args = [bnctl_bin, "fold", str(CHECKPOINTS / "sample.pt"), *ARCH, "--input-shape", "2,3,32,32"]
+    piped = subprocess.run([*args, "-o", str(tmp_path / "a.pt2")], capture_output=True, text=True)
+    assert piped.returncode == 0 and "tracing, pairing and folding" not in piped.stdout + piped.stderr
+    if shutil.which("script") is None:  # pragma: no cover - util-linux's script gives the command a terminal
+        return
+    command = " ".join([*args, "-o", str(tmp_path / "b.pt2")])
+    tty = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True)
+    assert tty.returncode == 0 and "tracing, pairing and folding" in tty.stdout

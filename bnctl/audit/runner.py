@@ -174,6 +174,7 @@ def audit(
     config: AuditConfig | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    stage: Any = None,
 ) -> AuditResult:
     """Audit every checkpoint in ``paths`` (files or folders), each opened with ``model``'s options.
 
@@ -192,7 +193,9 @@ def audit(
         raise InputError(f"no checkpoint files in {', '.join(map(str, paths))} ({skipped})", "name the files, or check --include/--exclude and .gitignore")
     examples = _behaviour_inputs(inputs)
     results = []
-    for path in files:
+    for number, path in enumerate(files, 1):
+        if stage is not None:
+            stage(f"auditing {path} ({number} of {len(files)})")
         try:
             fa = _audit_file(model.at(path), examples)
         except BnctlError as exc:

@@ -77,7 +77,10 @@ def audit(
         settings.ignore = settings.ignore + check_selectors(_codes(ignore), "--ignore")
     if fail_on is not None:
         settings.fail_on = fail_on.value
-    result = run_audit(paths, model=source, inputs=inputs, config=settings, include=include or [], exclude=exclude or [])
+    from ..render.progress import stages
+
+    with stages(sys.stderr.isatty()) as stage:
+        result = run_audit(paths, model=source, inputs=inputs, config=settings, include=include or [], exclude=exclude or [], stage=stage)
     if fmt.value == "text":
         from ..audit.formats import text
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,10 +29,13 @@ def export(
     from ..jobs.export import export_file
     from ..render.reports import export_table
 
-    report = export_file(
-        source.at(path), output, inputs=inputs,
-        opset=opset, dynamic_batch=dynamic_batch, fold=not no_fold, tolerance=tolerance,
-    )
+    from ..render.progress import stages
+
+    with stages(sys.stderr.isatty()) as stage:
+        report = export_file(
+            source.at(path), output, inputs=inputs, stage=stage,
+            opset=opset, dynamic_batch=dynamic_batch, fold=not no_fold, tolerance=tolerance,
+        )
     emit_report(report, fmt.value, export_table)
     if not report.ok:
         fail(f"ONNX Runtime differs from PyTorch by {report.max_rel_error:.3g} (relative), beyond --tolerance {tolerance:g}: nothing written", "check the operators listed above, or raise --tolerance if that difference is acceptable", 1)

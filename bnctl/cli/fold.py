@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -30,7 +31,10 @@ def fold(
     from ..jobs.fold import fold_file
     from ..render.reports import fold_table
 
-    report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance)
+    from ..render.progress import stages
+
+    with stages(sys.stderr.isatty()) as stage:
+        report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance, stage=stage)
     emit_report(report, fmt.value, fold_table)
     if not report.ok:
         fail(

@@ -4,7 +4,7 @@ audit's ONNX findings on the graph, write it if ONNX Runtime matched PyTorch."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import _atomic
 from ..errors import InputError
@@ -12,13 +12,14 @@ from ..io.source import CheckInputs, ModelSource
 from ..ops.export import ExportReport, export
 
 
-def export_file(source: ModelSource, output: str | Path, *, inputs: CheckInputs = CheckInputs(), **options: Any) -> ExportReport:
+def export_file(source: ModelSource, output: str | Path, *, inputs: CheckInputs = CheckInputs(), stage: Callable[[str], None] = lambda text: None, **options: Any) -> ExportReport:
     """Read ``source`` (a state_dict with ``arch``, a pickled module, a ``.pt2``), export it
     (``options`` are :func:`~bnctl.ops.export.export`'s) and write ``output`` if it checks out."""
     from ..audit.checks import onnx_findings
 
     output = Path(output)
     _atomic.refuse_overwrite(source.path, output)
+    stage(f"reading {source.path}")
     opened = source.open()
     model = opened.runnable("exporting")
     name = opened.checkpoint.path.name
@@ -34,6 +35,7 @@ def export_file(source: ModelSource, output: str | Path, *, inputs: CheckInputs 
         examples = tuple(program.example_inputs[0])
     if examples is None:
         raise InputError("exporting needs example inputs", "pass --input-shape 1,3,224,224 (once per model input) or --data DIR")
+    stage("exporting, folding and checking in ONNX Runtime")
     proto, report = export(model, examples, **options)
     report.findings = onnx_findings(proto)
     report.output = str(output)

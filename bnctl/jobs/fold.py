@@ -7,6 +7,7 @@ outputs within the tolerance; the input file is never overwritten.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from .. import _atomic
 from ..core import verify
@@ -37,6 +38,7 @@ def fold_file(
     inputs: CheckInputs = CheckInputs(),
     to: Target | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    stage: Callable[[str], None] = lambda text: None,
 ) -> FoldReport:
     """Fold the model of ``source`` and write it to ``output`` if it checks out.
 
@@ -45,6 +47,7 @@ def fold_file(
     """
     output = Path(output)
     _atomic.refuse_overwrite(source.path, output)
+    stage(f"reading {source.path}")
     opened = source.open()
     checkpoint, model = opened.checkpoint, opened.runnable("folding")
     target = to or default_target(checkpoint, output)
@@ -57,12 +60,14 @@ def fold_file(
         raise InputError("folding needs example inputs to trace and check the model", "pass --input-shape 1,3,224,224 (once per model input) or --data DIR")
     if checkpoint.program is not None and examples is None:
         examples = tuple(checkpoint.program.example_inputs[0])
+    stage("tracing, pairing and folding")
     folded, report = fold(model, examples, tolerance=tolerance, keep_modules=target == Target.STATE_DICT)
     report.output, report.format = str(output), target.value
     if target == Target.STATE_DICT:
         report.notes.append("state-dict output keeps every BN module; use --to pt2 to drop them")
     if not report.ok:
         return report
+    stage(f"building the {target.value} file and checking it")
     artifact = writers.build(folded, target, examples, output)
     errors = verify.compare(report.reference, verify.run(artifact.run, examples))
     report.max_abs_error = max(report.max_abs_error or 0.0, errors[0])

@@ -42,3 +42,32 @@ class _Progress:
 def sample_progress(enabled: bool) -> _Progress:
     """Context manager for the recalibration progress bar (``start(total)``, ``advance(n)``)."""
     return _Progress(enabled)
+
+
+class _Stages:
+    """One status line on stderr naming the stage a long command is in (a spinner on a
+    terminal), or nothing when disabled: piped and JSON output stay clean."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.status = enabled, None
+
+    def __enter__(self) -> "_Stages":
+        if self.enabled:
+            from rich.console import Console
+
+            self.status = Console(stderr=True).status("starting")
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+    def __call__(self, text: str) -> None:
+        if self.status is not None:
+            self.status.update(text)
+
+
+def stages(enabled: bool) -> _Stages:
+    """Context manager whose value, called with a text, shows the stage a command is in."""
+    return _Stages(enabled)
