@@ -171,3 +171,16 @@ def test_long_commands_show_their_stage_on_a_terminal_and_nothing_when_piped(tmp
     command = " ".join([*args, "-o", str(tmp_path / "b.pt2")])
     tty = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True)
     assert tty.returncode == 0 and "tracing, pairing and folding" in tty.stdout
+
+
+def test_a_narrow_terminal_says_which_columns_it_hides():
+    import io
+
+    from rich.console import Console
+
+    from bnctl.render.inspect import inspect_table
+
+    result = bnctl.inspect(CHECKPOINTS / "sample.pt")
+    console = Console(width=90, record=True, file=io.StringIO())
+    console.print(inspect_table(result, width=90))
+    assert "narrow terminal: eps, momentum, batches, |mean| max, |β| max not shown" in console.export_text()

@@ -110,6 +110,9 @@ def inspect_table(result: InspectResult, *, width: int = WIDE, max_details: int 
     parts: list[Any] = [table] if result.rows else []
     if len(shown) < len(result.rows):
         parts.append(Text(f"... the table shows {len(shown)} of {len(result.rows)} layers (every flagged one first); --format csv or json lists all", style="dim"))
+    hidden = [title for title, _, narrow in _COLUMNS if not narrow and width < WIDE]
+    if hidden and result.rows:
+        parts.append(Text(f"narrow terminal: {', '.join(hidden)} not shown (a wider terminal, or --format csv, shows them)", style="dim"))
     details = [(row["name"], d) for row in result.rows for d in row["details"]]
     if details:
         parts.append(Text(""))
