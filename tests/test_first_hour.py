@@ -184,3 +184,19 @@ def test_a_narrow_terminal_says_which_columns_it_hides():
     console = Console(width=90, record=True, file=io.StringIO())
     console.print(inspect_table(result, width=90))
     assert "narrow terminal: eps, momentum, batches, |mean| max, |β| max not shown" in console.export_text()
+
+
+def test_forward_says_how_a_batch_is_fed(cli, tmp_path):
+    import json
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    x = torch.rand(6, 3, 32, 32)
+    for i in range(6):
+        torch.save({"image": x[i], "label": torch.tensor(i % 4)}, folder / f"{i}.pt")
+    (tmp_path / "feed.py").write_text("def image(batch):\n    return batch['image']\n")
+    without = cli("recalibrate", CHECKPOINTS / "sample.pt", *ARCH, "--data", folder, "--workers", "0", "-o", tmp_path / "a.pt")
+    assert without.exit_code == 2 and "rejects samples" in without.stderr  # forward(image=..., label=...) does not fit
+    result = cli("recalibrate", CHECKPOINTS / "sample.pt", *ARCH, "--data", folder, "--workers", "0", "--forward", f"{tmp_path / 'feed.py'}:image", "-o", tmp_path / "b.pt", "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["samples"] == 6

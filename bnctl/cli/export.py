@@ -37,5 +37,7 @@ def export(
             opset=opset, dynamic_batch=dynamic_batch, fold=not no_fold, tolerance=tolerance,
         )
     emit_report(report, fmt.value, export_table)
+    if report.written:
+        typer.echo(f"wrote {output}", err=True)
     if not report.ok:
         fail(f"ONNX Runtime differs from PyTorch by {report.max_rel_error:.3g} (relative), beyond --tolerance {tolerance:g}: nothing written", "check the operators listed above, or raise --tolerance if that difference is acceptable", 1)

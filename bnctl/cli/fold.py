@@ -36,6 +36,8 @@ def fold(
     with stages(sys.stderr.isatty()) as stage:
         report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance, stage=stage)
     emit_report(report, fmt.value, fold_table)
+    if report.written:
+        typer.echo(f"wrote {output} ({report.format})", err=True)
     if not report.ok:
         fail(
             f"the folded model's outputs moved by {report.max_rel_error:.3g} (relative), beyond --tolerance {tolerance:g}: nothing written",

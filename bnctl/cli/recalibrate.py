@@ -12,7 +12,7 @@ import typer
 from ..io.source import CheckInputs, ModelSource
 from ..jobs import DEVICES
 from .app import command, emit_report
-from .options import IMAGES, MODEL, PathArg, ReportFormat, ReportFormatOpt, choices
+from .options import IMAGES, MODEL, PathArg, ReportFormat, ReportFormatOpt, choices, resolve_transform
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..io.data import Preprocess
@@ -32,6 +32,7 @@ def recalibrate(
     workers: Annotated[int, typer.Option("--workers", help="Processes decoding samples.", rich_help_panel="Data")] = 2,
     device: Annotated[Device, typer.Option("--device", help="Where the forward passes run.")] = Device("cpu"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample order and --max-samples subset.")] = 0,
+    forward: Annotated[Optional[str], typer.Option("--forward", help="pkg.mod:fn or file.py:fn: how a batch of samples is fed to the model (returns a tensor, a tuple of arguments or a dict of keyword arguments). Default: a tensor as the one argument, a tuple as the arguments, a dict as keyword arguments.", rich_help_panel="Data")] = None,
     until_stable: Annotated[Optional[float], typer.Option("--until-stable", help="Stop once no layer's estimate moved more than this over 3 batches (one process only).")] = None,
     fmt: ReportFormatOpt = ReportFormat("table"),
 ) -> None:
@@ -45,7 +46,7 @@ def recalibrate(
         report = recalibrate_file(
             source.at(path), output, inputs=CheckInputs(data=data, seed=seed, preprocess=preprocess),
             batch_size=batch_size, max_samples=max_samples, workers=workers, device=device.value,
-            until_stable=until_stable, on_batch=progress.advance, on_start=progress.start,
+            until_stable=until_stable, on_batch=progress.advance, on_start=progress.start, input_fn=resolve_transform(forward),
         )
     if not rank0:
         return

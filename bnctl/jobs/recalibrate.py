@@ -59,6 +59,7 @@ def recalibrate_file(
     workers: int = 0,
     device: str = "cpu",
     until_stable: float | None = None,
+    input_fn: Callable[[Any], Any] | None = None,
     on_batch: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> RecalibrationReport:
@@ -104,7 +105,7 @@ def recalibrate_file(
             yield _channels_last(batch) if fast else batch
 
     try:
-        report = recalibrate(model, batches(), until_stable=until_stable, device=None if fast else device, on_batch=on_batch)
+        report = recalibrate(model, batches(), until_stable=until_stable, device=None if fast else device, on_batch=on_batch, input_fn=input_fn)
     except NoBatchesError:
         raise InputError(f"--data {data}: none of its {len(files)} files could be read", "check the files; supported: images, .npy, .npz, .pt") from None
     model = model.to(memory_format=torch.contiguous_format).to("cpu")

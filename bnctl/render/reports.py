@@ -14,8 +14,6 @@ def fold_summary(report: Any) -> str:
     text = f"Folded {len(report.folded)} of {report.bn_before} BatchNorm layers ({path}); {report.bn_after} left."
     if report.max_abs_error is not None:
         text += f"\nOutputs on {report.inputs}: max abs error {report.max_abs_error:.2g}, max rel error {report.max_rel_error:.2g} (tolerance {report.tolerance:g})."
-    if report.written:
-        text += f"\nWrote {report.output} ({report.format})."
     return text
 
 
@@ -103,8 +101,6 @@ def export_table(report: Any):
     parts: list[Any] = [Text("steps: " + "; ".join(report.steps)), table]
     parts += [Text(plain(f"{f['check']} {f['layer'] or ''}: {f['message']}"), style="yellow") for f in report.findings]
     summary = f"Exported with {report.exporter}, opset {report.opset}. ONNX Runtime vs PyTorch on {', '.join(report.checked_shapes)}: max abs error {report.max_abs_error:.2g}, max rel error {report.max_rel_error:.2g} (tolerance {report.tolerance:g})."
-    if report.written:
-        summary += f"\nWrote {report.output}."
     parts.append(Text(summary, style="bold" if report.ok else "bold red"))
     return Group(*parts)
 
