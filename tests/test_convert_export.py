@@ -207,3 +207,19 @@ def test_export_beyond_tolerance_exits_1_and_writes_nothing(cli, tmp_path):
     result = cli("export", CHECKPOINTS / "sample.pt", *ARCH, "--input-shape", "2,3,32,32", "--tolerance", "0", "-o", tmp_path / "m.onnx")
     assert result.exit_code == 1 and "beyond --tolerance" in result.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_groupnorm_never_makes_groups_of_one_value():
+    """A BatchNorm1d over (N, C) as GroupNorm(C, C) normalizes each single value to 0: the
+    output becomes its bias and the input is erased (opacus' converter does this)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
+    x = torch.randn(6, 4)
+    for inputs in ((x,), None):
+        gn, report = convert(model, "groupnorm", inputs=inputs, groups=32)
+        assert gn[1].num_groups == 4 and "2 values each" in report.converted[0]["note"]
+        with torch.no_grad():
+            out = gn(x)
+        assert float(out.std(dim=0).max()) > 0.1  # the input still matters (groups of one value: std 0 everywhere)
+    with pytest.raises(InputError, match="erases the input"):
+        convert(nn.Sequential(nn.Linear(4, 1), nn.BatchNorm1d(1)).eval(), "groupnorm", inputs=(x,))

@@ -8,6 +8,7 @@ refused by name: converting it would silently drop what its forward adds (timm#1
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -128,13 +129,18 @@ def to_syncbn(model: nn.Module) -> tuple[nn.Module, ConvertReport]:
 
 def input_ranks(model: nn.Module, inputs: tuple | None) -> dict[str, int]:
     """The rank of each BN-like module's input when ``model`` runs on ``inputs`` in eval mode."""
+    return {name: len(shape) for name, shape in input_shapes(model, inputs).items()}
+
+
+def input_shapes(model: nn.Module, inputs: tuple | None) -> dict[str, tuple[int, ...]]:
+    """The shape of each BN-like module's input when ``model`` runs on ``inputs`` in eval mode."""
     if inputs is None:
         return {}
-    ranks: dict[str, int] = {}
+    ranks: dict[str, tuple[int, ...]] = {}
 
     def record(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            ranks.setdefault(name, args[0].dim())
+            ranks.setdefault(name, tuple(args[0].shape))
 
         return hook
 
@@ -243,25 +249,35 @@ def largest_divisor(channels: int, at_most: int) -> int:
     return max(d for d in range(1, min(channels, at_most) + 1) if channels % d == 0)
 
 
-def to_groupnorm(model: nn.Module, groups: int = 32) -> tuple[nn.Module, ConvertReport]:
-    """Every BN -> GroupNorm with the largest group count dividing the channels not above
-    ``groups``; gamma and beta carried over, statistics dropped. This changes the function."""
+def to_groupnorm(model: nn.Module, groups: int = 32, inputs: tuple | None = None) -> tuple[nn.Module, ConvertReport]:
+    """Every BN -> GroupNorm with the largest group count dividing the channels, not above
+    ``groups``, whose groups hold at least 2 values: a group of one value normalizes to 0 and
+    erases the input (a BatchNorm1d over (N, C), or any BN after global pooling). The values
+    per position come from ``inputs`` where given, else one is assumed. Gamma and beta are
+    carried over, statistics dropped. This changes the function."""
     if groups < 1:
         raise InputError(f"--groups {groups} is not positive", "e.g. --groups 32")
     report = ConvertReport("groupnorm")
+    shapes = input_shapes(model, inputs)
 
     def make(name: str, m: nn.Module) -> nn.Module | None:
         if not isinstance(m, (_BatchNorm, FrozenBatchNorm)):
             return None
         _check_plain(name, m)
-        g = largest_divisor(m.num_features, groups)
+        shape = shapes.get(name)
+        positions = math.prod(shape[2:]) if shape is not None else 1
+        c = m.num_features
+        g = next((d for d in range(min(groups, c), 0, -1) if c % d == 0 and (c // d) * positions >= 2), None)
+        if g is None:
+            raise InputError(f"{name}: a GroupNorm over {c} channel(s) x {positions} position(s) has one value per group, which normalizes to 0 and erases the input",
+                             "keep this layer a BatchNorm (convert another model part), or pass --input-shape if its input has more positions")
         new = nn.GroupNorm(g, m.num_features, eps=m.eps, affine=True)
         with torch.no_grad():
             if getattr(m, "weight", None) is not None:
                 new.weight.copy_(m.weight)
                 new.bias.copy_(m.bias)
         new.train(m.training)
-        note = f"{g} groups" + ("" if g == groups else f" (largest divisor of {m.num_features} not above {groups})")
+        note = f"{g} group{'s' * (g != 1)}, {(c // g) * positions} values each" + (f" per sample{'' if shape is not None else ' (one position assumed: pass --input-shape to measure)'}") + ("" if g == groups else f"; the largest divisor of {c} not above {groups} with at least 2 values per group")
         report.converted.append({"name": name, "from": type(m).__name__, "to": "GroupNorm", "note": note})
         return new
 
@@ -282,7 +298,7 @@ def convert(model: nn.Module, to: str, *, inputs: tuple | None = None, groups: i
     elif to == "frozen":
         result, report = to_frozen(model)
     else:
-        result, report = to_groupnorm(model, groups)
+        result, report = to_groupnorm(model, groups, inputs)
     if not report.converted:
         raise InputError(f"no BatchNorm layer to convert to {to}", "check the model (bnctl inspect lists its BatchNorm layers) and --to")
     if inputs is not None:
