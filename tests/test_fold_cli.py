@@ -218,3 +218,18 @@ def test_onnx_bn_with_statistics_from_a_graph_input_is_kept_with_a_reason(cli, t
     feeds = {"x": rng.normal(size=(1, 3, 4, 4)).astype(np.float32), "v": np.full(3, 4.0, np.float32)}
     same = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0] for p in (src, tmp_path / "out.onnx")]
     np.testing.assert_allclose(same[0], same[1], rtol=1e-6)
+
+
+def test_an_onnx_graph_whose_only_symbolic_dim_is_the_batch_is_checked_at_batch_1(cli, tmp_path):
+    model = onnx.load(CHECKPOINTS / "sample.onnx")
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_value")
+    dim.dim_param = "batch"
+    onnx.save(model, tmp_path / "sym.onnx")
+    result = cli("fold", tmp_path / "sym.onnx", "-o", tmp_path / "f.onnx", "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["inputs"] == "(1, 3, 32, 32)" and any("symbolic batch size" in n for n in report["notes"])
+    x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)  # the written graph keeps the symbolic batch
+    got, want = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0] for p in (tmp_path / "f.onnx", tmp_path / "sym.onnx"))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -53,8 +53,9 @@ def check_graph(model: Any) -> None:
         raise InputError(f"the ONNX graph uses opset {opset}; ONNX Runtime runs opset 7 and later", "convert it with onnx.version_converter, or export it again")
 
 
-def input_feeds(model: Any, shapes: Sequence[Sequence[int]] | None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for the graph: its static shapes, or ``shapes`` (one per input)."""
+def input_feeds(model: Any, shapes: Sequence[Sequence[int]] | None, seed: int = 0, notes: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Random inputs for the graph: its static shapes, or ``shapes`` (one per input). A
+    symbolic first dim (the batch) alone is taken as 1, said in ``notes``."""
     from onnx import helper
 
     check_graph(model)
@@ -69,6 +70,10 @@ def input_feeds(model: Any, shapes: Sequence[Sequence[int]] | None, seed: int = 
             if index >= len(shapes):
                 raise InputError(f"the ONNX graph has {len(inputs)} inputs, --input-shape gave {len(shapes)}", "pass --input-shape once per graph input")
             dims = list(shapes[index])
+        if not shapes and dims and (dims[0] is None or dims[0] <= 0) and all(d is not None and d > 0 for d in dims[1:]):
+            dims[0] = 1
+            if notes is not None:
+                notes.append(f"ONNX input '{value.name}' has a symbolic batch size: checked at batch 1 (--input-shape for another)")
         if any(d is None or d <= 0 for d in dims):
             raise InputError(f"ONNX input '{value.name}' has a dynamic shape {dims}", "pass --input-shape with concrete sizes, e.g. --input-shape 1,3,224,224")
         if int(np.prod(dims, dtype=np.float64)) > MAX_INPUT_ELEMENTS:

@@ -87,7 +87,8 @@ def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, in
     if target != Target.ONNX:
         raise InputError(f"an ONNX graph can only be written as ONNX, not {target.value}", "write to a .onnx file, or fold the PyTorch checkpoint instead")
     model = checkpoint.onnx_model
-    feeds = onnx_run.input_feeds(model, [tuple(t.shape) for t in inputs] if inputs else None, seed)
+    notes: list[str] = []
+    feeds = onnx_run.input_feeds(model, [tuple(t.shape) for t in inputs] if inputs else None, seed, notes)
     if inputs is not None:
         feeds = {n: t.numpy().astype(v.dtype) for (n, v), t in zip(feeds.items(), inputs)}
     try:
@@ -98,6 +99,7 @@ def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, in
     onnx.checker.check_model(new)
     report = FoldReport(path="onnx", folded=folded, skipped=skipped, bn_before=count, bn_after=count - len(folded), tolerance=tolerance)
     report.inputs = verify.shapes_text(list(feeds.values()), tuples=True)
+    report.notes += notes
     report.max_abs_error, report.max_rel_error = verify.compare(reference, onnx_run.run(new, feeds))
     report.output, report.format = str(output), target.value
     if report.ok:
