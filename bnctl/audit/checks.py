@@ -51,13 +51,13 @@ def from_rows(rows: list[dict[str, Any]], onnx: bool) -> list[Raw]:
     return found
 
 
-def onnx_unfolded(model: Any, feeds: dict | None) -> list[Raw]:
+def onnx_unfolded(model: Any) -> list[Raw]:
     """BN402: BatchNormalization nodes that bnctl fold would fold."""
     from ..errors import BnctlError
     from ..ops.fold import onnx as onnx_fold
 
     try:
-        _, folded, _, _ = onnx_fold.fold_model(model, feeds, plan=True)
+        _, folded, _, _ = onnx_fold.fold_model(model, plan=True)
     except BnctlError:
         return []
     return [(f["bn"], "BN402", f"foldable into {f['into']}, the layer {'before' if f['side'] == 'after' else 'after'} it: bnctl fold removes it") for f in folded]
@@ -69,5 +69,5 @@ def onnx_findings(model: Any) -> list[dict[str, Any]]:
     from ..core.layers import from_onnx
     from ..core.stats import rows
 
-    found = from_rows(rows(from_onnx(model)), onnx=True) + onnx_unfolded(model, None)
+    found = from_rows(rows(from_onnx(model)), onnx=True) + onnx_unfolded(model)
     return [{"check": code, "layer": layer, "message": message} for layer, code, message in found if code.startswith("BN4")]

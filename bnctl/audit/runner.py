@@ -275,7 +275,7 @@ def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
     elif checkpoint.program is not None and not _accepts(runnable, inputs):
         why_not = "the program's input shapes are fixed and differ from the check inputs"
     if onnx:
-        raw += checks.onnx_unfolded(checkpoint.onnx_model, _onnx_feeds(checkpoint.onnx_model, inputs))
+        raw += checks.onnx_unfolded(checkpoint.onnx_model)
         done("onnx")
     if why_not is None:
         from ..core import verify
@@ -304,12 +304,3 @@ def _accepts(program_module: Any, inputs: tuple) -> bool:
         return True
     except Exception:  # noqa: BLE001 - a guard on the exported shapes
         return False
-
-
-def _onnx_feeds(model: Any, inputs: tuple | None) -> dict | None:
-    from ..core import onnx as onnx_run
-
-    try:
-        return onnx_run.input_feeds(model, [tuple(t.shape) for t in inputs] if inputs else None)
-    except BnctlError:
-        return None

@@ -104,7 +104,7 @@ def export(
     proto = onnx.load_from_string(data)
     if fold and any(n.op_type == "BatchNormalization" for n in proto.graph.node):
         # what PyTorch could not fold (or a TorchScript model): fold it in the graph
-        proto, onnx_folded, _, _ = onnx_fold.fold_model(proto, onnx_run.input_feeds(proto, [tuple(t.shape) for t in inputs]))
+        proto, onnx_folded, _, _ = onnx_fold.fold_model(proto)
         report.folded += len(onnx_folded)
         report.steps.append(f"{len(onnx_folded)} BatchNormalization nodes folded in the ONNX graph")
         data = proto.SerializeToString()

@@ -178,11 +178,11 @@ def _zero_pads(layer: Any) -> bool:
     return any(int(p) != 0 for p in attribute(layer, "pads", []) or [])
 
 
-def fold_model(model: Any, feeds: dict[str, np.ndarray] | None = None, *, plan: bool = False) -> tuple[Any, list[dict], list[dict], int]:
+def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list[dict], int]:
     """Fold the BN nodes of an ONNX ModelProto (a copy is changed, not ``model``).
 
-    Weights the graph computes from constants alone are evaluated (only the nodes they need);
-    ``feeds`` is kept for callers and not needed. With ``plan``, only decide:
+    Weights the graph computes from constants alone are evaluated (only the nodes they need,
+    no inputs). With ``plan``, only decide:
     which BN folds into which layer and why the others stay (no weights computed, no torch).
     Returns the new model, the folded pairs, the skipped BNs with reasons, and the BN count.
     Raises InputError for a BN whose statistics are not constants.
