@@ -59,6 +59,7 @@ test: $(VENV)/.test-installed
 
 bench: $(VENV)/.test-installed
 	$(PY) benchmarks/bench_inspect.py
+	$(PY) benchmarks/bench_many_layers.py
 	$(PY) benchmarks/bench_fold.py
 	$(PY) benchmarks/bench_audit.py
 	$(PY) benchmarks/bench_recalibrate.py

@@ -299,3 +299,106 @@ def test_malicious_torchscript_archive_does_not_execute(tmp_path, member):
     with pytest.raises(InputError):
         checkpoint.load(path)
     assert not marker.exists()
+
+
+# --- safetensors headers: each kind of damage its own error ----------------------------
+
+
+def _safetensors_with(tmp_path, edit):
+    """A file written by safetensors' own writer, its JSON header then changed by ``edit``."""
+    import json
+    import struct
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({f"bn.{k}": np.arange(4, dtype=np.float32) + 1 for k in BN_SUFFIXES}, str(path))
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    data = raw[8 + length :]
+    header = edit(header)
+    text = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def _entry(key):
+    def edit(change):
+        def apply(header):
+            change(header[f"bn.{key}"])
+            return header
+
+        return apply
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (_entry("running_var")(lambda e: e.update(data_offsets=[0, 16])), "overlap"),
+        (_entry("weight")(lambda e: e.update(dtype="F31")), "unknown dtype 'F31'"),
+        (_entry("weight")(lambda e: e.update(dtype=["F32"])), "unknown dtype"),
+        (_entry("bias")(lambda e: e.update(shape=[-4])), "not a list of sizes"),
+        (_entry("bias")(lambda e: e.update(shape="4")), "not a list of sizes"),
+        (_entry("bias")(lambda e: e.update(shape=[5])), "needs 20"),
+        (_entry("running_mean")(lambda e: e.update(data_offsets=[0, 10**6])), "outside the file"),
+        (_entry("running_mean")(lambda e: e.pop("data_offsets")), "lacks dtype, shape or data_offsets"),
+        (_entry("bias")(lambda e: e.update(shape=[[4]])), "not a list of sizes"),
+        (lambda h: [h], "not a checkpoint bnctl can read"),
+        (lambda h: {**h, "__metadata__": {"a": 1}}, "__metadata__"),
+        (lambda h: b"{not json", "not JSON"),
+    ],
+)
+def test_safetensors_header_damage_is_one_clean_error(tmp_path, cli, edit, message):
+    path = _safetensors_with(tmp_path, edit)
+    result = cli("inspect", path)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert result.stderr.count("error:") == 1
+
+
+def test_safetensors_values_match_the_reference_reader(tmp_path):
+    """bnctl's header parser and byte views give what safetensors itself loads, including
+    entries stored out of key order and a scalar counter."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(3)
+    state = {}
+    for i, c in enumerate((3, 1, 7)):
+        for k in BN_SUFFIXES:
+            state[f"m.{i}.bn.{k}"] = rng.normal(size=c).astype(np.float16 if i == 1 else np.float32)
+        state[f"m.{i}.bn.num_batches_tracked"] = np.array(5 + i, dtype=np.int64)
+        state[f"m.{i}.conv.weight"] = rng.normal(size=(c, 2, 3, 3)).astype(np.float32)
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path))
+    expected = load_file(str(path))
+    from bnctl.io.safetensors import SafetensorsTensors
+
+    ours = SafetensorsTensors(path)
+    assert sorted(ours) == sorted(expected)
+    for key, value in expected.items():
+        assert ours[key].dtype == value.dtype and ours[key].shape == value.shape
+        np.testing.assert_array_equal(ours[key], value)
+
+
+def test_bulk_restores_collection_and_freezes_what_was_read():
+    import gc
+
+    from bnctl._bulk import bulk
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    with bulk():
+        assert not gc.isenabled()
+        kept = [[i] for i in range(1000)]
+    assert gc.isenabled() and gc.get_freeze_count() >= frozen + 1000
+    gc.unfreeze()
+    with pytest.raises(RuntimeError):
+        with bulk():
+            raise RuntimeError("read failed")
+    assert gc.isenabled()
+    del kept

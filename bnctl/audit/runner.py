@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._bulk import bulk
 from ..errors import BnctlError, InputError
 from ..io.source import CheckInputs, ModelSource
 
@@ -241,12 +242,13 @@ def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
         fa.seconds[group] = round(now - clock, 4)
         clock = now
 
-    opened = source.open()
-    checkpoint, module = opened.checkpoint, opened.built
-    found = layers_mod.find(checkpoint, module)
-    onnx = checkpoint.format == ckpt_mod.Format.ONNX
-    fa = FileAudit(str(path), checkpoint.describe(), len(found))
-    raw = checks.from_rows(stats.rows(found), onnx)
+    with bulk():
+        opened = source.open()
+        checkpoint, module = opened.checkpoint, opened.built
+        found = layers_mod.find(checkpoint, module)
+        onnx = checkpoint.format == ckpt_mod.Format.ONNX
+        fa = FileAudit(str(path), checkpoint.describe(), len(found))
+        raw = checks.from_rows(stats.rows(found), onnx)
     done("statistics")
     runnable = opened.module
     if runnable is not None:

@@ -101,6 +101,12 @@ def usable(layer: BNLayer) -> BNLayer:
     is not one finite number. The rest of the layer is still summarized."""
     if not layer.materialized:
         return layer
+    shape = (layer.num_features,)
+    if not layer.problems and all(  # the common case, kept short: dense numpy arrays of the right shape
+        type(t) is np.ndarray and t.shape == shape and t.dtype.kind in "fiu"
+        for t in (layer.weight, layer.bias, layer.running_mean, layer.running_var)
+    ):
+        return layer
     problems = list(layer.problems)
     kept = {}
     for name in ("weight", "bias", "running_mean", "running_var"):
@@ -125,29 +131,34 @@ def from_state_dict(tensors: Mapping[str, Any]) -> list[BNLayer]:
     which cannot be told from any other affine layer without the module: pass ``--arch``.
     """
     groups: dict[str, dict[str, str]] = {}
+    suffixes = set(_STATE_SUFFIXES)
     for key in tensors:
         prefix, _, leaf = key.rpartition(".")
-        if leaf in _STATE_SUFFIXES:
-            groups.setdefault(prefix, {})[leaf] = key
+        if leaf in suffixes:
+            group = groups.get(prefix)
+            if group is None:
+                group = groups[prefix] = {}
+            group[leaf] = key
     layers = []
     for prefix, keys in groups.items():
         if "running_mean" not in keys or "running_var" not in keys:
             continue
         mean, var = tensors[keys["running_mean"]], tensors[keys["running_var"]]
-        shaped = [t for t in (mean, var) if len(getattr(t, "shape", ())) == 1]
-        if not shaped:
+        shaped = mean if len(getattr(mean, "shape", ())) == 1 else var if len(getattr(var, "shape", ())) == 1 else None
+        if shaped is None:
             continue  # statistics with no channel axis: not a BN (the name only looks like one)
+        weight, bias, count = (tensors[keys[k]] if k in keys else None for k in ("weight", "bias", "num_batches_tracked"))
         layers.append(
             BNLayer(
                 name=prefix,
                 kind=None,
-                num_features=int(shaped[0].shape[0]),
-                weight=tensors[keys["weight"]] if "weight" in keys else None,
-                bias=tensors[keys["bias"]] if "bias" in keys else None,
+                num_features=int(shaped.shape[0]),
+                weight=weight,
+                bias=bias,
                 running_mean=mean,
                 running_var=var,
-                num_batches_tracked=counter(tensors[keys["num_batches_tracked"]]) if "num_batches_tracked" in keys else None,
-            problems=_counter_problem(tensors[keys["num_batches_tracked"]]) if "num_batches_tracked" in keys else [],
+                num_batches_tracked=counter(count),
+                problems=_counter_problem(count),
             )
         )
     return layers

@@ -188,10 +188,18 @@ def rows(layers: list[BNLayer]) -> list[dict[str, Any]]:
     return out  # type: ignore[return-value]
 
 
+def _stacked(tensors: list[Any]) -> np.ndarray:
+    """Same-length tensors as one float64 matrix, a row each (numpy arrays stacked as they
+    are and widened once: exact, as every dtype read widens to float64 exactly)."""
+    if all(type(t) is np.ndarray for t in tensors):
+        return np.stack(tensors).astype(np.float64, copy=False)
+    return np.stack([as_float64(t) for t in tensors])
+
+
 def _rows_together(group: list[BNLayer]) -> list[dict[str, Any] | None]:
     """Rows of layers with the same channel count and every tensor present; None for a layer
     that might carry a flag (the caller summarizes it alone, with its details)."""
-    mean, var, weight, bias = (np.stack([as_float64(getattr(l, name)) for l in group]) for name in ("running_mean", "running_var", "weight", "bias"))
+    mean, var, weight, bias = (_stacked([getattr(l, name) for l in group]) for name in ("running_mean", "running_var", "weight", "bias"))
     eps = np.array([eps_of(l) for l in group])[:, None]
     c = mean.shape[1]
     with np.errstate(all="ignore"):

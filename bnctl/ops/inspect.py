@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._bulk import bulk
 from ..core import layers as layers_mod
 from ..core import stats
 from ..io.source import ModelSource
@@ -82,9 +83,11 @@ def inspect(target: str | Path | ModelSource | Any, **source: Any) -> InspectRes
         target = ModelSource(Path(target), **source)
     elif source:
         target = dataclasses.replace(target, **source)
-    opened = target.open()
+    with bulk():
+        opened = target.open()
+        found = layers_mod.find(opened.checkpoint, opened.built)
+        rows = stats.rows(found)
     checkpoint, module, notes = opened.checkpoint, opened.built, opened.notes
-    found = layers_mod.find(checkpoint, module)
     if checkpoint.content == "state_dict" and module is None and found:
         notes.append("a state_dict does not record kind, eps, momentum or train/eval mode: shown as unknown; pass --arch to read them from the model")
     if module is not None:
@@ -97,7 +100,7 @@ def inspect(target: str | Path | ModelSource | Any, **source: Any) -> InspectRes
         description=checkpoint.describe(),
         content=checkpoint.content,
         layers=found,
-        rows=stats.rows(found),
+        rows=rows,
         key=checkpoint.key,
         notes=notes,
         metadata=checkpoint.metadata,
