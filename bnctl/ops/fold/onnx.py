@@ -30,7 +30,11 @@ class _Graph:
 
         graph = self.model.graph
         self.init = {i.name: i for i in graph.initializer}
-        self.const = {name: numpy_helper.to_array(t) for name, t in self.init.items()}
+        # IR >= 4: an initializer that is also a graph input is a default a caller may feed
+        # (ONNX Runtime's "overridable initializer"); IR 3 lists every initializer as an input
+        inputs = {i.name for i in graph.input}
+        self.fed = {name for name in self.init if name in inputs} if self.model.ir_version >= 4 else set()
+        self.const = {name: numpy_helper.to_array(t) for name, t in self.init.items() if name not in self.fed}
         for node in graph.node:
             if node.op_type == "Constant" and attribute(node, "value") is not None:
                 self.const[node.output[0]] = numpy_helper.to_array(attribute(node, "value"))
@@ -87,7 +91,7 @@ class _Graph:
 
         graph = self.model.graph
         old = node.input[index] if index < len(node.input) else ""
-        if old and old in self.init and len(self.readers(old)) == 1 and old not in self.outputs:
+        if old and old in self.init and old not in self.fed and len(self.readers(old)) == 1 and old not in self.outputs:
             graph.initializer.remove(self.init[old])
             name = old
         else:
@@ -113,8 +117,22 @@ class _Graph:
                 break
             for node in dead:
                 graph.node.remove(node)
-        for tensor in [t for t in graph.initializer if t.name not in read]:
+        for tensor in [t for t in graph.initializer if t.name not in read and t.name not in self.fed]:
             graph.initializer.remove(tensor)
+        if self.model.ir_version < 4:
+            self._list_initializers_as_inputs()
+
+    def _list_initializers_as_inputs(self) -> None:
+        """IR 3 requires every initializer to be a graph input, and ONNX Runtime runs them as
+        constants: the graph's own inputs first, as they were, then one per initializer."""
+        from onnx import helper
+
+        graph = self.model.graph
+        initial = {i.name for i in graph.initializer} | set(self.init)
+        own = [v for v in graph.input if v.name not in initial]
+        listed = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer]
+        del graph.input[:]
+        graph.input.extend(own + listed)
 
 
 def _bn_params(graph: _Graph, node: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -133,6 +151,9 @@ def _bn_params(graph: _Graph, node: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def _layer_weights(graph: _Graph, layer: Any) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
     """The layer's weight and bias as a Conv-like layout, or why they cannot be used."""
+    fed = [n for n in layer.input[1:3] if n in graph.fed]
+    if fed:
+        return None, None, f"{node_name(layer)} reads {', '.join(fed)}, an initializer a caller may feed as a graph input"
     if len(layer.input) < 2 or layer.input[1] not in graph.const:
         return None, None, f"the weight of {node_name(layer)} is not a constant"
     weight = graph.const[layer.input[1]]
@@ -203,6 +224,10 @@ def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list
             continue
         if any(o and (graph.readers(o) or o in graph.outputs) for o in bn.output[1:]):
             skipped.append({"bn": name, "reason": "its running mean/var outputs are read"})
+            continue
+        fed = [n for n in bn.input[1:5] if n in graph.fed]
+        if fed:
+            skipped.append({"bn": name, "reason": f"its inputs {', '.join(fed)} are initializers that are also graph inputs: a caller may feed other values at run time (kept, as ONNX Runtime's optimizer keeps them)"})
             continue
         runtime = [n for n in bn.input[1:5] if n not in graph.const]
         if runtime:
