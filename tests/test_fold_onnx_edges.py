@@ -132,3 +132,91 @@ def test_bn_statistics_a_caller_may_feed_are_kept_as_runtime_inputs(cli, tmp_pat
     fed = {"x": x, "bn2.running_var": np.full(8, 4.0, np.float32)}
     np.testing.assert_allclose(_run(out, fed), _run(src, fed), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(_run(out, {"x": x}), _run(src, {"x": x}), rtol=1e-4, atol=1e-5)
+
+
+# --- ONNX Runtime in a child process ------------------------------------------------------
+
+
+def _endless_loop_model():
+    """A real graph ONNX Runtime runs for ever: a Loop with a trip count of 2**62."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["v_in"], ["v_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["n", "c", "x"], ["y"], body=body)],
+        "endless",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [numpy_helper.from_array(np.array(2**62, np.int64), "n"), numpy_helper.from_array(np.array(True), "c")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_onnx_runtime_runs_in_a_child_and_gives_the_same_outputs():
+    from bnctl.core import onnx as onnx_run
+
+    rng = np.random.default_rng(5)
+    nodes, inits = _conv_net(rng)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    (got,) = onnx_run.run(model, {"x": x})
+    np.testing.assert_array_equal(got.numpy(), _run(model, {"x": x}))
+
+
+def test_a_graph_onnx_runtime_never_finishes_is_stopped_with_a_clean_error():
+    import pytest
+
+    from bnctl.core import onnx as onnx_run
+    from bnctl.errors import InputError
+
+    with pytest.raises(InputError, match="ONNX Runtime did not finish running the endless graph in 2 s"):
+        onnx_run.run(_endless_loop_model(), {"x": np.ones(1, np.float32)}, what="the endless graph", timeout=2)
+
+
+def test_a_crash_of_onnx_runtime_is_a_clean_error_naming_the_graph():
+    """The child that runs ONNX Runtime dies of SIGSEGV (sent to it while it runs): bnctl
+    goes on and reports it."""
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    import pytest
+
+    from bnctl.core import onnx as onnx_run
+    from bnctl.errors import InputError
+
+    def crash_child():
+        for _ in range(200):
+            found = subprocess.run(["pgrep", "-f", "-P", str(os.getpid()), "ort_child.py"], capture_output=True, text=True).stdout.split()
+            if found:
+                time.sleep(1.0)  # ONNX Runtime loaded and looping
+                os.kill(int(found[0]), signal.SIGSEGV)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=crash_child)
+    killer.start()
+    with pytest.raises(InputError, match=r"ONNX Runtime crashed \(SIGSEGV\) running the endless graph; nothing was written"):
+        onnx_run.run(_endless_loop_model(), {"x": np.ones(1, np.float32)}, what="the endless graph", timeout=60)
+    killer.join()
+
+
+def test_a_graph_onnx_runtime_refuses_is_one_error_line(cli, tmp_path):
+    rng = np.random.default_rng(6)
+    nodes, inits = _conv_net(rng)
+    nodes.insert(0, helper.make_node("NoSuchOp", ["x"], ["x2"]))
+    nodes[1].input[0] = "x2"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], inits)
+    src = tmp_path / "odd.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), src)
+    result = cli("fold", src, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 2
+    assert "ONNX Runtime cannot run the input graph odd.onnx" in result.stderr and "NoSuchOp" in result.stderr
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "out.onnx").exists()

@@ -83,16 +83,64 @@ def input_feeds(model: Any, shapes: Sequence[Sequence[int]] | None, seed: int = 
     return feeds
 
 
-def run(model: Any, feeds: dict[str, np.ndarray]) -> list[Any]:
-    """Outputs of ``model`` in ONNX Runtime on ``feeds``, as torch tensors."""
-    import torch
-    import onnxruntime as ort
+#: how long ONNX Runtime may take for the graphs of one check (seconds)
+RUN_TIMEOUT = 600.0
+_CRASH_TIP = "ONNX Runtime mishandles this graph: try another onnxruntime version (pip install -U onnxruntime), or fold or export the PyTorch model instead"
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
+
+def run(model: Any, feeds: dict[str, np.ndarray], what: str = "the ONNX graph", timeout: float = RUN_TIMEOUT) -> list[Any]:
+    """Outputs of ``model`` in ONNX Runtime on ``feeds``, as torch tensors (:func:`run_all`)."""
+    return run_all([(what, model)], feeds, timeout)[0]
+
+
+def run_all(graphs: Sequence[tuple[str, Any]], feeds: dict[str, np.ndarray], timeout: float = RUN_TIMEOUT) -> list[list[Any]]:
+    """Outputs of each ``(what, model)`` in ONNX Runtime on ``feeds`` (each graph takes the
+    feeds it has inputs for), as torch tensors; optimizations off, so what runs is the graph
+    as written.
+
+    ONNX Runtime runs in a child process (:mod:`bnctl.core.ort_child`), so a graph that
+    crashes it, or runs past ``timeout`` seconds, is an :class:`InputError` naming ONNX
+    Runtime and ``what`` instead of the end of bnctl. A graph ONNX Runtime refuses is an
+    InputError with its message.
+    """
+    import json
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="bnctl-ort-") as tmp:
+        folder = Path(tmp)
+        for index, (_, model) in enumerate(graphs):
+            (folder / f"graph{index}.onnx").write_bytes(model.SerializeToString())
+        np.savez(folder / "feeds.npz", *feeds.values())  # arr_0, arr_1, ... (any name is safe)
+        (folder / "feeds.json").write_text(json.dumps(list(feeds)))
+        script = Path(__file__).with_name("ort_child.py")
+        try:
+            proc = subprocess.run([sys.executable, str(script), tmp], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            names = " and ".join(what for what, _ in graphs)
+            raise InputError(f"ONNX Runtime did not finish running {names} in {timeout:g} s; it was stopped", _CRASH_TIP) from None
+        if proc.returncode == 3 and (folder / "error.txt").exists():
+            index, _, message = (folder / "error.txt").read_text().partition("\t")
+            raise InputError(f"ONNX Runtime cannot run {graphs[int(index)][0]}: {message}", "check the opset and IR version onnxruntime supports, and the input shapes")
+        if proc.returncode != 0:
+            done = sum(1 for i in range(len(graphs)) if (folder / f"outputs{i}.npz").exists())
+            what = graphs[min(done, len(graphs) - 1)][0]
+            if proc.returncode < 0:
+                cause = f"crashed ({signal.Signals(-proc.returncode).name})" if -proc.returncode in signal.valid_signals() else f"was killed (signal {-proc.returncode})"
+            else:
+                last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+                cause = f"failed ({last[0]})"
+            raise InputError(f"ONNX Runtime {cause} running {what}; nothing was written", _CRASH_TIP)
+        results = []
+        for index in range(len(graphs)):
+            with np.load(folder / f"outputs{index}.npz", allow_pickle=False) as data:
+                results.append([torch.from_numpy(data[f"o{k}"].copy()) for k in range(len(data.files))])
+        return results
 
 
 def computed_constants(model: Any, names: Sequence[str], known: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -124,7 +124,7 @@ def _onnx(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
     names = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
 
     def run(*args: torch.Tensor) -> list[torch.Tensor]:
-        return onnx_run.run(proto, {n: a.detach().numpy() for n, a in zip(names, args)})
+        return onnx_run.run(proto, {n: a.detach().numpy() for n, a in zip(names, args)}, what=f"the ONNX graph for {dest.name}")
 
     return Artifact(Target.ONNX, run, lambda: data)
 

@@ -123,7 +123,7 @@ def export(
     worst_abs = worst_rel = 0.0
     for check in checks:
         expected = reference if check is inputs else verify.reference_outputs(copy.deepcopy(model).eval(), check)
-        got = onnx_run.run(proto, {n: t.detach().numpy() for n, t in zip(names, check)})
+        got = onnx_run.run(proto, {n: t.detach().numpy() for n, t in zip(names, check)}, what="the exported graph")
         abs_err, rel_err = verify.compare(expected, got)
         worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
         report.checked_shapes.append(verify.shapes_text(check))

@@ -1,0 +1,53 @@
+"""Run ONNX graphs in ONNX Runtime, in a child process of its own (``core/onnx.run_all``).
+
+ONNX Runtime is native code, and some graphs crash it (a segfault, even with optimizations
+off): in the child, a crash ends the child, not bnctl. This file runs as a script and needs
+only numpy and onnxruntime:
+
+    python ort_child.py FOLDER
+
+``FOLDER`` holds ``graph0.onnx``, ``graph1.onnx``, ..., ``feeds.npz`` (``arr_0``, ...) and
+``feeds.json`` (their input names); the outputs of
+graph *i* go to ``outputs{i}.npz`` (``o0``, ``o1``, ... in output order). When ONNX Runtime
+refuses a graph, ``error.txt`` says which graph (its index, a tab, ONNX Runtime's message)
+and the exit status is 3.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def main(folder: Path) -> int:
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    names = json.loads((folder / "feeds.json").read_text())
+    with np.load(folder / "feeds.npz", allow_pickle=False) as data:
+        feeds = {name: data[f"arr_{k}"] for k, name in enumerate(names)}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    options.log_severity_level = 4  # errors come back as exceptions; ONNX Runtime's own log stays quiet
+    index = 0
+    while (folder / f"graph{index}.onnx").exists():
+        try:
+            session = ort.InferenceSession(str(folder / f"graph{index}.onnx"), options, providers=["CPUExecutionProvider"])
+            wanted = {i.name for i in session.get_inputs()}
+            outputs = session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+            arrays = {f"o{k}": np.asarray(o) for k, o in enumerate(outputs)}
+            if any(a.dtype == object for a in arrays.values()):
+                raise TypeError("an output is a sequence or map, not a tensor")
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which words the error
+            message = " ".join(str(exc).split())
+            (folder / "error.txt").write_text(f"{index}\t{type(exc).__name__}: {message}")
+            return 3
+        np.savez(folder / f"outputs{index}.npz", **arrays)
+        index += 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))
