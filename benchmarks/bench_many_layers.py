@@ -8,7 +8,8 @@ bias, running_mean, running_var of ``--channels`` values each; 200,000 layers ma
 what a user would otherwise run (``safetensors.numpy.load_file``, ``torch.load`` of the
 same tensors saved by torch, ``import torch``) and bnctl's whole commands (process start
 included). Ratios are to ``safetensors.numpy.load_file``, from this one run; the machine is
-noisy, so nothing here is asserted.
+noisy, so nothing here is asserted. ``--torch-zip`` also saves the layers with ``torch.save``
+(a million zip members; about a minute to write) and times ``torch.load`` against bnctl.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=200_000)
     parser.add_argument("--channels", type=int, default=2)
+    parser.add_argument("--torch-zip", action="store_true", help="also time a torch.save file of the same layers")
     args = parser.parse_args()
     bnctl = str(Path(sys.executable).with_name("bnctl"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,6 +69,13 @@ def main() -> None:
             "bnctl inspect -f csv": [bnctl, "inspect", str(path), "-f", "csv", "-o", str(Path(tmp) / "layers.csv")],
             "bnctl audit": [bnctl, "audit", str(path), "--format", "json"],
         }
+        if args.torch_zip:
+            pt = Path(tmp) / "many.pt"
+            subprocess.run([py, "-c", f"import torch; from safetensors.torch import load_file; sd = load_file({str(path)!r}); "
+                            f"sd.update({{k.rpartition('.')[0] + '.num_batches_tracked': torch.tensor(10) for k in list(sd) if k.endswith('.weight')}}); "
+                            f"torch.save(sd, {str(pt)!r})"], check=True)
+            runs["torch.load (torch zip)"] = [py, "-c", f"import torch; torch.load({str(pt)!r}, weights_only=True)"]
+            runs["bnctl inspect (torch zip)"] = [bnctl, "inspect", str(pt)]
         results = {label: timed(cmd) for label, cmd in runs.items()}
     base = results["safetensors.numpy.load_file"]
     print(f"{'command':32s} {'wall s':>8s} {'x load_file':>12s}")

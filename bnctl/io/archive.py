@@ -42,6 +42,28 @@ MAX_RATIO, MARGIN = 50, 64 << 20
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 
 
+def open_zip(path: Path) -> zipfile.ZipFile:
+    """The zip archive at ``path`` with its central directory parsed; an InputError if it
+    does not parse. The last one opened is kept while the file is unchanged (size, inode,
+    change time), so telling the format and then reading the file parse a directory of a
+    million members once."""
+    try:
+        info = path.stat()
+        key = (str(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        cached = _OPENED.get(key)
+        if cached is not None:
+            return cached
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, ValueError, struct.error, EOFError) as exc:
+        raise InputError(f"{path} is a corrupted or truncated zip archive ({exc})", "the file was cut off or damaged; download or save it again") from exc
+    _OPENED.clear()
+    _OPENED[key] = archive
+    return archive
+
+
+_OPENED: dict[tuple, zipfile.ZipFile] = {}
+
+
 def regular_file(path: str | Path) -> Path:
     """``path`` if it is a regular file; an InputError for a missing path, a directory, a FIFO,
     a device or a socket (which would block or never end)."""
@@ -67,11 +89,9 @@ class Archive:
 
     def __init__(self, path: Path, kind: str, *, trust: bool = False):
         self.path, self.kind, self.trust = path, kind, trust
-        try:
-            self.zip = zipfile.ZipFile(path)
-            infos = self.zip.infolist()
-        except (zipfile.BadZipFile, OSError, UnicodeDecodeError, ValueError, struct.error, EOFError) as exc:
-            raise InputError(f"{path} is a corrupted or truncated zip archive ({exc})", "the file was cut off or damaged; download or save it again") from exc
+        self.zip = open_zip(path)
+        infos = self.zip.infolist()
+        self._map = None
         self.members = {i.filename: i for i in infos}
         self._check(infos)
         tops = {n.partition("/")[0] for n in self.members}
@@ -128,14 +148,19 @@ class Archive:
         return data
 
     def _stored(self, info: zipfile.ZipInfo) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            header = f.read(_LOCAL_HEADER.size)
-            if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
-                raise zipfile.BadZipFile("bad local file header")
-            fields = _LOCAL_HEADER.unpack(header)
-            f.seek(info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1])
-            data = f.read(info.file_size)
+        if self._map is None:  # one read-only map for every member (a file may hold a million)
+            import mmap
+
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = self._map
+        start = info.header_offset
+        header = view[start : start + _LOCAL_HEADER.size]
+        if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile("bad local file header")
+        fields = _LOCAL_HEADER.unpack(header)
+        start += _LOCAL_HEADER.size + fields[-2] + fields[-1]
+        data = view[start : start + info.file_size]
         if len(data) != info.file_size:
             raise zipfile.BadZipFile("member cut off")
         if zlib.crc32(data) != info.CRC:

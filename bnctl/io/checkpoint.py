@@ -14,7 +14,6 @@ import os
 import pickle
 import re
 import sys
-import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 
 from .._quiet import quiet
 from ..errors import InputError, UnsafeCheckpointError, one_line
-from .archive import Archive, regular_file
+from .archive import Archive, open_zip, regular_file
 
 
 class Format(str, enum.Enum):
@@ -177,14 +176,7 @@ def _is_module(value: Any) -> bool:
 
 
 def _zip_format(path: Path) -> Format:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, ValueError, EOFError) as exc:
-        raise InputError(
-            f"{path} is a corrupted or truncated zip archive ({exc})",
-            "the file was cut off or damaged; download or save it again",
-        ) from exc
+    names = open_zip(path).namelist()
     if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
         return Format.TORCHSCRIPT
     if any(n.endswith("/archive_format") for n in names) or any(

@@ -13,6 +13,7 @@ enough for inspect and the statistics and configuration checks, with no code run
 from __future__ import annotations
 
 import ast
+import math
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -62,9 +63,11 @@ class TensorReader:
             if len(raw) != storage.numel * dtype.itemsize:
                 raise InputError(f"{self.archive.path}: the bytes of {what} ({len(raw)}) do not match its declared size ({storage.numel} x {dtype.itemsize})", "the file is damaged; save it again")
             data = self._storages[storage.key] = np.frombuffer(raw, dtype)
-        count = int(np.prod(ref.size)) if ref.size else 1
+        count = math.prod(ref.size)
         if count == 0:
             array = np.empty(ref.size, dtype)
+        elif ref.offset == 0 and count == storage.numel and ref.stride == _contiguous(ref.size):
+            array = data.reshape(ref.size)  # the whole storage, in order: the common case
         else:
             last = ref.offset + sum((s - 1) * st for s, st in zip(ref.size, ref.stride))
             if ref.offset < 0 or last >= storage.numel:
@@ -84,6 +87,15 @@ class TensorReader:
         if isinstance(value, (list, tuple)):
             return type(value)(self.materialize(v) for v in value)
         return value
+
+
+def _contiguous(size: tuple) -> tuple:
+    """The strides of a C-contiguous tensor of ``size``, in elements."""
+    strides, step = [], 1
+    for s in reversed(size):
+        strides.append(step)
+        step *= max(s, 1)
+    return tuple(reversed(strides))
 
 
 class LazyTensors(Mapping):
