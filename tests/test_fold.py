@@ -328,3 +328,33 @@ def test_folded_module_keeps_the_modes_model_eval_gives():
     model.eval()
     assert model.training is False and folded.bn.training
     assert folded.bn.running_mean.data_ptr() != model.bn.running_mean.data_ptr()
+
+
+def test_float16_model_keeps_a_bn_whose_folded_weights_overflow_and_folds_the_rest():
+    """A half-precision model: torch.fx's fuse writes inf weights for bn2; bnctl keeps bn2
+    with the reason and folds bn1, at the float16 tolerance."""
+    from torch.fx.experimental.optimization import fuse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.BatchNorm2d(8, eps=1e-3))
+    randomize_bn(model)
+    with torch.no_grad():
+        model[1].weight.fill_(1e-3)
+        model[1].bias.fill_(1e-3)
+        model[3].weight.fill_(8.0)
+        model[4].weight.fill_(300.0)
+        model[4].running_var.fill_(1e-6)
+        model[4].running_mean.copy_(model[3].bias)
+    model = model.half().eval()
+    x = torch.randn(2, 3, 10, 10).half()
+    fused = fuse(copy.deepcopy(model))
+    assert not all(torch.isfinite(p).all() for p in fused.parameters())  # the trap
+    folded, report = fold(model, x)
+    assert [f["bn"] for f in report.folded] == ["1"]
+    (kept,) = report.skipped
+    assert kept["bn"] == "4" and "float16" in kept["reason"] and "inf" in kept["reason"]
+    assert all(torch.isfinite(p).all() for p in folded.parameters())
+    assert report.tolerance == 1e-2 and "float16" in report.tolerance_source
+    want, got = model(x).double(), folded(x).double()
+    assert torch.isfinite(want).all()
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-2

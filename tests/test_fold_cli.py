@@ -134,7 +134,7 @@ def test_beyond_tolerance_exits_1_and_writes_nothing(cli, tmp_path):
     out = tmp_path / "f.pt2"
     result = cli("fold", CHECKPOINTS / "sample.pt", *ARCH, *SHAPE, "--tolerance", "0", "-o", out)
     assert result.exit_code == 1
-    assert "beyond --tolerance" in result.stderr
+    assert "beyond the tolerance 0 (given with --tolerance)" in result.stderr
     assert not out.exists() and not list(tmp_path.iterdir())
 
 

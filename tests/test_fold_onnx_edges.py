@@ -220,3 +220,68 @@ def test_a_graph_onnx_runtime_refuses_is_one_error_line(cli, tmp_path):
     assert "ONNX Runtime cannot run the input graph odd.onnx" in result.stderr and "NoSuchOp" in result.stderr
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.output
     assert not (tmp_path / "out.onnx").exists()
+
+
+# --- dtypes ---------------------------------------------------------------------------------
+
+
+def _fp16_model(rng, overflow: bool = False):
+    nodes, inits = _conv_net(rng, np.float16)
+    if overflow:
+        # bn2's scale is about 9500 (gamma 300, var + eps 1e-3), its conv's weights 8: folded,
+        # 76,000 passes float16's 65504; unfolded, the conv's outputs stay small (bn1 gives
+        # values near 1e-3) and bn2 subtracts the conv's bias as its mean: finite
+        values = {i.name: numpy_helper.to_array(i) for i in inits}
+        changed = {
+            "bn1.weight": np.full(6, 1e-3), "bn1.bias": np.full(6, 1e-3),
+            "bn2.running_var": np.full(8, 1e-6), "bn2.weight": np.full(8, 300.0),
+            "bn2.running_mean": values["c2.bias"], "c2.weight": np.full((8, 6, 3, 3), 8.0),
+        }
+        for init in inits:
+            if init.name in changed:
+                init.CopyFrom(_init(init.name, changed[init.name], np.float16))
+    graph = helper.make_graph(nodes, "half", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 3, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_float16_graph_folds_at_the_float16_tolerance_and_says_so(cli, tmp_path):
+    rng = np.random.default_rng(7)
+    src, out = tmp_path / "half.onnx", tmp_path / "folded.onnx"
+    onnx.save(_fp16_model(rng), src)
+    result = cli("fold", src, "-o", out, "-f", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["tolerance"] == 1e-2 and "float16" in report["tolerance_source"]
+    assert len(report["folded"]) == 3
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float16)
+    want, got = _run(src, {"x": x}).astype(np.float64), _run(out, {"x": x}).astype(np.float64)
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-2
+    table = cli("fold", src, "-o", tmp_path / "again.onnx")
+    assert "tolerance 0.01, the default for float16 outputs" in table.stdout
+
+
+def test_a_given_tolerance_is_said_to_be_given(cli, tmp_path):
+    rng = np.random.default_rng(8)
+    src = tmp_path / "half.onnx"
+    onnx.save(_fp16_model(rng), src)
+    report = json.loads(cli("fold", src, "-o", tmp_path / "f.onnx", "-f", "json", "--tolerance", "0.05").stdout)
+    assert report["tolerance"] == 0.05 and report["tolerance_source"] == "given with --tolerance"
+
+
+def test_a_bn_whose_folded_weights_overflow_float16_is_kept_and_the_rest_folds(cli, tmp_path):
+    rng = np.random.default_rng(9)
+    src, out = tmp_path / "half.onnx", tmp_path / "folded.onnx"
+    onnx.save(_fp16_model(rng, overflow=True), src)
+    result = cli("fold", src, "-o", out, "-f", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert sorted(f["bn"] for f in report["folded"]) == ["bn1", "bn3"]
+    (kept,) = report["skipped"]
+    assert kept["bn"] == "bn2" and "float16" in kept["reason"] and "65504" in kept["reason"]
+    folded = onnx.load(out)
+    assert all(np.isfinite(numpy_helper.to_array(i).astype(np.float64)).all() for i in folded.graph.initializer)
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float16)
+    want, got = _run(src, {"x": x}).astype(np.float64), _run(out, {"x": x}).astype(np.float64)
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-2, atol=1e-2 * np.abs(want[finite]).max())

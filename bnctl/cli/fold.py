@@ -24,7 +24,10 @@ def fold(
         Optional[Target],
         typer.Option("--to", help="Output format. Default: the extension (.pt2 .onnx .safetensors .ts), else TorchScript for TorchScript input, ONNX for ONNX, pt2 otherwise.", show_default=False),
     ] = None,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest output change allowed, relative to the largest |output|. Beyond it: exit 1, nothing written.")] = 1e-4,
+    tolerance: Annotated[
+        Optional[float],
+        typer.Option("--tolerance", help="Largest output change allowed, relative to the largest |output|; beyond it: exit 1, nothing written. Default: by the outputs' dtype (float32 1e-4, float16 1e-2, bfloat16 5e-2).", show_default=False),
+    ] = None,
     fmt: ReportFormatOpt = ReportFormat("table"),
 ) -> None:
     """Fold BatchNorm into the conv/linear layers next to it, check the outputs did not change, write the model."""
@@ -40,7 +43,7 @@ def fold(
         typer.echo(f"wrote {output} ({report.format})", err=True)
     if not report.ok:
         fail(
-            f"the folded model's outputs moved by {report.max_rel_error:.3g} (relative), beyond --tolerance {tolerance:g}: nothing written",
+            f"the folded model's outputs moved by {report.max_rel_error:.3g} (relative), beyond the tolerance {report.tolerance:g} ({report.tolerance_source}): nothing written",
             "look at the layers folded above; raise --tolerance only if that change is acceptable",
             1,
         )

@@ -16,7 +16,8 @@ from ..io import checkpoint as ckpt_mod
 from ..io import writers
 from ..io.source import CheckInputs, ModelSource
 from ..io.targets import Target
-from ..ops.fold import DEFAULT_TOLERANCE, FoldReport, fold
+from ..ops.fold import FoldReport, fold
+from ..ops.fold.report import tolerance_for
 
 
 def default_target(checkpoint: ckpt_mod.Checkpoint, output: Path) -> Target:
@@ -37,13 +38,14 @@ def fold_file(
     *,
     inputs: CheckInputs = CheckInputs(),
     to: Target | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     stage: Callable[[str], None] = lambda text: None,
 ) -> FoldReport:
     """Fold the model of ``source`` and write it to ``output`` if it checks out.
 
     ``report.written`` says whether the file was written; ``report.ok`` is False (and nothing
-    written) when the outputs moved more than ``tolerance``.
+    written) when the outputs moved more than ``tolerance`` (by default, the one of the
+    outputs' dtype: float32 1e-4, float16 1e-2, bfloat16 5e-2).
     """
     output = Path(output)
     _atomic.refuse_overwrite(source.path, output)
@@ -78,7 +80,7 @@ def fold_file(
     return report
 
 
-def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, inputs: tuple | None, tolerance: float, seed: int) -> FoldReport:
+def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, inputs: tuple | None, tolerance: float | None, seed: int) -> FoldReport:
     import onnx
 
     from ..core import onnx as onnx_run
@@ -100,7 +102,7 @@ def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, in
     new, folded, skipped, count = onnx_fold.fold_model(model)
     if valid:
         onnx.checker.check_model(new)  # a valid graph stays valid: anything else is bnctl's bug
-    report = FoldReport(path="onnx", folded=folded, skipped=skipped, bn_before=count, bn_after=count - len(folded), tolerance=tolerance)
+    report = FoldReport(path="onnx", folded=folded, skipped=skipped, bn_before=count, bn_after=count - len(folded))
     report.inputs = verify.shapes_text(list(feeds.values()), tuples=True)
     report.notes += notes
     try:  # both in one ONNX Runtime child process: a crash there is an error here, not the end
@@ -109,6 +111,7 @@ def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, in
         if "cannot run the input graph" not in exc.message:
             raise
         raise InputError(f"{exc.message} (check inputs {report.inputs})", "pass --input-shape with the graph's input shape, or check the opset and IR version onnxruntime supports") from None
+    report.tolerance, report.tolerance_source = tolerance_for(reference, tolerance)
     report.max_abs_error, report.max_rel_error = verify.compare(reference, got)
     report.output, report.format = str(output), target.value
     if report.ok:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ...core import graph as g
-from .math import bn_scale_shift, fold_after, fold_before, in_channels, out_channels
+from .math import bn_scale_shift, fold_after, fold_before, in_channels, out_channels, unrepresentable
 
 
 class Attrs:
@@ -184,6 +184,17 @@ def _fold_pair(graph: fx.Graph, attrs: Attrs, bn: g.BNCall, layer: g.LayerCall, 
     return note
 
 
+def _unrepresentable(attrs: Attrs, layer: g.LayerCall, side: str, scale: torch.Tensor, shift: torch.Tensor) -> str | None:
+    """Why the folded weights would not fit the layer's dtype (float16, bfloat16), or None."""
+    weight = attrs.get(layer.weight_target)
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    bias = attrs.get(layer.bias_node.target) if layer.bias_node is not None else None
+    fn = fold_after if side == "after" else fold_before
+    exact_w, exact_b = fn(weight.double(), None if bias is None else bias.double(), scale, shift, layer.kind, layer.groups)
+    return unrepresentable(exact_w, exact_b, weight.dtype)
+
+
 def _erase_bn(graph: fx.Graph, bn: g.BNCall) -> None:
     inputs = [a for a in bn.node.all_input_nodes if a.op == "get_attr"]
     for user in list(bn.node.users):
@@ -225,6 +236,10 @@ def fold_graph(graph: fx.Graph, attrs: Attrs) -> tuple[list[dict], list[dict], i
             if layer is None:
                 skipped.append({"bn": bn.name, "reason": f"{why_after}; {why_before}"})
                 continue
+        lost = _unrepresentable(attrs, layer, side, scale, shift)
+        if lost is not None:
+            skipped.append({"bn": bn.name, "reason": lost})
+            continue
         copy_note = _fold_pair(graph, attrs, bn, layer, side, scale, shift)
         notes = [n for n in (note, copy_note) if n]
         folded.append({"bn": bn.name, "into": layer.name, "side": side, "note": "; ".join(notes) or None})

@@ -148,3 +148,27 @@ def identity_bn(num_features: int, eps: float, shift: torch.Tensor | None, dtype
         "running_mean": torch.zeros(num_features, dtype=dtype),
         "running_var": var.to(dtype),
     }
+
+
+def unrepresentable(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Why the folded ``weight`` and ``bias`` (exact, float64) cannot be stored in ``dtype``,
+    or None: a value beyond the dtype's range (it would become inf), or an output channel
+    whose weights fall below its normal range (subnormal or zero: the channel loses more
+    than 8 units in the last place of its largest weight)."""
+    import torch
+
+    if not dtype.is_floating_point or dtype == torch.float64:
+        return None
+    info = torch.finfo(dtype)
+    for what, exact in (("weights", weight), ("bias", bias)):
+        top = float(exact.abs().max()) if exact.numel() else 0.0
+        if top > info.max:
+            return f"its folded {what} reach {top:.3g}, beyond {str(dtype).replace('torch.', '')}'s largest value {info.max:g} (they would be inf)"
+    rows = weight.reshape(weight.shape[0], -1)
+    rounded = rows.to(dtype).to(torch.float64)
+    top = rows.abs().amax(1)
+    lost = ((rounded - rows).abs().amax(1) > 8 * info.eps * top) & (top > 0)
+    if bool(lost.any()):
+        worst = float(top[lost].min())
+        return f"its folded weights fall to {worst:.3g} in {int(lost.sum())} channel(s), below {str(dtype).replace('torch.', '')}'s normal range ({info.tiny:.3g}): they would lose their precision"
+    return None

@@ -256,6 +256,10 @@ def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list
         fn = fold_math.fold_after if side == "after" else fold_math.fold_before
         new_w, new_b = fn(torch.from_numpy(np.array(weight, dtype=np.float64)), None if bias is None else torch.from_numpy(np.array(bias, dtype=np.float64)), torch.from_numpy(scale), torch.from_numpy(shift), kind, groups)
         dtype = graph.const[layer.input[1]].dtype
+        why = fold_math.unrepresentable(new_w, new_b, torch.from_numpy(np.zeros(0, dtype)).dtype)
+        if why is not None:
+            skipped.append({"bn": name, "reason": why})
+            continue
         if layer.op_type == "MatMul":  # no bias input: the shift becomes an Add in the BN's place
             graph.put(layer, 1, new_w.numpy().astype(dtype).T, f"{into}_weight")
             add = onnx.helper.make_node("Add", [layer.output[0], ""], [bn.output[0]], name=f"{bn.name or name}_shift")

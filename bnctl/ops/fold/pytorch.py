@@ -28,7 +28,7 @@ from ...core import verify
 from ...core.modules import training_batchnorms
 from ...errors import InputError, one_line
 from . import fx as gf
-from .report import DEFAULT_TOLERANCE, FoldReport
+from .report import FoldReport, tolerance_for
 from .tree import fold_keeping_modules
 
 def trace_for_fold(model: nn.Module) -> fx.Graph:
@@ -62,7 +62,7 @@ def fold(
     model: nn.Module | torch.export.ExportedProgram,
     example_inputs: Any = None,
     *,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     keep_modules: bool = False,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every BatchNorm of ``model`` that folds exactly; the model itself is not changed.
@@ -70,7 +70,7 @@ def fold(
     ``example_inputs`` (a tensor or a tuple of them; a ``.pt2`` program brings its own) feed
     the verification: the report holds the max abs and relative output error of the folded
     model against the original in eval mode, and ``report.ok`` says whether it is within
-    ``tolerance``. With ``keep_modules``, no module is removed: each folded BN becomes an
+    ``tolerance`` (by default, the one of the outputs' dtype: :data:`.report.TOLERANCES`). With ``keep_modules``, no module is removed: each folded BN becomes an
     identity (see :func:`fold_identity`) so the state_dict loads into the original class.
     """
     exported = isinstance(model, torch.export.ExportedProgram)
@@ -101,7 +101,8 @@ def fold(
             # the module-tree and keep-modules paths rewrite a copy, taken in eval mode
             original = copy.deepcopy(model) if traced is None or keep_modules else model
     path = "torch.export" if exported else "fx"
-    report = FoldReport(path=path, tolerance=tolerance, reference=reference, notes=notes, inputs=verify.shapes_text(inputs, tuples=True))
+    tolerance, source = tolerance_for(reference, tolerance)
+    report = FoldReport(path=path, tolerance=tolerance, tolerance_source=source, reference=reference, notes=notes, inputs=verify.shapes_text(inputs, tuples=True))
 
     if traced is None or keep_modules:
         report.path = "module-tree" if traced is None else report.path

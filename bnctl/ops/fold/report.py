@@ -8,6 +8,21 @@ from typing import Any
 import torch
 
 DEFAULT_TOLERANCE = 1e-4
+#: the default tolerance (largest output change, relative to the largest |output|) per output
+#: dtype: a fold rounds each weight once more, to the dtype's precision (float16 keeps 11
+#: bits, bfloat16 8), and a layer of many products adds those roundings up
+TOLERANCES = {"float64": 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+def tolerance_for(outputs: list[Any], given: float | None = None) -> tuple[float, str]:
+    """``(tolerance, where it comes from)``: ``given`` if the user gave one, else the default
+    of the least precise floating dtype among ``outputs`` (numpy arrays or torch tensors)."""
+    if given is not None:
+        return given, "given with --tolerance"
+    names = [str(o.dtype).replace("torch.", "") for o in outputs]
+    floating = [n for n in names if n in TOLERANCES] or ["float32"]
+    widest = max(floating, key=lambda n: TOLERANCES[n])
+    return TOLERANCES[widest], f"the default for {widest} outputs"
 
 
 @dataclass
@@ -22,6 +37,7 @@ class FoldReport:
     max_abs_error: float | None = None
     max_rel_error: float | None = None
     tolerance: float = DEFAULT_TOLERANCE
+    tolerance_source: str = "the default for float32 outputs"
     inputs: str = ""
     notes: list[str] = field(default_factory=list)
     output: str | None = None
@@ -46,6 +62,7 @@ class FoldReport:
             "max_abs_error": self.max_abs_error,
             "max_rel_error": self.max_rel_error,
             "tolerance": self.tolerance,
+            "tolerance_source": self.tolerance_source,
             "ok": self.ok,
             "inputs": self.inputs,
             "notes": self.notes,
