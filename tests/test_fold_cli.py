@@ -233,3 +233,36 @@ def test_an_onnx_graph_whose_only_symbolic_dim_is_the_batch_is_checked_at_batch_
     x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)  # the written graph keeps the symbolic batch
     got, want = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0] for p in (tmp_path / "f.onnx", tmp_path / "sym.onnx"))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+# --- TorchScript: folded on its graph ------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["trace", "script"])
+def test_torchscript_folds_on_its_graph_traced_or_scripted(cli, tmp_path, original, how):
+    """A traced module has no eps attribute (it lives in the code); both kinds fold with
+    torch.jit.freeze, every BN of the sample net leaves the graph, and the written module
+    computes what the original does."""
+    x = torch.randn(2, 3, 32, 32)
+    program = torch.jit.trace(original, x) if how == "trace" else torch.jit.script(original)
+    src, out = tmp_path / f"{how}.pt", tmp_path / "folded.pt"
+    torch.jit.save(program, src)
+    result = cli("fold", src, "--trust", *SHAPE, "-o", out, "-f", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["path"] == "torchscript" and report["bn_after"] == 0 and report["skipped"] == []
+    assert {f["bn"] for f in report["folded"]} == {n for n, m in original.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    folded = torch.jit.load(out)
+    assert not [n for n in folded.graph.nodes() if n.kind() == "aten::batch_norm"]
+    y = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(folded(y), original(y), rtol=1e-5, atol=1e-5)
+
+
+def test_a_traced_module_to_a_state_dict_keeps_each_bn_with_a_reason(cli, tmp_path, original):
+    src = tmp_path / "traced.pt"
+    torch.jit.save(torch.jit.trace(original, torch.randn(1, 3, 32, 32)), src)
+    result = cli("fold", src, "--trust", *SHAPE, "-o", tmp_path / "w.safetensors", "-f", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["folded"] == [] and report["skipped"]
+    assert all("--to torchscript" in s["reason"] for s in report["skipped"])

@@ -2,7 +2,8 @@
 
 - :mod:`.math`: the float64 arithmetic, weights in and weights out;
 - :mod:`.fx`: pairing from the data flow of a traced graph (torch.fx or a ``.pt2``'s aten graph) and the rewrite;
-- :mod:`.tree`: the module-tree path for models that cannot be traced, and TorchScript;
+- :mod:`.tree`: the module-tree path for models that cannot be traced;
+- :mod:`.script`: TorchScript, folded on its graph by ``torch.jit.freeze``;
 - :mod:`.onnx`: the same on ONNX graphs (deciding what folds needs no torch);
 - :mod:`.pytorch`: :func:`fold`, the library function that chooses the path and verifies;
 - :mod:`.report`: :class:`FoldReport`.

@@ -6,9 +6,11 @@ Three paths, chosen by what the model is:
 - ``fx``: an ``nn.Module`` that torch.fx can trace. Pairs come from the data flow of the
   traced graph (:mod:`bnctl.core.graph`); folded BN calls are removed from the graph.
 - ``torch.export``: an ``ExportedProgram`` (a ``.pt2``); the same, on its aten graph.
-- ``module-tree``: a module that cannot be traced, or a TorchScript module. Candidate pairs
-  are a BN and the module registered right before it; each is kept only if the model's
-  outputs stay within tolerance with it folded.
+- ``torchscript``: a TorchScript module (scripted or traced), folded on its graph by
+  ``torch.jit.freeze`` (:mod:`.script`).
+- ``module-tree``: a module that cannot be traced (and TorchScript when every module must
+  stay). Candidate pairs are a BN and the module registered right before it; each is kept
+  only if the model's outputs stay within tolerance with it folded.
 
 Whatever the path, the outputs on the check inputs before and after are compared and the
 errors are in the report.
@@ -29,6 +31,7 @@ from ...core.modules import training_batchnorms
 from ...errors import InputError, one_line
 from . import fx as gf
 from .report import FoldReport, tolerance_for
+from .script import fold_script
 from .tree import fold_keeping_modules
 
 def trace_for_fold(model: nn.Module) -> fx.Graph:
@@ -88,7 +91,8 @@ def fold(
     elif isinstance(model, torch.jit.ScriptModule):
         original = copy.deepcopy(model).eval()
         reference = verify.reference_outputs(original, inputs)
-        notes.append("TorchScript cannot be traced by torch.fx: candidate pairs come from the module tree")
+        if keep_modules:
+            notes.append("TorchScript cannot be traced by torch.fx: candidate pairs come from the module tree")
     else:
         with verify.eval_mode(model):
             if training_batchnorms(model):
@@ -104,7 +108,12 @@ def fold(
     tolerance, source = tolerance_for(reference, tolerance)
     report = FoldReport(path=path, tolerance=tolerance, tolerance_source=source, reference=reference, notes=notes, inputs=verify.shapes_text(inputs, tuples=True))
 
-    if traced is None or keep_modules:
+    if isinstance(model, torch.jit.ScriptModule) and not keep_modules:
+        report.path = "torchscript"
+        result, report.folded, report.skipped, report.bn_before = fold_script(original)
+        report.bn_after = report.bn_before - len(report.folded)
+        report.notes.append("folded by torch.jit.freeze on the module's graph: the written module keeps forward only, not other methods or attributes")
+    elif traced is None or keep_modules:
         report.path = "module-tree" if traced is None else report.path
         result, report.folded, report.skipped, report.bn_before = fold_keeping_modules(original, traced, inputs, reference, tolerance)
         report.bn_after = report.bn_before - len(report.folded)

@@ -42,6 +42,9 @@ def _module_candidates(model: nn.Module) -> tuple[list[tuple[str, str]], list[di
     for i, (name, module) in enumerate(leaves):
         if not is_batchnorm(module):
             continue
+        if not hasattr(module, "eps"):  # a traced TorchScript BN: eps lives in the code
+            skipped.append({"bn": name, "reason": "a traced TorchScript module keeps its eps in code, not as an attribute: fold it to TorchScript (--to torchscript), which folds on the graph"})
+            continue
         prev = leaves[i - 1] if i else None
         if prev is None or _kind_of(prev[1]) is None:
             skipped.append({"bn": name, "reason": f"the module before it ({prev[0] if prev else 'none'}) is no conv or linear"})
