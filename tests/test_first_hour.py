@@ -43,7 +43,7 @@ def test_piped_reports_are_never_hard_wrapped(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     summary = next(line for line in proc.stdout.splitlines() if line.startswith("Exported with"))
-    assert len(summary) > 160 and summary.rstrip().endswith("(tolerance 0.0001)."), summary  # one line, however long
+    assert len(summary) > 160 and summary.rstrip().endswith("(tolerance 0.0001, the default for float32 outputs)."), summary  # one line, however long
 
 
 def test_library_results_have_a_short_repr_and_a_summary():

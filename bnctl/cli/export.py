@@ -10,7 +10,8 @@ import typer
 
 from ..io.source import CheckInputs, ModelSource
 from .app import command, emit_report, fail
-from .options import CHECKS, MODEL, PathArg, ReportFormat, ReportFormatOpt
+from ..io.shapes import parse_dims
+from .options import CHECKS, MODEL, DynamicOpt, PathArg, ReportFormat, ReportFormatOpt, split_names
 
 
 @command()
@@ -20,9 +21,15 @@ def export(
     source: ModelSource = MODEL,
     inputs: CheckInputs = CHECKS,
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset. Default: the exporter's.")] = None,
-    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", metavar="", help="Make the batch dimension dynamic (checked at two batch sizes).")] = False,
+    dynamic: DynamicOpt = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", metavar="", help="Same as --dynamic 0: the batch dim must stay dynamic (an error where the model fixes it).")] = False,
+    input_names: Annotated[Optional[str], typer.Option("--input-names", help="Names of the graph's inputs, comma-separated. Default: the parameter names of forward.", show_default=False)] = None,
+    output_names: Annotated[Optional[str], typer.Option("--output-names", help="Names of the graph's outputs, comma-separated. Default: output (output_0, output_1, ... for several).", show_default=False)] = None,
     no_fold: Annotated[bool, typer.Option("--no-fold", metavar="", help="Keep the BatchNorm nodes.")] = False,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest ONNX Runtime vs PyTorch difference, relative to the largest |output|. Beyond it: exit 1, nothing written.")] = 1e-4,
+    tolerance: Annotated[
+        Optional[float],
+        typer.Option("--tolerance", help="Largest ONNX Runtime vs PyTorch difference, relative to the largest |output|; beyond it: exit 1, nothing written. Default: by the outputs' dtype (float32 1e-4, float16 1e-2, bfloat16 5e-2).", show_default=False),
+    ] = None,
     fmt: ReportFormatOpt = ReportFormat("table"),
 ) -> None:
     """Export to ONNX ready for inference: eval, SyncBN reverted, BN folded, checked in ONNX Runtime."""
@@ -34,10 +41,11 @@ def export(
     with stages(sys.stderr.isatty()) as stage:
         report = export_file(
             source.at(path), output, inputs=inputs, stage=stage,
-            opset=opset, dynamic_batch=dynamic_batch, fold=not no_fold, tolerance=tolerance,
+            opset=opset, dynamic=(0,) if dynamic_batch and dynamic is None else parse_dims(dynamic), fold=not no_fold, tolerance=tolerance,
+            input_names=split_names(input_names, "--input-names"), output_names=split_names(output_names, "--output-names"),
         )
     emit_report(report, fmt.value, export_table)
     if report.written:
         typer.echo(f"wrote {output}", err=True)
     if not report.ok:
-        fail(f"ONNX Runtime differs from PyTorch by {report.max_rel_error:.3g} (relative), beyond --tolerance {tolerance:g}: nothing written", "check the operators listed above, or raise --tolerance if that difference is acceptable", 1)
+        fail(f"ONNX Runtime differs from PyTorch by {report.max_rel_error:.3g} (relative), beyond the tolerance {report.tolerance:g} ({report.tolerance_source}): nothing written", "check the operators listed above, or raise --tolerance if that difference is acceptable", 1)

@@ -11,7 +11,8 @@ import typer
 from ..io.source import CheckInputs, ModelSource
 from ..io.targets import Target
 from .app import command, emit_report, fail
-from .options import CHECKS, MODEL, PathArg, ReportFormat, ReportFormatOpt
+from ..io.shapes import parse_dims
+from .options import CHECKS, MODEL, DynamicOpt, PathArg, ReportFormat, ReportFormatOpt
 
 
 @command()
@@ -28,6 +29,7 @@ def fold(
         Optional[float],
         typer.Option("--tolerance", help="Largest output change allowed, relative to the largest |output|; beyond it: exit 1, nothing written. Default: by the outputs' dtype (float32 1e-4, float16 1e-2, bfloat16 5e-2).", show_default=False),
     ] = None,
+    dynamic: DynamicOpt = None,
     fmt: ReportFormatOpt = ReportFormat("table"),
 ) -> None:
     """Fold BatchNorm into the conv/linear layers next to it, check the outputs did not change, write the model."""
@@ -37,7 +39,7 @@ def fold(
     from ..render.progress import stages
 
     with stages(sys.stderr.isatty()) as stage:
-        report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance, stage=stage)
+        report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance, dims=parse_dims(dynamic), stage=stage)
     emit_report(report, fmt.value, fold_table)
     if report.written:
         typer.echo(f"wrote {output} ({report.format})", err=True)

@@ -52,12 +52,33 @@ TrustOpt = Annotated[
 
 InputShapeOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--input-shape", help="Shape of a random check input, e.g. 1,3,224,224. Repeat once per model input.", rich_help_panel="Check inputs"),
+    typer.Option("--input-shape", help="Shape of a random check input, e.g. 1,3,224,224, with :int64 (or :int32, :bool, :float16, :bfloat16) for another dtype, e.g. 1,26:int64 (integers are 0 or 1). Repeat once per model input.", rich_help_panel="Check inputs"),
 ]
 DataOpt = Annotated[
     Optional[Path],
     typer.Option("--data", help="Folder of images (RGB, [0,1]) or .npy/.pt tensors: up to 16 become the check inputs.", rich_help_panel="Check inputs"),
 ]
+DynamicOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--dynamic",
+        help="Input dims a .pt2 or ONNX file leaves dynamic, by index: 0 (the batch), 0,2,3 (batch, height, width), or none. Default: the batch where the model allows it. The report lists each input's dims as written.",
+        show_default=False,
+    ),
+]
+
+
+def split_names(text: str | None, option: str) -> list[str] | None:
+    """``"image,tokens"`` -> ``["image", "tokens"]`` (None stays None); an InputError for an
+    empty or repeated name."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise InputError(f"{option} '{text}' needs distinct, non-empty names separated by commas", f"e.g. {option} image,tokens")
+    return names
+
+
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random check inputs.", rich_help_panel="Check inputs")]
 
 
@@ -72,9 +93,10 @@ def model_source(arch: str | None = None, arch_arg: list[str] | None = None, key
 
 def check_inputs(input_shape: list[str] | None = None, data: Path | None = None, seed: int = 0, preprocess: Any = None):
     """The check-input options as :class:`~bnctl.io.source.CheckInputs`."""
-    from ..io.source import CheckInputs, parse_shape
+    from ..io.source import CheckInputs, parse_input
 
-    return CheckInputs(tuple(parse_shape(s) for s in input_shape or []), data, seed, preprocess=preprocess)
+    parsed = [parse_input(s) for s in input_shape or []]
+    return CheckInputs(tuple(shape for shape, _ in parsed), data, seed, preprocess=preprocess, dtypes=tuple(dtype for _, dtype in parsed))
 
 
 def preprocess(image_size: str | None = None, mean: str | None = None, std: str | None = None, grayscale: bool = False, transform: str | None = None):

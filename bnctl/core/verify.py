@@ -12,10 +12,23 @@ from torch.utils import _pytree as pytree
 from ..errors import InputError, one_line
 
 
-def random_inputs(shapes: Sequence[Sequence[int]], seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
-    """One standard-normal tensor per shape, the same for the same seed."""
+#: the dtypes a check input may have (``--input-shape 1,26:int64``)
+INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
+
+
+def random_inputs(shapes: Sequence[Sequence[int]], seed: int = 0, dtypes: Sequence[str] = ()) -> tuple[torch.Tensor, ...]:
+    """One tensor per shape, the same for the same seed: standard normal for a floating
+    dtype, 0 or 1 for an integer or bool one (valid indices of any embedding or gather).
+    ``dtypes`` names one of :data:`INPUT_DTYPES` per shape (float32 where missing)."""
     generator = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(tuple(s), generator=generator, dtype=dtype) for s in shapes)
+    out = []
+    for index, shape in enumerate(shapes):
+        dtype = getattr(torch, dtypes[index] if index < len(dtypes) and dtypes[index] else "float32")
+        if dtype.is_floating_point:
+            out.append(torch.randn(tuple(shape), generator=generator).to(dtype))
+        else:
+            out.append(torch.randint(0, 2, tuple(shape), generator=generator).to(dtype))
+    return tuple(out)
 
 
 def tensors_of(value: Any) -> list[torch.Tensor]:

@@ -140,6 +140,7 @@ class CheckInputs:
     seed: int = 0
     count: int = 16
     preprocess: Any = None  # bnctl.io.data.Preprocess: how images of ``data`` become tensors
+    dtypes: tuple[str, ...] = ()  # one per shape (core.verify.INPUT_DTYPES); float32 where missing
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shapes", tuple(tuple(int(d) for d in s) for s in self.shapes))
@@ -153,7 +154,7 @@ class CheckInputs:
         if self.shapes:
             from ..core.verify import random_inputs
 
-            return random_inputs(self.shapes, self.seed)
+            return random_inputs(self.shapes, self.seed, self.dtypes)
         if self.data is not None:
             from .data import example_batch
 
@@ -163,12 +164,23 @@ class CheckInputs:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``; an InputError otherwise."""
-    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    return parse_input(text)[0]
+
+
+def parse_input(text: str) -> tuple[tuple[int, ...], str]:
+    """``"1,26:int64"`` -> ``((1, 26), "int64")``; the dtype is float32 when not given. An
+    InputError for anything else."""
+    from ..core.verify import INPUT_DTYPES
+
+    sizes, _, dtype = text.partition(":")
+    dtype = dtype.strip() or "float32"
+    if dtype not in INPUT_DTYPES:
+        raise InputError(f"--input-shape '{text}': unknown dtype '{dtype}'", f"use one of {', '.join(INPUT_DTYPES)}, e.g. --input-shape 1,26:int64")
+    parts = [p for p in sizes.replace("x", ",").replace(" ", "").split(",") if p]
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
         shape = ()
     if not shape or any(d <= 0 for d in shape):
-        raise InputError(f"--input-shape '{text}' is not a shape", "give positive sizes separated by commas, e.g. --input-shape 1,3,224,224")
-    return shape
-
+        raise InputError(f"--input-shape '{text}' is not a shape", "give positive sizes separated by commas, e.g. --input-shape 1,3,224,224 (add :int64 for an integer input)")
+    return shape, dtype

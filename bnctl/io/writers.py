@@ -11,9 +11,9 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -37,11 +37,14 @@ def target_from_suffix(path: Path) -> Target | None:
 
 @dataclass
 class Artifact:
-    """A model ready to be written: how to run it, and its file's bytes."""
+    """A model ready to be written: how to run it, its file's bytes, and its inputs as the
+    file records them (``[{"name", "dtype", "shape"}]``, :mod:`bnctl.io.shapes`; empty
+    for formats that record no shapes)."""
 
     target: Target
     run: Callable[..., Any]
     data: Callable[[], bytes]
+    inputs: list = field(default_factory=list)
 
 
 def torch_bytes(obj: Any) -> bytes:
@@ -52,11 +55,12 @@ def torch_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def build(model: nn.Module, target: Target, inputs: tuple, dest: Path) -> Artifact:
-    """Turn ``model`` into the artifact for ``target``; errors that name the failing step."""
+def build(model: nn.Module, target: Target, inputs: tuple, dest: Path, dims: str | tuple[int, ...] = "auto") -> Artifact:
+    """Turn ``model`` into the artifact for ``target``; errors that name the failing step.
+    ``dims``: which input dims a ``.pt2`` or ONNX file leaves dynamic (:mod:`bnctl.io.shapes`)."""
     try:
         with quiet():
-            return _BUILDERS[target](model, inputs, dest)
+            return _BUILDERS[target](model, inputs, dest, dims)
     except BnctlError:
         raise
     except Exception as exc:  # noqa: BLE001 - an exporter failing is the user's model's story
@@ -68,25 +72,20 @@ def save(artifact: Artifact, dest: Path) -> None:
     _atomic.write_bytes(dest, artifact.data())
 
 
-def _free_batch(inputs: tuple, dim: Any = None) -> tuple:
-    """Dynamic-shape spec giving each input's batch dim ``dim``; by default ``Dim.AUTO``,
-    which leaves it free where the model allows it and specializes where it does not."""
-    dim = torch.export.Dim.AUTO if dim is None else dim
-    return tuple({0: dim} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in inputs)
+def _pt2(model: nn.Module, inputs: tuple, dest: Path, dims: Any) -> Artifact:
+    from .shapes import describe_program, export_program, forward_names
 
-
-def _pt2(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
-    program = torch.export.export(model, inputs, dynamic_shapes=_free_batch(inputs))
+    program = export_program(model, inputs, dims)
 
     def data() -> bytes:
         buffer = io.BytesIO()  # a file object: torch.export.save wants a .pt2 name otherwise
         torch.export.save(program, buffer)
         return buffer.getvalue()
 
-    return Artifact(Target.PT2, program.module(), data)
+    return Artifact(Target.PT2, program.module(), data, describe_program(program, forward_names(model, len(inputs))))
 
 
-def _torchscript(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
+def _torchscript(model: nn.Module, inputs: tuple, dest: Path, dims: Any) -> Artifact:
     if isinstance(model, torch.jit.ScriptModule):
         scripted = model
     else:
@@ -101,13 +100,13 @@ def _torchscript(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
     return Artifact(Target.TORCHSCRIPT, scripted, data)
 
 
-def _module(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
+def _module(model: nn.Module, inputs: tuple, dest: Path, dims: Any) -> Artifact:
     data = torch_bytes(model)
     reloaded = torch.load(io.BytesIO(data), weights_only=False)  # bytes we just wrote ourselves
     return Artifact(Target.MODULE, reloaded, lambda: data)
 
 
-def _state_dict(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
+def _state_dict(model: nn.Module, inputs: tuple, dest: Path, dims: Any) -> Artifact:
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if dest.suffix.lower() == ".safetensors":
         from safetensors.torch import save
@@ -116,17 +115,18 @@ def _state_dict(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
     return Artifact(Target.STATE_DICT, model, lambda: torch_bytes(tensors))
 
 
-def _onnx(model: nn.Module, inputs: tuple, dest: Path) -> Artifact:
+def _onnx(model: nn.Module, inputs: tuple, dest: Path, dims: Any) -> Artifact:
     from ..core import onnx as onnx_run
+    from .shapes import describe_onnx
 
-    data, _ = onnx_bytes(model, inputs, batch="auto")
+    data, _ = onnx_bytes(model, inputs, dims=dims)
     proto = _load_onnx(data)
     names = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
 
     def run(*args: torch.Tensor) -> list[torch.Tensor]:
         return onnx_run.run(proto, {n: a.detach().numpy() for n, a in zip(names, args)}, what=f"the ONNX graph for {dest.name}")
 
-    return Artifact(Target.ONNX, run, lambda: data)
+    return Artifact(Target.ONNX, run, lambda: data, describe_onnx(proto))
 
 
 def _load_onnx(data: bytes) -> Any:
@@ -148,39 +148,85 @@ def _operator(exc: BaseException) -> str | None:
     return None
 
 
-def onnx_bytes(model: nn.Module, inputs: tuple, opset: int | None = None, batch: str = "static") -> tuple[bytes, str]:
-    """``model`` as ONNX bytes and the exporter that made them: torch.export-based first,
-    TorchScript-based if that fails. An InputError naming the operator if both fail.
+class _Calls(nn.Module):
+    """A module that calls ``model``: hides a GraphModule's ``graph`` from the TorchScript-based exporter."""
 
-    ``batch``: "static" (the inputs' sizes), "dynamic" (dim 0 of every input is one symbol,
-    an error where the model fixes it) or "auto" (dim 0 free where the model allows it).
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any) -> Any:
+        return self.model(*args)
+
+
+def onnx_bytes(
+    model: nn.Module,
+    inputs: tuple,
+    opset: int | None = None,
+    dims: str | tuple[int, ...] = "static",
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> tuple[bytes, str]:
+    """``model`` as ONNX bytes and the exporter that made them: torch.export-based first,
+    TorchScript-based if that fails or cannot write ``opset``. An InputError naming the
+    operator if both fail.
+
+    ``dims``: which input dims are dynamic (:mod:`bnctl.io.shapes`: "static", "auto" or
+    dim indices). Inputs are named from ``forward``'s signature (or ``input_names``),
+    outputs ``output``/``output_<i>`` (or ``output_names``), dynamic dims ``batch``,
+    ``height``, ``width``.
     """
-    names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
-    errors = []
+    import onnx
+
+    from .shapes import dynamic_spec, forward_names, tidy_onnx
+
+    names = list(input_names) if input_names else forward_names(model, len(inputs))
+    if len(names) != len(inputs):
+        raise InputError(f"--input-names gave {len(names)} names, the model takes {len(inputs)} inputs", "pass one name per --input-shape")
+    errors: list[Any] = []
+    result = None
     with quiet():
         try:
             import onnxscript  # noqa: F401
 
-            dynamic = _free_batch(inputs, torch.export.Dim("batch")) if batch == "dynamic" else _free_batch(inputs) if batch == "auto" else None
-            program = torch.onnx.export(model, inputs, dynamo=True, external_data=False, opset_version=opset, dynamic_shapes=dynamic, input_names=names, verbose=False)
-            return program.model_proto.SerializeToString(), "torch.onnx (torch.export-based)"
+            spec, examples = dynamic_spec(inputs, dims, names)
+            program = torch.onnx.export(model, examples, dynamo=True, external_data=False, opset_version=opset, dynamic_shapes=spec, input_names=names, verbose=False)
+            result = (program.model_proto, "torch.onnx (torch.export-based)")
+            written = next((o.version for o in result[0].opset_import if o.domain in ("", "ai.onnx")), None)
+            if opset is not None and written != opset:
+                errors.append(f"the torch.export-based exporter wrote opset {written}, not {opset}")
+                result = None
         except ImportError:
             errors.append("onnxscript is not installed")
+        except InputError:
+            raise
         except Exception as exc:  # noqa: BLE001 - try the other exporter
             errors.append(exc)
-        buffer = io.BytesIO()
-        try:
-            axes = {n: {0: "batch"} for n in names} if batch != "static" else None
-            torch.onnx.export(model, inputs, buffer, dynamo=False, opset_version=opset or 17, input_names=names, dynamic_axes=axes)
-            return buffer.getvalue(), "torch.onnx (TorchScript-based fallback)"
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+        if result is None:
+            buffer = io.BytesIO()
+            try:
+                if dims == "static":
+                    axes = None
+                else:
+                    wanted = (0,) if dims == "auto" else dims
+                    axes = {n: {k: f"dim{k}" if k else "batch" for k in wanted if k < t.dim()} for n, t in zip(names, inputs) if isinstance(t, torch.Tensor)}
+                # wrapped: this exporter takes a GraphModule's fx graph for a TorchScript one
+                wrapped = _Calls(model) if isinstance(model, torch.fx.GraphModule) else model
+                torch.onnx.export(wrapped, inputs, buffer, dynamo=False, opset_version=opset or 17, input_names=names, dynamic_axes=axes)
+                result = (onnx.load_from_string(buffer.getvalue()), "torch.onnx (TorchScript-based fallback)")
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+    if result is not None:
+        proto, exporter = result
+        tidy_onnx(proto, output_names)
+        return proto.SerializeToString(), exporter
     named = [(e, _operator(e)) for e in errors if isinstance(e, BaseException)]
     exc, op = next(((e, o) for e, o in reversed(named) if o), (errors[-1] if errors else None, None))
-    first = re.sub(r"\x1b\[[0-9;]*m", "", one_line(exc)) if exc is not None else "unknown error"
+    first = re.sub(r"\x1b\[[0-9;]*m", "", one_line(exc) if isinstance(exc, BaseException) else str(exc)) if exc is not None else "unknown error"
     raise InputError(
-        f"the model does not export to ONNX{f' (operator {op})' if op else ''}: {first[:300]}",
-        "replace or register that operator (torch.onnx custom symbolic / onnxscript), or export another part of the model",
+        f"the model does not export to ONNX{f' (operator {op})' if op else ''}{f' at opset {opset}' if opset else ''}: {first[:300]}",
+        "try another --opset (the torch.export-based exporter writes 18 and later), or leave --opset out" if opset and not op
+        else "replace or register that operator (torch.onnx custom symbolic / onnxscript), or export another part of the model",
     )
 
 

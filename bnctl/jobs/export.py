@@ -28,8 +28,10 @@ def export_file(source: ModelSource, output: str | Path, *, inputs: CheckInputs 
         raise InputError(f"{name} is already ONNX", "to fold its BatchNorm nodes use bnctl fold; to check it use bnctl audit")
     if program is not None:
         model = program.module()
-    if program is not None and options.get("dynamic_batch"):
-        raise InputError(f"{name} is a torch.export program with fixed input shapes: its batch size cannot be made dynamic", "export the original model (state_dict + --arch) with --dynamic-batch")
+        if options.get("dynamic", "auto") == "auto":
+            options["dynamic"] = "static"  # the program's own shapes (its guards fix them)
+    if program is not None and options.get("dynamic", "auto") not in ("auto", "static"):
+        raise InputError(f"{name} is a torch.export program: its dynamic dims were chosen when it was exported", "export the original model (state_dict + --arch) with --dynamic")
     examples = inputs.make()
     if examples is None and program is not None:
         examples = tuple(program.example_inputs[0])

@@ -17,6 +17,7 @@ from ..io import writers
 from ..io.source import CheckInputs, ModelSource
 from ..io.targets import Target
 from ..ops.fold import FoldReport, fold
+from ..io.shapes import describe_onnx, other_sizes
 from ..ops.fold.report import tolerance_for
 
 
@@ -39,13 +40,16 @@ def fold_file(
     inputs: CheckInputs = CheckInputs(),
     to: Target | None = None,
     tolerance: float | None = None,
+    dims: str | tuple[int, ...] = "auto",
     stage: Callable[[str], None] = lambda text: None,
 ) -> FoldReport:
     """Fold the model of ``source`` and write it to ``output`` if it checks out.
 
     ``report.written`` says whether the file was written; ``report.ok`` is False (and nothing
     written) when the outputs moved more than ``tolerance`` (by default, the one of the
-    outputs' dtype: float32 1e-4, float16 1e-2, bfloat16 5e-2).
+    outputs' dtype: float32 1e-4, float16 1e-2, bfloat16 5e-2). ``dims``: which input dims a
+    ``.pt2`` or ONNX output leaves dynamic (:mod:`bnctl.io.shapes`); ``report.input_dims``
+    lists the written file's inputs.
     """
     output = Path(output)
     _atomic.refuse_overwrite(source.path, output)
@@ -70,8 +74,17 @@ def fold_file(
     if not report.ok:
         return report
     stage(f"building the {target.value} file and checking it")
-    artifact = writers.build(folded, target, examples, output)
+    artifact = writers.build(folded, target, examples, output, dims)
+    report.input_dims = artifact.inputs
+    if target in (Target.TORCHSCRIPT, Target.STATE_DICT, Target.MODULE):
+        report.notes.append(f"a {target.value} file records no input shapes (a traced module may still fix sizes its code read)" if target == Target.TORCHSCRIPT else f"a {target.value} file records no input shapes")
     errors = verify.compare(report.reference, verify.run(artifact.run, examples))
+    other = other_sizes(examples, artifact.inputs)
+    if other is not None:  # the dims the file leaves dynamic, checked at other sizes too
+        with verify.eval_mode(model):
+            expected = verify.reference_outputs(model, other)
+        errors = max(errors, verify.compare(expected, verify.run(artifact.run, other)), key=lambda e: e[1])
+        report.inputs += f"; {verify.shapes_text(other, tuples=True)}"
     report.max_abs_error = max(report.max_abs_error or 0.0, errors[0])
     report.max_rel_error = max(report.max_rel_error or 0.0, errors[1])
     if report.ok:
@@ -112,6 +125,7 @@ def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, in
             raise
         raise InputError(f"{exc.message} (check inputs {report.inputs})", "pass --input-shape with the graph's input shape, or check the opset and IR version onnxruntime supports") from None
     report.tolerance, report.tolerance_source = tolerance_for(reference, tolerance)
+    report.input_dims = describe_onnx(new)
     report.max_abs_error, report.max_rel_error = verify.compare(reference, got)
     report.output, report.format = str(output), target.value
     if report.ok:

@@ -19,7 +19,8 @@ from torch import nn
 from ..core import verify
 from ..core.modules import training_batchnorms
 from ..errors import InputError
-from .fold.report import DEFAULT_TOLERANCE
+from ..io.shapes import describe_onnx, forward_names, other_sizes
+from .fold.report import DEFAULT_TOLERANCE, tolerance_for
 
 
 @dataclass
@@ -38,6 +39,9 @@ class ExportReport:
     max_abs_error: float | None = None
     max_rel_error: float | None = None
     tolerance: float = DEFAULT_TOLERANCE
+    tolerance_source: str = "the default for float32 outputs"
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # the graph's inputs as written: {"name", "dtype", "shape"}
+    outputs: list[str] = field(default_factory=list)
     checked_shapes: list[str] = field(default_factory=list)
     findings: list[dict[str, Any]] = field(default_factory=list)
     output: str | None = None
@@ -62,15 +66,21 @@ def export(
     inputs: tuple,
     *,
     opset: int | None = None,
-    dynamic_batch: bool = False,
+    dynamic: str | tuple[int, ...] = "auto",
     fold: bool = True,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
 ) -> tuple[Any, ExportReport]:
     """Prepare ``model`` (a copy), export it to ONNX and check it in ONNX Runtime.
 
-    Returns the ONNX ``ModelProto`` and the report; ``report.ok`` says whether ONNX Runtime
-    matched PyTorch within ``tolerance`` on the inputs (and a second batch size with
-    ``dynamic_batch``). ``model`` itself is not changed.
+    ``dynamic``: which input dims stay dynamic (:mod:`bnctl.io.shapes`: "auto", the batch
+    where the model allows it; "static"; or dim indices, each a named symbol). Inputs are
+    named from ``forward``'s signature unless ``input_names``; outputs ``output``/
+    ``output_<i>`` unless ``output_names``. Returns the ONNX ``ModelProto`` and the report;
+    ``report.ok`` says whether ONNX Runtime matched PyTorch within ``tolerance`` (by default
+    the one of the outputs' dtype) on the inputs and, where a dim is dynamic, on inputs
+    where every dynamic dim has another size. ``model`` itself is not changed.
     """
     import onnx
 
@@ -80,7 +90,7 @@ def export(
     from .fold import onnx as onnx_fold
     from .fold.pytorch import fold as fold_model
 
-    report = ExportReport(opset=opset, tolerance=tolerance)
+    report = ExportReport(opset=opset)
     model = copy.deepcopy(model)
     model.eval()
     report.steps.append("model.eval()")
@@ -89,18 +99,20 @@ def export(
         raise InputError(f"{', '.join(training[:3])} {'is' if len(training) == 1 else 'are'} still in train mode after model.eval(): the export would normalize with batch statistics",
                          "fix the module's train() override (bnctl audit --input-shape ... names it)")
     reference = verify.reference_outputs(model, inputs)
+    report.tolerance, report.tolerance_source = tolerance_for(reference, tolerance)
+    names = {"input_names": input_names or forward_names(model, len(inputs)), "output_names": output_names}
     if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
         model, converted = to_batchnorm(model, inputs)
         model.eval()
         report.steps.append(f"{len(converted.converted)} SyncBatchNorm reverted to BatchNorm1d/2d/3d")
-    before, report.exporter = onnx_bytes(model, inputs, opset, "dynamic" if dynamic_batch else "static")
+    before, report.exporter = onnx_bytes(model, inputs, opset, dynamic, **names)
     data = before
     if fold and not isinstance(model, torch.jit.ScriptModule):
-        folded, fold_report = fold_model(model, inputs, tolerance=tolerance)
+        folded, fold_report = fold_model(model, inputs, tolerance=report.tolerance)
         report.folded = len(fold_report.folded)
         report.steps.append(f"{report.folded} of {fold_report.bn_before} BN folded in PyTorch ({fold_report.path})")
         model = folded
-        data, report.exporter = onnx_bytes(model, inputs, opset, "dynamic" if dynamic_batch else "static")
+        data, report.exporter = onnx_bytes(model, inputs, opset, dynamic, **names)
     proto = onnx.load_from_string(data)
     if fold and any(n.op_type == "BatchNormalization" for n in proto.graph.node):
         # what PyTorch could not fold (or a TorchScript model): fold it in the graph
@@ -114,16 +126,17 @@ def export(
     report.nodes_before, report.bytes_before = _op_counts(before), len(before)
     report.bn_left = report.nodes_after.get("BatchNormalization", 0)
 
-    names = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    report.inputs = describe_onnx(proto)
+    report.outputs = [o.name for o in proto.graph.output]
+    graph_names = [d["name"] for d in report.inputs]
     checks = [inputs]
-    if dynamic_batch:
-        batch = inputs[0].shape[0]
-        other = batch + 1 if batch > 1 else 3
-        checks.append(tuple(torch.cat([t] * other)[:other] if isinstance(t, torch.Tensor) else t for t in inputs))
+    other = other_sizes(inputs, report.inputs)
+    if other is not None:
+        checks.append(other)
     worst_abs = worst_rel = 0.0
     for check in checks:
         expected = reference if check is inputs else verify.reference_outputs(copy.deepcopy(model).eval(), check)
-        got = onnx_run.run(proto, {n: t.detach().numpy() for n, t in zip(names, check)}, what="the exported graph")
+        got = onnx_run.run(proto, {n: t.detach().numpy() for n, t in zip(graph_names, check)}, what="the exported graph")
         abs_err, rel_err = verify.compare(expected, got)
         worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
         report.checked_shapes.append(verify.shapes_text(check))

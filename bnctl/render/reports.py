@@ -14,7 +14,18 @@ def fold_summary(report: Any) -> str:
     text = f"Folded {len(report.folded)} of {report.bn_before} BatchNorm layers ({path}); {report.bn_after} left."
     if report.max_abs_error is not None:
         text += f"\nOutputs on {report.inputs}: max abs error {report.max_abs_error:.2g}, max rel error {report.max_rel_error:.2g} (tolerance {report.tolerance:g}, {report.tolerance_source})."
+    if report.input_dims:
+        text += f"\n{inputs_line(report.input_dims)}"
     return text
+
+
+def inputs_line(described: list[dict[str, Any]]) -> str:
+    """``Inputs as written: image (batch, 3, 32, 32) float32 - dims 1, 2, 3 static ...``."""
+    static = [f"{d['name']} {', '.join(str(k) for k, v in enumerate(d['shape']) if not isinstance(v, str))}" for d in described if any(not isinstance(v, str) for v in d["shape"])]
+    text = "Inputs as written: " + "; ".join(f"{d['name']} ({', '.join(map(str, d['shape']))}) {d['dtype']}" for d in described)
+    if static:
+        text += f"; static dims: {'; '.join(static)} (--dynamic frees them)"
+    return plain(text)
 
 
 def fold_table(report: Any):
@@ -100,7 +111,9 @@ def export_table(report: Any):
     table.add_row("[bold]file size[/]", _size(report.bytes_before), _size(report.bytes_after))
     parts: list[Any] = [Text("steps: " + "; ".join(report.steps)), table]
     parts += [Text(plain(f"{f['check']} {f['layer'] or ''}: {f['message']}"), style="yellow") for f in report.findings]
-    summary = f"Exported with {report.exporter}, opset {report.opset}. ONNX Runtime vs PyTorch on {', '.join(report.checked_shapes)}: max abs error {report.max_abs_error:.2g}, max rel error {report.max_rel_error:.2g} (tolerance {report.tolerance:g})."
+    summary = f"Exported with {report.exporter}, opset {report.opset}. ONNX Runtime vs PyTorch on {', '.join(report.checked_shapes)}: max abs error {report.max_abs_error:.2g}, max rel error {report.max_rel_error:.2g} (tolerance {report.tolerance:g}, {report.tolerance_source})."
+    if report.inputs:
+        summary += f"\n{inputs_line(report.inputs)}; outputs: {', '.join(report.outputs)}"
     parts.append(Text(summary, style="bold" if report.ok else "bold red"))
     return Group(*parts)
 

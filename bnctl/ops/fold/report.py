@@ -39,6 +39,7 @@ class FoldReport:
     tolerance: float = DEFAULT_TOLERANCE
     tolerance_source: str = "the default for float32 outputs"
     inputs: str = ""
+    input_dims: list[dict[str, Any]] = field(default_factory=list)  # the written file's inputs: {"name", "dtype", "shape"}
     notes: list[str] = field(default_factory=list)
     output: str | None = None
     format: str | None = None
@@ -65,6 +66,7 @@ class FoldReport:
             "tolerance_source": self.tolerance_source,
             "ok": self.ok,
             "inputs": self.inputs,
+            "input_dims": self.input_dims,
             "notes": self.notes,
             "output": self.output,
             "output_format": self.format,

@@ -1,0 +1,140 @@
+"""Shapes, dtypes and names of the files fold and export write: dims static or dynamic as
+asked and as reported, input names from forward, output names, integer inputs, the opset
+asked for. Every written file is run (ONNX Runtime, torch.export.load) at sizes other than
+the check inputs and compared with the original PyTorch model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+TWO_INPUTS = '''
+import torch
+from torch import nn
+
+
+class ImageAndTokens(nn.Module):
+    """A conv branch with BN and an embedding of integer tokens, added."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.emb = nn.Embedding(100, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, image, tokens):
+        a = torch.relu(self.bn(self.conv(image))).mean((2, 3))
+        return self.fc(a + self.emb(tokens).mean(1))
+'''
+
+
+@pytest.fixture
+def two_inputs(tmp_path):
+    """(arch spec, checkpoint, the model) of a two-input model with trained-looking BN statistics."""
+    import importlib.util
+
+    (tmp_path / "nets.py").write_text(TWO_INPUTS)
+    spec = importlib.util.spec_from_file_location("nets_under_test", tmp_path / "nets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.ImageAndTokens()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.normal_()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    return f"{tmp_path / 'nets.py'}:ImageAndTokens", tmp_path / "w.pt", model.eval()
+
+
+def _ort(path, feeds):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_export_names_dtypes_and_one_symbol_per_dynamic_dim(cli, tmp_path, two_inputs):
+    arch, weights, model = two_inputs
+    out = tmp_path / "m.onnx"
+    result = cli("export", weights, "--arch", arch, "--input-shape", "1,3,16,16", "--input-shape", "1,5:int64",
+                 "--dynamic", "0,2,3", "--output-names", "logits", "-o", out, "-f", "json")
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(out).graph
+    inputs = {i.name: ([d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim], i.type.tensor_type.elem_type) for i in graph.input}
+    assert inputs == {"image": (["batch", 3, "height", "width"], onnx.TensorProto.FLOAT), "tokens": (["batch", 5], onnx.TensorProto.INT64)}
+    assert [o.name for o in graph.output] == ["logits"]
+    report = json.loads(result.stdout)
+    assert [d["name"] for d in report["inputs"]] == ["image", "tokens"] and report["outputs"] == ["logits"]
+    image = torch.randn(4, 3, 24, 40)  # another batch, height and width than the check inputs
+    tokens = torch.randint(0, 100, (4, 5))
+    want = model(image, tokens).detach().numpy()
+    got = _ort(out, {"image": image.numpy(), "tokens": tokens.numpy()})
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_export_default_frees_the_batch_and_says_which_dims_are_static(cli, tmp_path, two_inputs):
+    arch, weights, model = two_inputs
+    out = tmp_path / "m.onnx"
+    result = cli("export", weights, "--arch", arch, "--input-shape", "2,3,16,16", "--input-shape", "2,5:int64", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "image (batch, 3, 16, 16) float32; tokens (batch, 5) int64; static dims: image 1, 2, 3; tokens 1" in result.stdout
+    image, tokens = torch.randn(5, 3, 16, 16), torch.randint(0, 100, (5, 5))
+    np.testing.assert_allclose(_ort(out, {"image": image.numpy(), "tokens": tokens.numpy()}), model(image, tokens).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_export_writes_the_opset_asked_for(cli, tmp_path, two_inputs):
+    arch, weights, model = two_inputs
+    out = tmp_path / "m13.onnx"
+    result = cli("export", weights, "--arch", arch, "--input-shape", "2,3,16,16", "--input-shape", "2,5:int64", "--opset", "13", "-o", out, "-f", "json")
+    assert result.exit_code == 0, result.output
+    written = onnx.load(out)
+    assert next(o.version for o in written.opset_import if o.domain in ("", "ai.onnx")) == 13
+    assert json.loads(result.stdout)["opset"] == 13
+    image, tokens = torch.randn(2, 3, 16, 16), torch.randint(0, 100, (2, 5))
+    np.testing.assert_allclose(_ort(out, {"image": image.numpy(), "tokens": tokens.numpy()}), model(image, tokens).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_to_pt2_with_dynamic_height_and_width_runs_at_another_size(cli, tmp_path, two_inputs):
+    """The issue's detector case: a fold checked at 16x16 must accept 24x40 when asked."""
+    arch, weights, model = two_inputs
+    out = tmp_path / "f.pt2"
+    result = cli("fold", weights, "--arch", arch, "--input-shape", "1,3,16,16", "--input-shape", "1,5:int64", "--dynamic", "0,2,3", "-o", out, "-f", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["input_dims"][0]["shape"] == ["batch", 3, "height", "width"] and report["input_dims"][1]["dtype"] == "int64"
+    program = torch.export.load(out).module()
+    image, tokens = torch.randn(3, 3, 24, 40), torch.randint(0, 100, (3, 5))
+    torch.testing.assert_close(program(image, tokens), model(image, tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_report_says_a_pt2_is_static_where_the_model_fixes_it(cli, tmp_path):
+    """A flatten into a linear layer fixes height and width: the batch stays free, and the
+    report lists the other dims as static."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    src = tmp_path / "flat.pt"
+    torch.save(model, src)
+    result = cli("fold", src, "--trust", "--input-shape", "2,3,8,8", "-o", tmp_path / "f.pt2", "-f", "json")
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(result.stdout)["input_dims"]
+    assert entry["shape"][1:] == [3, 8, 8] and isinstance(entry["shape"][0], str)
+    refused = cli("fold", src, "--trust", "--input-shape", "2,3,8,8", "--dynamic", "0,2,3", "-o", tmp_path / "g.pt2")
+    assert refused.exit_code == 2 and "does not allow dims 0,2,3 to vary" in refused.stderr and "Traceback" not in refused.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--input-shape", "1,5:int8"), "unknown dtype 'int8'"),
+        (("--input-shape", "1,5", "--dynamic", "a"), "--dynamic 'a' is not a list of dim indices"),
+        (("--input-shape", "1,5", "--dynamic", "4"), "no input has dim 4"),
+    ],
+)
+def test_bad_shape_options_are_one_error(cli, tmp_path, args, message):
+    model = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)).eval()
+    torch.save(model, tmp_path / "m.pt")
+    result = cli("fold", tmp_path / "m.pt", "--trust", *args, "-o", tmp_path / "f.pt2")
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("error:") == 1, result.output
