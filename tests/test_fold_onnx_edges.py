@@ -285,3 +285,98 @@ def test_a_bn_whose_folded_weights_overflow_float16_is_kept_and_the_rest_folds(c
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
     finite = np.isfinite(want)
     np.testing.assert_allclose(got[finite], want[finite], rtol=1e-2, atol=1e-2 * np.abs(want[finite]).max())
+
+
+# --- a Linear viewed as channels: Gemm/MatMul -> Reshape/Transpose -> BN ----------------------
+
+
+def _linear_then_view_models():
+    import torch
+    from torch import nn
+
+    class Tokens(nn.Module):
+        """Linear over (N, L, C), transposed to (N, C, L) for BatchNorm1d (MatMul -> Add -> Transpose -> BN)."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(16, 8), nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.fc(x).transpose(1, 2)))
+
+    class Vector(nn.Module):
+        """Linear over (N, C), viewed as (N, C, 1, 1) for BatchNorm2d (Gemm -> Reshape -> BN)."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(16, 8), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.fc(x).reshape(-1, 8, 1, 1)))
+
+    class NoBias(Tokens):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 8, bias=False)
+
+    return [(Tokens, (2, 5, 16)), (Vector, (2, 16)), (NoBias, (2, 5, 16))]
+
+
+def _exported(model, shape, dynamo):
+    import io
+
+    import torch
+
+    x = torch.randn(*shape)
+    if dynamo:
+        return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x,), buffer, dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def test_a_linear_viewed_as_channels_folds_through_the_view(cli, tmp_path):
+    import pytest
+    import torch
+
+    for cls, shape in _linear_then_view_models():
+        for dynamo in (False, True):
+            torch.manual_seed(0)
+            model = cls().eval()
+            with torch.no_grad():
+                model.bn.running_mean.normal_()
+                model.bn.running_var.uniform_(0.5, 2)
+                model.bn.weight.normal_()
+                model.bn.bias.normal_()
+            graph = _exported(model, shape, dynamo)
+            if "BatchNormalization" not in [n.op_type for n in graph.graph.node]:
+                pytest.fail(f"{cls.__name__}: the exporter already folded the BN; the test needs it kept")
+            src, out = tmp_path / f"{cls.__name__}{dynamo}.onnx", tmp_path / f"{cls.__name__}{dynamo}_f.onnx"
+            onnx.save(graph, src)
+            result = cli("fold", src, "-o", out, "-f", "json")
+            assert result.exit_code == 0, result.output
+            report = json.loads(result.stdout)
+            assert len(report["folded"]) == 1 and "through the" in report["folded"][0]["note"], (cls.__name__, dynamo, report)
+            folded = onnx.load(out)
+            onnx.checker.check_model(folded, full_check=True)
+            assert "BatchNormalization" not in [n.op_type for n in folded.graph.node]
+            x = torch.randn(*shape)
+            name = folded.graph.input[0].name
+            np.testing.assert_allclose(_run(out, {name: x.numpy()}), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_reshape_that_moves_the_features_off_the_channel_axis_is_kept():
+    """(N, 8) viewed as (N, 2, 4): the BN's 2 channels are not the Gemm's 8 features."""
+    from bnctl.ops.fold.onnx import fold_model
+
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1),
+        helper.make_node("Reshape", ["h", "shape"], ["v"]),
+        _bn("bn", "v", "y"),
+    ]
+    inits = [_init("w", rng.normal(size=(8, 16))), _init("b", rng.normal(size=8)), numpy_helper.from_array(np.array([2, 2, 4], np.int64), "shape"), *_bn_inits("bn", 2, rng)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    _, folded, skipped, _ = fold_model(model)
+    assert folded == [] and skipped[0]["bn"] == "bn"

@@ -4,7 +4,8 @@
 - :mod:`.fx`: pairing from the data flow of a traced graph (torch.fx or a ``.pt2``'s aten graph) and the rewrite;
 - :mod:`.tree`: the module-tree path for models that cannot be traced;
 - :mod:`.script`: TorchScript, folded on its graph by ``torch.jit.freeze``;
-- :mod:`.onnx`: the same on ONNX graphs (deciding what folds needs no torch);
+- :mod:`.onnx`: the same on ONNX graphs (deciding what folds needs no torch), and :mod:`.onnx_views`
+  for a Gemm or MatMul seen through a Reshape or Transpose;
 - :mod:`.pytorch`: :func:`fold`, the library function that chooses the path and verifies;
 - :mod:`.report`: :class:`FoldReport`.
 

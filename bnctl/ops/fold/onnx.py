@@ -63,21 +63,26 @@ class _Graph:
             return False
         return all(self._input_free(i, seen) for k, i in enumerate(node.input) if i and not (node.op_type == "CastLike" and k == 1))
 
-    def rank(self, name: str) -> int | None:
-        """The rank of a value, from ONNX shape inference (None when unknown)."""
-        if not hasattr(self, "_ranks"):
+    def shape(self, name: str) -> list[int | None] | None:
+        """The shape of a value from ONNX shape inference (None for a dim or a shape it does not know)."""
+        if not hasattr(self, "_shapes"):
             import onnx
 
             try:
                 inferred = onnx.shape_inference.infer_shapes(self.model).graph
             except Exception:  # noqa: BLE001 - shapes are a help, not a must
                 inferred = self.model.graph
-            self._ranks = {
-                v.name: len(v.type.tensor_type.shape.dim)
+            self._shapes = {
+                v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
                 for v in (*inferred.value_info, *inferred.input, *inferred.output)
                 if v.type.tensor_type.HasField("shape")
             }
-        return self._ranks.get(name)
+        return self._shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        """The rank of a value, from ONNX shape inference (None when unknown)."""
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
 
     def producer(self, name: str) -> Any:
         return next((n for n in self.model.graph.node if name in n.output), None)
@@ -210,6 +215,8 @@ def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list
     """
     import onnx
 
+    from .onnx_views import fold_through_view, linear_through_view
+
     check_graph(model)
     new = onnx.ModelProto()
     new.CopyFrom(model)
@@ -234,6 +241,14 @@ def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list
             skipped.append({"bn": name, "reason": f"its inputs {', '.join(runtime)} are known only at run time (graph inputs, or computed from them)"})
             continue
         scale, shift = _bn_params(graph, bn)
+        through = linear_through_view(graph, bn, scale.size)
+        if through is not None:  # Gemm/MatMul -> Reshape/Transpose -> BN, as exporters write a Linear
+            why = None if plan else fold_through_view(graph, bn, through, scale, shift)
+            if why is None:
+                folded.append({"bn": name, "into": node_name(through.layer), "side": "after", "note": f"through the {through.view.op_type} between them"})
+            else:
+                skipped.append({"bn": name, "reason": why})
+            continue
         layer, side, why = _neighbour(graph, bn, shift)
         if layer is None:
             skipped.append({"bn": name, "reason": why})
