@@ -268,3 +268,33 @@ def test_a_traced_module_to_a_state_dict_keeps_each_bn_with_a_reason(cli, tmp_pa
     report = json.loads(result.stdout)
     assert report["folded"] == [] and report["skipped"]
     assert all("--to torchscript" in s["reason"] for s in report["skipped"])
+
+
+def test_dtype_float16_folds_what_fits_and_keeps_what_would_overflow(cli, tmp_path):
+    """--dtype float16 on a float32 model: bn 4's folded weights would pass 65504 (torch.fx's
+    fuse writes inf there); it is kept with the reason, bn 1 folds, the written program
+    matches the float16 model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(), torch.nn.Conv2d(6, 8, 3), torch.nn.BatchNorm2d(8, eps=1e-3))
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.fill_(1e-3)
+        model[1].bias.fill_(1e-3)
+        model[3].weight.fill_(8.0)
+        model[4].weight.fill_(300.0)
+        model[4].running_var.fill_(1e-6)
+        model[4].running_mean.copy_(model[3].bias)
+    torch.save(model.eval(), tmp_path / "m.pt")
+    out = tmp_path / "half.pt2"
+    result = cli("fold", tmp_path / "m.pt", "--trust", "--input-shape", "2,3,10,10", "--dtype", "float16", "-o", out, "-f", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [f["bn"] for f in report["folded"]] == ["1"] and report["skipped"][0]["bn"] == "4" and "65504" in report["skipped"][0]["reason"]
+    assert report["tolerance"] == 1e-2 and report["input_dims"][0]["dtype"] == "float16"
+    program = torch.export.load(out).module()
+    x = torch.randn(2, 3, 10, 10).half()
+    want, got = model.half()(x).double(), program(x).double()
+    assert torch.isfinite(got).all() and float((got - want).abs().max() / want.abs().max()) <= 1e-2
+    onnx_refused = cli("fold", CHECKPOINTS / "sample.onnx", "--dtype", "float16", "-o", tmp_path / "x.onnx")
+    assert onnx_refused.exit_code == 2 and "--dtype casts a PyTorch module" in onnx_refused.stderr

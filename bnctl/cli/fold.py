@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,6 +14,12 @@ from ..io.targets import Target
 from .app import command, emit_report, fail
 from ..io.shapes import parse_dims
 from .options import CHECKS, MODEL, DynamicOpt, PathArg, ReportFormat, ReportFormatOpt
+
+
+class FoldDtype(str, enum.Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
 
 
 @command()
@@ -30,6 +37,10 @@ def fold(
         typer.Option("--tolerance", help="Largest output change allowed, relative to the largest |output|; beyond it: exit 1, nothing written. Default: by the outputs' dtype (float32 1e-4, float16 1e-2, bfloat16 5e-2).", show_default=False),
     ] = None,
     dynamic: DynamicOpt = None,
+    dtype: Annotated[
+        Optional[FoldDtype],
+        typer.Option("--dtype", help="Cast the model and the check inputs to this dtype before folding (float16 or bfloat16 for deployment): a BN whose folded weights overflow it or lose its precision is kept, with the reason.", show_default=False),
+    ] = None,
     fmt: ReportFormatOpt = ReportFormat("table"),
 ) -> None:
     """Fold BatchNorm into the conv/linear layers next to it, check the outputs did not change, write the model."""
@@ -39,7 +50,7 @@ def fold(
     from ..render.progress import stages
 
     with stages(sys.stderr.isatty()) as stage:
-        report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance, dims=parse_dims(dynamic), stage=stage)
+        report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance, dims=parse_dims(dynamic), dtype=dtype.value if dtype else None, stage=stage)
     emit_report(report, fmt.value, fold_table)
     if report.written:
         typer.echo(f"wrote {output} ({report.format})", err=True)

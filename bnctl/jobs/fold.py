@@ -41,6 +41,7 @@ def fold_file(
     to: Target | None = None,
     tolerance: float | None = None,
     dims: str | tuple[int, ...] = "auto",
+    dtype: str | None = None,
     stage: Callable[[str], None] = lambda text: None,
 ) -> FoldReport:
     """Fold the model of ``source`` and write it to ``output`` if it checks out.
@@ -49,7 +50,9 @@ def fold_file(
     written) when the outputs moved more than ``tolerance`` (by default, the one of the
     outputs' dtype: float32 1e-4, float16 1e-2, bfloat16 5e-2). ``dims``: which input dims a
     ``.pt2`` or ONNX output leaves dynamic (:mod:`bnctl.io.shapes`); ``report.input_dims``
-    lists the written file's inputs.
+    lists the written file's inputs. ``dtype`` ("float16", "bfloat16", "float32") casts a
+    PyTorch module and the check inputs first: the fold is of, and compared with, the cast
+    model, and a BN whose folded weights do not fit that dtype is kept with the reason.
     """
     output = Path(output)
     _atomic.refuse_overwrite(source.path, output)
@@ -59,6 +62,8 @@ def fold_file(
     target = to or default_target(checkpoint, output)
     examples = inputs.make()
     if checkpoint.format == ckpt_mod.Format.ONNX:
+        if dtype is not None:
+            raise InputError("--dtype casts a PyTorch module; an ONNX graph keeps its own dtypes (a float16 graph folds as float16)", "leave out --dtype, or fold the PyTorch checkpoint with --dtype")
         return _fold_onnx(checkpoint, output, target, examples, tolerance, inputs.seed)
     if checkpoint.format == ckpt_mod.Format.TORCHSCRIPT and target not in (Target.TORCHSCRIPT, Target.STATE_DICT):
         raise InputError(f"a TorchScript model can be written as torchscript or state-dict, not {target.value}", "use --to torchscript, or fold the original checkpoint with --arch")
@@ -66,8 +71,12 @@ def fold_file(
         raise InputError("folding needs example inputs to trace and check the model", "pass --input-shape 1,3,224,224 (once per model input) or --data DIR")
     if checkpoint.program is not None and examples is None:
         examples = tuple(checkpoint.program.example_inputs[0])
+    if dtype is not None:
+        model, examples = _cast(model, examples, dtype, checkpoint)
     stage("tracing, pairing and folding")
     folded, report = fold(model, examples, tolerance=tolerance, keep_modules=target == Target.STATE_DICT)
+    if dtype is not None:
+        report.notes.append(f"the model and the check inputs were cast to {dtype} before folding: the outputs are compared with the {dtype} model")
     report.output, report.format = str(output), target.value
     if target == Target.STATE_DICT:
         report.notes.append("state-dict output keeps every BN module; use --to pt2 to drop them")
@@ -91,6 +100,19 @@ def fold_file(
         writers.save(artifact, output)
         report.written = True
     return report
+
+
+def _cast(model, examples: tuple, dtype: str, checkpoint: ckpt_mod.Checkpoint) -> tuple:
+    """A copy of ``model`` and the floating check inputs in ``dtype``."""
+    import copy
+
+    import torch
+
+    if checkpoint.program is not None or checkpoint.format == ckpt_mod.Format.TORCHSCRIPT:
+        raise InputError(f"--dtype casts a PyTorch module; {checkpoint.path.name} is a {checkpoint.describe()} program, whose dtypes were fixed when it was saved", "fold the original checkpoint (state_dict + --arch) with --dtype")
+    target = getattr(torch, dtype)
+    cast = tuple(t.to(target) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in examples)
+    return copy.deepcopy(model).to(target), cast
 
 
 def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, inputs: tuple | None, tolerance: float | None, seed: int) -> FoldReport:
