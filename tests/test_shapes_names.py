@@ -138,3 +138,37 @@ def test_bad_shape_options_are_one_error(cli, tmp_path, args, message):
     torch.save(model, tmp_path / "m.pt")
     result = cli("fold", tmp_path / "m.pt", "--trust", *args, "-o", tmp_path / "f.pt2")
     assert result.exit_code == 2 and message in result.stderr and result.stderr.count("error:") == 1, result.output
+
+
+def test_a_check_input_of_batch_1_still_gives_a_free_batch(cli, tmp_path):
+    """The help's own example, --input-shape 1,...: the .pt2 used to accept batch 1 only."""
+    from bnctl.models import sample_net
+
+    from conftest import CHECKPOINTS
+
+    out = tmp_path / "f.pt2"
+    result = cli("fold", CHECKPOINTS / "sample.pt", "--arch", "bnctl.models:sample_net", "--input-shape", "1,3,32,32", "-o", out, "-f", "json")
+    assert result.exit_code == 0, result.output
+    assert isinstance(json.loads(result.stdout)["input_dims"][0]["shape"][0], str)
+    model = sample_net()
+    model.load_state_dict(torch.load(CHECKPOINTS / "sample.pt", weights_only=True))
+    x = torch.randn(5, 3, 32, 32)
+    torch.testing.assert_close(torch.export.load(out).module()(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+class BatchOfOne(nn.Module):
+    """Flattens with view(1, 144): it takes batch 1 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).view(1, 4 * 6 * 6)
+
+
+def test_a_model_that_takes_batch_1_only_folds_with_its_batch_static(cli, tmp_path):
+    torch.save(BatchOfOne().eval(), tmp_path / "one.pt")
+    result = cli("fold", tmp_path / "one.pt", "--trust", "--input-shape", "1,3,8,8", "-o", tmp_path / "f.pt2", "-f", "json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["input_dims"][0]["shape"] == [1, 3, 8, 8]

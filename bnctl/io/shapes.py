@@ -99,6 +99,15 @@ def export_program(model: Any, inputs: Sequence[Any], dims: str | tuple[int, ...
 
     names = forward_names(model, len(inputs))
     spec, examples = dynamic_spec(inputs, dims, names)
+    if dims == "auto" and any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1 for t in examples):
+        # a batch of 1 would be specialized: export from 2, and keep that only if the batch came out free
+        grown = tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1 else t for t in examples)
+        try:
+            program = torch.export.export(model, grown, dynamic_shapes=spec)
+            if all(isinstance(entry["shape"][0], str) for entry in describe_program(program, names) if entry["shape"]):
+                return program
+        except Exception:  # noqa: BLE001 - the model takes batch 1 only: export it as it is
+            pass
     try:
         return torch.export.export(model, examples, dynamic_shapes=spec)
     except torch._dynamo.exc.UserError as exc:  # a range torch inferred: take its suggested fix
