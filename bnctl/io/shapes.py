@@ -177,7 +177,8 @@ def tidy_onnx(model: Any, output_names: Sequence[str] | None = None) -> None:
     graph = model.graph
     outputs = list(graph.output)
     if output_names is not None and len(output_names) != len(outputs):
-        raise InputError(f"--output-names gave {len(output_names)} names, the model has {len(outputs)} outputs", f"pass {len(outputs)} names, e.g. --output-names {','.join(f'out{i}' for i in range(len(outputs)))}")
+        n = len(outputs)
+        raise InputError(f"--output-names gave {len(output_names)} names, the model has {n} output{'s' * (n != 1)}", f"pass {n} name{'s' * (n != 1)}, e.g. --output-names {','.join(f'out{i}' for i in range(n))}")
     wanted = list(output_names) if output_names else (["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))])
     taken = {n for node in graph.node for n in (*node.input, *node.output)} | {i.name for i in graph.input} | {i.name for i in graph.initializer}
     renames = {}

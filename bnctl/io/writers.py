@@ -182,7 +182,7 @@ def onnx_bytes(
 
     names = list(input_names) if input_names else forward_names(model, len(inputs))
     if len(names) != len(inputs):
-        raise InputError(f"--input-names gave {len(names)} names, the model takes {len(inputs)} inputs", "pass one name per --input-shape")
+        raise InputError(f"--input-names gave {len(names)} name{'s' * (len(names) != 1)}, the model takes {len(inputs)} input{'s' * (len(inputs) != 1)}", "pass one name per --input-shape")
     errors: list[Any] = []
     result = None
     with quiet():
