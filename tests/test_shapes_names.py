@@ -172,3 +172,19 @@ def test_a_model_that_takes_batch_1_only_folds_with_its_batch_static(cli, tmp_pa
     result = cli("fold", tmp_path / "one.pt", "--trust", "--input-shape", "1,3,8,8", "-o", tmp_path / "f.pt2", "-f", "json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["input_dims"][0]["shape"] == [1, 3, 8, 8]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--output-names", "a,b"), "--output-names gave 2 names, the model has 1 output"),
+        (("--input-names", "x"), "--input-names gave 1 name, the model takes 2 inputs"),
+        (("--input-names", "a,a"), "needs distinct, non-empty names"),
+    ],
+)
+def test_bad_names_are_one_error_and_nothing_is_written(cli, tmp_path, two_inputs, args, message):
+    arch, weights, _ = two_inputs
+    out = tmp_path / "m.onnx"
+    result = cli("export", weights, "--arch", arch, "--input-shape", "2,3,16,16", "--input-shape", "2,5:int64", *args, "-o", out)
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("error:") == 1, result.output
+    assert not out.exists()
