@@ -13,8 +13,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,17 +40,17 @@ class Refused(Exception):
         self.name = name
 
 
-@dataclass(frozen=True)
-class StorageRef:
+class StorageRef(NamedTuple):
+    """A storage as the pickle names it (a named tuple: a file holds up to millions of them)."""
+
     key: str
     dtype: str  # numpy dtype
     torch_dtype: str
     numel: int
 
 
-@dataclass(frozen=True)
-class TensorRef:
-    """A tensor as the pickle describes it; :func:`bnctl.io.zipped.materialize` reads its bytes."""
+class TensorRef(NamedTuple):
+    """A tensor as the pickle describes it; :class:`bnctl.io.torchzip.TensorReader` reads its bytes."""
 
     storage: StorageRef
     offset: int
@@ -81,11 +80,12 @@ class ScriptObject:
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, *_: Any) -> TensorRef:
     if not isinstance(storage, StorageRef):
         raise Refused("a tensor without a storage")
-    if not (isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)):
+    if type(offset) is not int or type(size) is not tuple or type(stride) is not tuple or len(size) != len(stride):
         raise pickle.UnpicklingError("malformed tensor description")
-    if not all(isinstance(d, int) and d >= 0 for d in (*size, *stride)):
-        raise pickle.UnpicklingError("malformed tensor description")
-    return TensorRef(storage, offset, tuple(size), tuple(stride), bool(requires_grad))
+    for d in (*size, *stride):
+        if type(d) is not int or d < 0:
+            raise pickle.UnpicklingError("malformed tensor description")
+    return TensorRef(storage, offset, size, stride, requires_grad is True or bool(requires_grad))
 
 
 def _parameter(data: Any, requires_grad: Any = True, *_: Any) -> Any:
