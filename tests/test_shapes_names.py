@@ -188,3 +188,18 @@ def test_bad_names_are_one_error_and_nothing_is_written(cli, tmp_path, two_input
     result = cli("export", weights, "--arch", arch, "--input-shape", "2,3,16,16", "--input-shape", "2,5:int64", *args, "-o", out)
     assert result.exit_code == 2 and message in result.stderr and result.stderr.count("error:") == 1, result.output
     assert not out.exists()
+
+
+def test_fold_to_onnx_takes_names_and_a_pt2_refuses_them(cli, tmp_path, two_inputs):
+    arch, weights, model = two_inputs
+    out = tmp_path / "f.onnx"
+    result = cli("fold", weights, "--arch", arch, "--input-shape", "2,3,16,16", "--input-shape", "2,5:int64",
+                 "--input-names", "pixels,ids", "--output-names", "scores", "-o", out)
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(out).graph
+    assert [i.name for i in graph.input] == ["pixels", "ids"] and [o.name for o in graph.output] == ["scores"]
+    image, tokens = torch.randn(3, 3, 16, 16), torch.randint(0, 100, (3, 5))
+    np.testing.assert_allclose(_ort(out, {"pixels": image.numpy(), "ids": tokens.numpy()}), model(image, tokens).detach().numpy(), rtol=1e-4, atol=1e-5)
+    refused = cli("fold", weights, "--arch", arch, "--input-shape", "2,3,16,16", "--input-shape", "2,5:int64", "--output-names", "scores", "-o", tmp_path / "f.pt2")
+    assert refused.exit_code == 2 and "name the inputs and outputs of an ONNX graph" in refused.stderr
+    assert not (tmp_path / "f.pt2").exists()

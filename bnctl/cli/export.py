@@ -10,8 +10,7 @@ import typer
 
 from ..io.source import CheckInputs, ModelSource
 from .app import command, emit_report, fail
-from ..io.shapes import parse_dims
-from .options import CHECKS, MODEL, DynamicOpt, PathArg, ReportFormat, ReportFormatOpt, split_names
+from .options import CHECKS, MODEL, DynamicOpt, InputNamesOpt, OutputNamesOpt, PathArg, ReportFormat, ReportFormatOpt, layout
 
 
 @command()
@@ -23,8 +22,8 @@ def export(
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset. Default: the exporter's.")] = None,
     dynamic: DynamicOpt = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", metavar="", help="Same as --dynamic 0: the batch dim must stay dynamic (an error where the model fixes it).")] = False,
-    input_names: Annotated[Optional[str], typer.Option("--input-names", help="Names of the graph's inputs, comma-separated. Default: the parameter names of forward.", show_default=False)] = None,
-    output_names: Annotated[Optional[str], typer.Option("--output-names", help="Names of the graph's outputs, comma-separated. Default: output (output_0, output_1, ... for several).", show_default=False)] = None,
+    input_names: InputNamesOpt = None,
+    output_names: OutputNamesOpt = None,
     no_fold: Annotated[bool, typer.Option("--no-fold", metavar="", help="Keep the BatchNorm nodes.")] = False,
     tolerance: Annotated[
         Optional[float],
@@ -41,8 +40,7 @@ def export(
     with stages(sys.stderr.isatty()) as stage:
         report = export_file(
             source.at(path), output, inputs=inputs, stage=stage,
-            opset=opset, dynamic=(0,) if dynamic_batch and dynamic is None else parse_dims(dynamic), fold=not no_fold, tolerance=tolerance,
-            input_names=split_names(input_names, "--input-names"), output_names=split_names(output_names, "--output-names"),
+            opset=opset, layout=layout(dynamic, input_names, output_names, dynamic_batch), fold=not no_fold, tolerance=tolerance,
         )
     emit_report(report, fmt.value, export_table)
     if report.written:

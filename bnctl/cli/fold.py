@@ -12,8 +12,7 @@ import typer
 from ..io.source import CheckInputs, ModelSource
 from ..io.targets import Target
 from .app import command, emit_report, fail
-from ..io.shapes import parse_dims
-from .options import CHECKS, MODEL, DynamicOpt, PathArg, ReportFormat, ReportFormatOpt
+from .options import CHECKS, MODEL, DynamicOpt, InputNamesOpt, OutputNamesOpt, PathArg, ReportFormat, ReportFormatOpt, layout
 
 
 class FoldDtype(str, enum.Enum):
@@ -37,6 +36,8 @@ def fold(
         typer.Option("--tolerance", help="Largest output change allowed, relative to the largest |output|; beyond it: exit 1, nothing written. Default: by the outputs' dtype (float32 1e-4, float16 1e-2, bfloat16 5e-2).", show_default=False),
     ] = None,
     dynamic: DynamicOpt = None,
+    input_names: InputNamesOpt = None,
+    output_names: OutputNamesOpt = None,
     dtype: Annotated[
         Optional[FoldDtype],
         typer.Option("--dtype", help="Cast the model and the check inputs to this dtype before folding (float16 or bfloat16 for deployment): a BN whose folded weights overflow it or lose its precision is kept, with the reason.", show_default=False),
@@ -50,7 +51,7 @@ def fold(
     from ..render.progress import stages
 
     with stages(sys.stderr.isatty()) as stage:
-        report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance, dims=parse_dims(dynamic), dtype=dtype.value if dtype else None, stage=stage)
+        report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance, layout=layout(dynamic, input_names, output_names), dtype=dtype.value if dtype else None, stage=stage)
     emit_report(report, fmt.value, fold_table)
     if report.written:
         typer.echo(f"wrote {output} ({report.format})", err=True)

@@ -68,6 +68,19 @@ DynamicOpt = Annotated[
 ]
 
 
+InputNamesOpt = Annotated[Optional[str], typer.Option("--input-names", help="Names of an ONNX graph's inputs, comma-separated. Default: the parameter names of forward.", show_default=False)]
+OutputNamesOpt = Annotated[Optional[str], typer.Option("--output-names", help="Names of an ONNX graph's outputs, comma-separated. Default: output (output_0, output_1, ... for several).", show_default=False)]
+
+
+def layout(dynamic: str | None, input_names: str | None, output_names: str | None, dynamic_batch: bool = False):
+    """``--dynamic``, ``--input-names`` and ``--output-names`` as a :class:`~bnctl.io.shapes.Layout`."""
+    from ..io.shapes import Layout, parse_dims
+
+    dims = (0,) if dynamic_batch and dynamic is None else parse_dims(dynamic)
+    names = [split_names(input_names, "--input-names"), split_names(output_names, "--output-names")]
+    return Layout(dims, *(tuple(n) if n else None for n in names))
+
+
 def split_names(text: str | None, option: str) -> list[str] | None:
     """``"image,tokens"`` -> ``["image", "tokens"]`` (None stays None); an InputError for an
     empty or repeated name."""

@@ -18,9 +18,21 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import InputError, one_line
+
+@dataclass(frozen=True)
+class Layout:
+    """How a written ``.pt2`` or ONNX file lays out its inputs and outputs: which input dims
+    stay dynamic (``"auto"``, ``"static"`` or dim indices), and the names of an ONNX graph's
+    inputs and outputs (None: from ``forward``'s signature, and ``output``/``output_<i>``)."""
+
+    dims: str | tuple[int, ...] = "auto"
+    input_names: tuple[str, ...] | None = None
+    output_names: tuple[str, ...] | None = None
+
 
 def parse_dims(text: str | None) -> str | tuple[int, ...]:
     """``--dynamic``: ``"0,2,3"`` -> ``(0, 2, 3)``; ``"none"`` -> ``"static"``; None -> ``"auto"``."""

@@ -21,6 +21,7 @@ from torch import nn
 from .. import _atomic
 from .._quiet import quiet
 from ..errors import BnctlError, InputError, one_line
+from .shapes import Layout
 from .targets import Target
 
 
@@ -55,12 +56,12 @@ def torch_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def build(model: nn.Module, target: Target, inputs: tuple, dest: Path, dims: str | tuple[int, ...] = "auto") -> Artifact:
+def build(model: nn.Module, target: Target, inputs: tuple, dest: Path, layout: Layout = Layout()) -> Artifact:
     """Turn ``model`` into the artifact for ``target``; errors that name the failing step.
-    ``dims``: which input dims a ``.pt2`` or ONNX file leaves dynamic (:mod:`bnctl.io.shapes`)."""
+    ``layout``: the dynamic dims of a ``.pt2`` or ONNX file, and an ONNX graph's names."""
     try:
         with quiet():
-            return _BUILDERS[target](model, inputs, dest, dims)
+            return _BUILDERS[target](model, inputs, dest, layout)
     except BnctlError:
         raise
     except Exception as exc:  # noqa: BLE001 - an exporter failing is the user's model's story
@@ -72,10 +73,10 @@ def save(artifact: Artifact, dest: Path) -> None:
     _atomic.write_bytes(dest, artifact.data())
 
 
-def _pt2(model: nn.Module, inputs: tuple, dest: Path, dims: Any) -> Artifact:
+def _pt2(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> Artifact:
     from .shapes import describe_program, export_program, forward_names
 
-    program = export_program(model, inputs, dims)
+    program = export_program(model, inputs, layout.dims)
 
     def data() -> bytes:
         buffer = io.BytesIO()  # a file object: torch.export.save wants a .pt2 name otherwise
@@ -85,7 +86,7 @@ def _pt2(model: nn.Module, inputs: tuple, dest: Path, dims: Any) -> Artifact:
     return Artifact(Target.PT2, program.module(), data, describe_program(program, forward_names(model, len(inputs))))
 
 
-def _torchscript(model: nn.Module, inputs: tuple, dest: Path, dims: Any) -> Artifact:
+def _torchscript(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> Artifact:
     if isinstance(model, torch.jit.ScriptModule):
         scripted = model
     else:
@@ -100,13 +101,13 @@ def _torchscript(model: nn.Module, inputs: tuple, dest: Path, dims: Any) -> Arti
     return Artifact(Target.TORCHSCRIPT, scripted, data)
 
 
-def _module(model: nn.Module, inputs: tuple, dest: Path, dims: Any) -> Artifact:
+def _module(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> Artifact:
     data = torch_bytes(model)
     reloaded = torch.load(io.BytesIO(data), weights_only=False)  # bytes we just wrote ourselves
     return Artifact(Target.MODULE, reloaded, lambda: data)
 
 
-def _state_dict(model: nn.Module, inputs: tuple, dest: Path, dims: Any) -> Artifact:
+def _state_dict(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> Artifact:
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if dest.suffix.lower() == ".safetensors":
         from safetensors.torch import save
@@ -115,11 +116,11 @@ def _state_dict(model: nn.Module, inputs: tuple, dest: Path, dims: Any) -> Artif
     return Artifact(Target.STATE_DICT, model, lambda: torch_bytes(tensors))
 
 
-def _onnx(model: nn.Module, inputs: tuple, dest: Path, dims: Any) -> Artifact:
+def _onnx(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> Artifact:
     from ..core import onnx as onnx_run
     from .shapes import describe_onnx
 
-    data, _ = onnx_bytes(model, inputs, dims=dims)
+    data, _ = onnx_bytes(model, inputs, layout=layout)
     proto = _load_onnx(data)
     names = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
 
@@ -163,24 +164,22 @@ def onnx_bytes(
     model: nn.Module,
     inputs: tuple,
     opset: int | None = None,
-    dims: str | tuple[int, ...] = "static",
-    input_names: Sequence[str] | None = None,
-    output_names: Sequence[str] | None = None,
+    layout: Layout = Layout(dims="static"),
 ) -> tuple[bytes, str]:
     """``model`` as ONNX bytes and the exporter that made them: torch.export-based first,
     TorchScript-based if that fails or cannot write ``opset``. An InputError naming the
     operator if both fail.
 
-    ``dims``: which input dims are dynamic (:mod:`bnctl.io.shapes`: "static", "auto" or
-    dim indices). Inputs are named from ``forward``'s signature (or ``input_names``),
-    outputs ``output``/``output_<i>`` (or ``output_names``), dynamic dims ``batch``,
-    ``height``, ``width``.
+    ``layout`` (:class:`bnctl.io.shapes.Layout`): which input dims are dynamic ("static",
+    "auto" or dim indices) and the names; by default inputs are named from ``forward``'s
+    signature, outputs ``output``/``output_<i>``, dynamic dims ``batch``, ``height``, ``width``.
     """
     import onnx
 
     from .shapes import dynamic_spec, forward_names, tidy_onnx
 
-    names = list(input_names) if input_names else forward_names(model, len(inputs))
+    dims = layout.dims
+    names = list(layout.input_names) if layout.input_names else forward_names(model, len(inputs))
     if len(names) != len(inputs):
         raise InputError(f"--input-names gave {len(names)} name{'s' * (len(names) != 1)}, the model takes {len(inputs)} input{'s' * (len(inputs) != 1)}", "pass one name per --input-shape")
     errors: list[Any] = []
@@ -218,7 +217,7 @@ def onnx_bytes(
                 errors.append(exc)
     if result is not None:
         proto, exporter = result
-        tidy_onnx(proto, output_names)
+        tidy_onnx(proto, layout.output_names)
         return proto.SerializeToString(), exporter
     named = [(e, _operator(e)) for e in errors if isinstance(e, BaseException)]
     exc, op = next(((e, o) for e, o in reversed(named) if o), (errors[-1] if errors else None, None))

@@ -3,11 +3,13 @@ audit's ONNX findings on the graph, write it if ONNX Runtime matched PyTorch."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
 from .. import _atomic
 from ..errors import InputError
+from ..io.shapes import Layout
 from ..io.source import CheckInputs, ModelSource
 from ..ops.export import ExportReport, export
 
@@ -28,10 +30,10 @@ def export_file(source: ModelSource, output: str | Path, *, inputs: CheckInputs 
         raise InputError(f"{name} is already ONNX", "to fold its BatchNorm nodes use bnctl fold; to check it use bnctl audit")
     if program is not None:
         model = program.module()
-        if options.get("dynamic", "auto") == "auto":
-            options["dynamic"] = "static"  # the program's own shapes (its guards fix them)
-    if program is not None and options.get("dynamic", "auto") not in ("auto", "static"):
-        raise InputError(f"{name} is a torch.export program: its dynamic dims were chosen when it was exported", "export the original model (state_dict + --arch) with --dynamic")
+        layout = options.get("layout", Layout())
+        if layout.dims not in ("auto", "static"):
+            raise InputError(f"{name} is a torch.export program: its dynamic dims were chosen when it was exported", "export the original model (state_dict + --arch) with --dynamic")
+        options["layout"] = dataclasses.replace(layout, dims="static")  # the program's own shapes (its guards fix them)
     examples = inputs.make()
     if examples is None and program is not None:
         examples = tuple(program.example_inputs[0])

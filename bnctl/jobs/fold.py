@@ -17,7 +17,7 @@ from ..io import writers
 from ..io.source import CheckInputs, ModelSource
 from ..io.targets import Target
 from ..ops.fold import FoldReport, fold
-from ..io.shapes import describe_onnx, other_sizes
+from ..io.shapes import Layout, describe_onnx, other_sizes
 from ..ops.fold.report import tolerance_for
 
 
@@ -40,7 +40,7 @@ def fold_file(
     inputs: CheckInputs = CheckInputs(),
     to: Target | None = None,
     tolerance: float | None = None,
-    dims: str | tuple[int, ...] = "auto",
+    layout: Layout = Layout(),
     dtype: str | None = None,
     stage: Callable[[str], None] = lambda text: None,
 ) -> FoldReport:
@@ -48,9 +48,9 @@ def fold_file(
 
     ``report.written`` says whether the file was written; ``report.ok`` is False (and nothing
     written) when the outputs moved more than ``tolerance`` (by default, the one of the
-    outputs' dtype: float32 1e-4, float16 1e-2, bfloat16 5e-2). ``dims``: which input dims a
-    ``.pt2`` or ONNX output leaves dynamic (:mod:`bnctl.io.shapes`); ``report.input_dims``
-    lists the written file's inputs. ``dtype`` ("float16", "bfloat16", "float32") casts a
+    outputs' dtype: float32 1e-4, float16 1e-2, bfloat16 5e-2). ``layout``: which input dims
+    a ``.pt2`` or ONNX output leaves dynamic, and an ONNX output's names
+    (:class:`bnctl.io.shapes.Layout`); ``report.input_dims`` lists the written file's inputs. ``dtype`` ("float16", "bfloat16", "float32") casts a
     PyTorch module and the check inputs first: the fold is of, and compared with, the cast
     model, and a BN whose folded weights do not fit that dtype is kept with the reason.
     """
@@ -60,8 +60,12 @@ def fold_file(
     opened = source.open()
     checkpoint, model = opened.checkpoint, opened.runnable("folding")
     target = to or default_target(checkpoint, output)
+    if target != Target.ONNX and (layout.input_names or layout.output_names):
+        raise InputError(f"--input-names and --output-names name the inputs and outputs of an ONNX graph, not of a {target.value} file", "write to a .onnx file (--to onnx), or leave the names out")
     examples = inputs.make()
     if checkpoint.format == ckpt_mod.Format.ONNX:
+        if layout.input_names or layout.output_names or layout.dims not in ("auto",):
+            raise InputError("--dynamic, --input-names and --output-names shape what bnctl exports; an ONNX graph keeps its own inputs and outputs", "leave them out, or fold the PyTorch checkpoint")
         if dtype is not None:
             raise InputError("--dtype casts a PyTorch module; an ONNX graph keeps its own dtypes (a float16 graph folds as float16)", "leave out --dtype, or fold the PyTorch checkpoint with --dtype")
         return _fold_onnx(checkpoint, output, target, examples, tolerance, inputs.seed)
@@ -83,7 +87,7 @@ def fold_file(
     if not report.ok:
         return report
     stage(f"building the {target.value} file and checking it")
-    artifact = writers.build(folded, target, examples, output, dims)
+    artifact = writers.build(folded, target, examples, output, layout)
     report.input_dims = artifact.inputs
     if target in (Target.TORCHSCRIPT, Target.STATE_DICT, Target.MODULE):
         report.notes.append(f"a {target.value} file records no input shapes (a traced module may still fix sizes its code read)" if target == Target.TORCHSCRIPT else f"a {target.value} file records no input shapes")

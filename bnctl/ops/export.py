@@ -9,6 +9,7 @@ against PyTorch on the check inputs. The graph is returned; :mod:`bnctl.jobs.exp
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 from ..core import verify
 from ..core.modules import training_batchnorms
 from ..errors import InputError
-from ..io.shapes import describe_onnx, forward_names, other_sizes
+from ..io.shapes import Layout, describe_onnx, forward_names, other_sizes
 from .fold.report import DEFAULT_TOLERANCE, tolerance_for
 
 
@@ -66,18 +67,16 @@ def export(
     inputs: tuple,
     *,
     opset: int | None = None,
-    dynamic: str | tuple[int, ...] = "auto",
+    layout: Layout = Layout(),
     fold: bool = True,
     tolerance: float | None = None,
-    input_names: list[str] | None = None,
-    output_names: list[str] | None = None,
 ) -> tuple[Any, ExportReport]:
     """Prepare ``model`` (a copy), export it to ONNX and check it in ONNX Runtime.
 
-    ``dynamic``: which input dims stay dynamic (:mod:`bnctl.io.shapes`: "auto", the batch
-    where the model allows it; "static"; or dim indices, each a named symbol). Inputs are
-    named from ``forward``'s signature unless ``input_names``; outputs ``output``/
-    ``output_<i>`` unless ``output_names``. Returns the ONNX ``ModelProto`` and the report;
+    ``layout`` (:class:`bnctl.io.shapes.Layout`): which input dims stay dynamic ("auto",
+    the batch where the model allows it; "static"; or dim indices, each a named symbol) and
+    the names: inputs after ``forward``'s parameters, outputs ``output``/``output_<i>``
+    unless given. Returns the ONNX ``ModelProto`` and the report;
     ``report.ok`` says whether ONNX Runtime matched PyTorch within ``tolerance`` (by default
     the one of the outputs' dtype) on the inputs and, where a dim is dynamic, on inputs
     where every dynamic dim has another size. ``model`` itself is not changed.
@@ -100,19 +99,20 @@ def export(
                          "fix the module's train() override (bnctl audit --input-shape ... names it)")
     reference = verify.reference_outputs(model, inputs)
     report.tolerance, report.tolerance_source = tolerance_for(reference, tolerance)
-    names = {"input_names": input_names or forward_names(model, len(inputs)), "output_names": output_names}
+    if layout.input_names is None:  # the original's names: the folded GraphModule may name them otherwise
+        layout = dataclasses.replace(layout, input_names=tuple(forward_names(model, len(inputs))))
     if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
         model, converted = to_batchnorm(model, inputs)
         model.eval()
         report.steps.append(f"{len(converted.converted)} SyncBatchNorm reverted to BatchNorm1d/2d/3d")
-    before, report.exporter = onnx_bytes(model, inputs, opset, dynamic, **names)
+    before, report.exporter = onnx_bytes(model, inputs, opset, layout)
     data = before
     if fold and not isinstance(model, torch.jit.ScriptModule):
         folded, fold_report = fold_model(model, inputs, tolerance=report.tolerance)
         report.folded = len(fold_report.folded)
         report.steps.append(f"{report.folded} of {fold_report.bn_before} BN folded in PyTorch ({fold_report.path})")
         model = folded
-        data, report.exporter = onnx_bytes(model, inputs, opset, dynamic, **names)
+        data, report.exporter = onnx_bytes(model, inputs, opset, layout)
     proto = onnx.load_from_string(data)
     if fold and any(n.op_type == "BatchNormalization" for n in proto.graph.node):
         # what PyTorch could not fold (or a TorchScript model): fold it in the graph
