@@ -223,3 +223,28 @@ def test_groupnorm_never_makes_groups_of_one_value():
         assert float(out.std(dim=0).max()) > 0.1  # the input still matters (groups of one value: std 0 everywhere)
     with pytest.raises(InputError, match="erases the input"):
         convert(nn.Sequential(nn.Linear(4, 1), nn.BatchNorm1d(1)).eval(), "groupnorm", inputs=(x,))
+
+
+def test_each_converted_layer_reports_its_own_output_change(sample):
+    """output_change of every GroupNorm layer against F.group_norm / F.batch_norm on the
+    input that layer saw (captured here with a hook of our own); 0 for FrozenBatchNorm."""
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 3, 32, 32)
+    gn, report = convert(sample, "groupnorm", inputs=(x,), groups=32)
+    seen = {}
+    modules = dict(sample.named_modules())
+    hooks = [modules[c["name"]].register_forward_pre_hook(lambda m, a, n=c["name"]: seen.setdefault(n, a[0].detach())) for c in report.converted]
+    with torch.no_grad():
+        sample.eval()(x)
+    for h in hooks:
+        h.remove()
+    groups = {n: m.num_groups for n, m in gn.named_modules() if isinstance(m, nn.GroupNorm)}
+    for entry in report.converted:
+        bn, inp = modules[entry["name"]], seen[entry["name"]]
+        old = F.batch_norm(inp, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        new = F.group_norm(inp, groups[entry["name"]], bn.weight, bn.bias, bn.eps)
+        expected = float((new - old).abs().max() / old.abs().max())
+        assert entry["output_change"] == pytest.approx(expected, rel=1e-5, abs=1e-7), entry["name"]
+    _, frozen = convert(sample, "frozen", inputs=(x,))
+    assert all(c["output_change"] < 1e-6 for c in frozen.converted)

@@ -288,7 +288,9 @@ def to_groupnorm(model: nn.Module, groups: int = 32, inputs: tuple | None = None
 
 def convert(model: nn.Module, to: str, *, inputs: tuple | None = None, groups: int = 32) -> tuple[nn.Module, ConvertReport]:
     """Convert ``model``'s BN layers (see the module doc); with ``inputs``, the report holds how
-    far the eval outputs moved (0 for every conversion but groupnorm)."""
+    far the eval outputs moved (0 for every conversion but groupnorm), and each converted
+    layer its ``output_change``: the relative change of that layer's own output on the input
+    it saw in the original model."""
     if to not in TARGETS:
         raise InputError(f"--to {to!r} is not a conversion", f"choose one of: {', '.join(TARGETS)}")
     if to == "syncbn":
@@ -305,5 +307,33 @@ def convert(model: nn.Module, to: str, *, inputs: tuple | None = None, groups: i
         from ..core import verify
 
         before, after = copy.deepcopy(model).eval(), copy.deepcopy(result).eval()
+        seen = _layer_calls(before, [c["name"] for c in report.converted], inputs)
         report.max_abs_error, report.max_rel_error = verify.compare(verify.run(before, inputs), verify.run(after, inputs))
+        modules = dict(after.named_modules())
+        for entry in report.converted:
+            if entry["name"] in seen and entry["name"] in modules:
+                x, y = seen[entry["name"]]
+                entry["output_change"] = verify.compare([y], verify.run(modules[entry["name"]], (x,)))[1]
     return result, report
+
+
+def _layer_calls(model: nn.Module, names: list[str], inputs: tuple) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The input and output of each named module's first call when ``model`` runs on ``inputs``."""
+    modules = dict(model.named_modules())
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if name not in seen and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                seen[name] = (args[0].detach().clone(), output.detach().clone())
+
+        return hook
+
+    hooks = [modules[n].register_forward_hook(record(n)) for n in names if n in modules]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen

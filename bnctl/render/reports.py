@@ -83,11 +83,15 @@ def convert_table(report: Any):
     from rich.text import Text
 
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for title in ("layer", "from", "to", "note"):
-        table.add_column(title)
+    measured = any("output_change" in c for c in report.converted)
+    for title in ("layer", "from", "to", *(("output change",) if measured else ()), "note"):
+        table.add_column(title, justify="right" if title == "output change" else "left")
     for c in report.converted:
-        table.add_row(markup(c["name"]), markup(c["from"]), markup(c["to"]), markup(c["note"] or ""))
+        change = (f"{c['output_change']:.2g}" if c.get("output_change") is not None else "-",) if measured else ()
+        table.add_row(markup(c["name"]), markup(c["from"]), markup(c["to"]), *change, markup(c["note"] or ""))
     parts: list[Any] = [table, *[Text(f"note: {plain(n)}", style="yellow") for n in report.notes]]
+    if measured:
+        parts.append(Text("output change: max |new - old| / max |old| of each layer's own output, on the input it saw in the original on the check inputs", style="dim"))
     summary = f"Converted {len(report.converted)} layers to {report.target}."
     if report.max_abs_error is not None:
         summary += f" Eval outputs on the check inputs moved by max abs {report.max_abs_error:.2g} (rel {report.max_rel_error:.2g})."
