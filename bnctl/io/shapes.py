@@ -159,8 +159,10 @@ def describe_program(program: Any, names: Sequence[str]) -> list[dict[str, Any]]
             if isinstance(d, int):
                 shape.append(d)
             else:
-                key = str(d)
-                symbols.setdefault(key, _symbol(name, k, value.dim(), False) if key not in symbols.values() else key)
+                key = str(d)  # torch's symbol (s40): one readable name for each
+                if key not in symbols:
+                    readable = _symbol(name, k, value.dim(), False)
+                    symbols[key] = readable if readable not in symbols.values() else f"{name}_{readable}"
                 shape.append(symbols[key])
         out.append({"name": name, "dtype": str(value.dtype).replace("torch.", ""), "shape": shape})
     return out
