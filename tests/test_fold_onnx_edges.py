@@ -380,3 +380,13 @@ def test_a_reshape_that_moves_the_features_off_the_channel_axis_is_kept():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     _, folded, skipped, _ = fold_model(model)
     assert folded == [] and skipped[0]["bn"] == "bn"
+
+
+def test_the_audit_does_not_call_a_bn_foldable_that_fold_keeps(cli, tmp_path):
+    """The audit's BN402 (foldable) agrees with fold on a float16 graph where bn2's folded
+    weights would overflow."""
+    src = tmp_path / "half.onnx"
+    onnx.save(_fp16_model(np.random.default_rng(9), overflow=True), src)
+    result = cli("audit", src, "--format", "json")
+    foldable = {f["layer"] for f in json.loads(result.stdout)["findings"] if f["check"] == "BN402"}
+    assert foldable == {"bn1", "bn3"}, result.stdout

@@ -196,6 +196,11 @@ def _write_layer(graph: _Graph, layer: Any, weight: Any, bias: Any, dtype: np.dt
     graph.put(layer, 2, bias.numpy().astype(dtype), f"{hint}_bias")
 
 
+def _narrow(dtype: Any) -> bool:
+    """A float dtype narrower than float32 (float16, bfloat16), where a fold can overflow."""
+    return np.dtype(dtype).kind in "fV" and np.dtype(dtype).itemsize < 4
+
+
 def _zero_pads(layer: Any) -> bool:
     auto_pad = attribute(layer, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
@@ -208,8 +213,9 @@ def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list
     """Fold the BN nodes of an ONNX ModelProto (a copy is changed, not ``model``).
 
     Weights the graph computes from constants alone are evaluated (only the nodes they need,
-    no inputs). With ``plan``, only decide:
-    which BN folds into which layer and why the others stay (no weights computed, no torch).
+    no inputs). With ``plan``, only decide: which BN folds into which layer and why the
+    others stay (no weights computed and no torch, except in float16/bfloat16 graphs, where
+    whether the folded weights fit decides).
     Returns the new model, the folded pairs, the skipped BNs with reasons, and the BN count.
     Raises InputError for a BN whose statistics are not constants.
     """
@@ -243,7 +249,8 @@ def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list
         scale, shift = _bn_params(graph, bn)
         through = linear_through_view(graph, bn, scale.size)
         if through is not None:  # Gemm/MatMul -> Reshape/Transpose -> BN, as exporters write a Linear
-            why = None if plan else fold_through_view(graph, bn, through, scale, shift)
+            narrow = _narrow(graph.const[through.layer.input[1]].dtype)
+            why = None if plan and not narrow else fold_through_view(graph, bn, through, scale, shift, write=not plan)
             if why is None:
                 folded.append({"bn": name, "into": node_name(through.layer), "side": "after", "note": f"through the {through.view.op_type} between them"})
             else:
@@ -263,17 +270,20 @@ def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list
             skipped.append({"bn": name, "reason": why})
             continue
         into = node_name(layer)
-        if plan:
+        dtype = graph.const[layer.input[1]].dtype
+        if plan and not _narrow(dtype):  # float32 and wider hold any fold: no weights to compute
             folded.append({"bn": name, "into": into, "side": side, "note": None})
             continue
         import torch
 
         fn = fold_math.fold_after if side == "after" else fold_math.fold_before
         new_w, new_b = fn(torch.from_numpy(np.array(weight, dtype=np.float64)), None if bias is None else torch.from_numpy(np.array(bias, dtype=np.float64)), torch.from_numpy(scale), torch.from_numpy(shift), kind, groups)
-        dtype = graph.const[layer.input[1]].dtype
         why = fold_math.unrepresentable(new_w, new_b, torch.from_numpy(np.zeros(0, dtype)).dtype)
         if why is not None:
             skipped.append({"bn": name, "reason": why})
+            continue
+        if plan:
+            folded.append({"bn": name, "into": into, "side": side, "note": None})
             continue
         if layer.op_type == "MatMul":  # no bias input: the shift becomes an Add in the BN's place
             graph.put(layer, 1, new_w.numpy().astype(dtype).T, f"{into}_weight")

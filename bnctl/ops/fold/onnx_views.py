@@ -69,9 +69,9 @@ def _keeps_features(graph: Any, view: Any) -> bool:
     return before[1] is not None and after[1] == before[1] and all(d == 1 for d in after[2:])
 
 
-def fold_through_view(graph: Any, bn: Any, through: Through, scale: np.ndarray, shift: np.ndarray) -> str | None:
-    """Rewrite the chain with the BN folded into the layer; a reason instead where the
-    folded weights do not fit the layer's dtype (nothing changed then)."""
+def fold_through_view(graph: Any, bn: Any, through: Through, scale: np.ndarray, shift: np.ndarray, write: bool = True) -> str | None:
+    """Rewrite the chain with the BN folded into the layer (only check, without ``write``);
+    a reason instead where the folded weights do not fit the layer's dtype (nothing changed then)."""
     import onnx
     import torch
 
@@ -90,7 +90,7 @@ def fold_through_view(graph: Any, bn: Any, through: Through, scale: np.ndarray, 
     )
     dtype = graph.const[layer.input[1]].dtype
     why = fold_math.unrepresentable(new_w, new_b, torch.from_numpy(np.zeros(0, dtype)).dtype)
-    if why is not None:
+    if why is not None or not write:
         return why
     hint = layer.name or layer.output[0]
     if layer.op_type == "Gemm":
