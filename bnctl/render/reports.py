@@ -10,7 +10,7 @@ from .text import markup, plain
 
 def fold_summary(report: Any) -> str:
     """``Folded 10 of 10 BatchNorm layers (fx trace); ... max rel error 6.9e-08 (tolerance 1e-04)``."""
-    path = {"fx": "torch.fx trace", "torch.export": "torch.export graph", "module-tree": "module tree, each pair verified", "onnx": "ONNX graph"}.get(report.path, report.path)
+    path = {"fx": "torch.fx trace", "torch.export": "torch.export graph", "module-tree": "module tree, each pair verified", "onnx": "ONNX graph", "torchscript": "TorchScript graph, torch.jit.freeze"}.get(report.path, report.path)
     text = f"Folded {len(report.folded)} of {report.bn_before} BatchNorm layers ({path}); {report.bn_after} left."
     if report.max_abs_error is not None:
         text += f"\nOutputs on {report.inputs}: max abs error {report.max_abs_error:.2g}, max rel error {report.max_rel_error:.2g} (tolerance {report.tolerance:g}, {report.tolerance_source})."
