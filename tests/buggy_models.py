@@ -85,3 +85,22 @@ def tiny_variance() -> nn.Module:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, eps=1e-7), nn.ReLU())
     model[1].running_var.fill_(1e-6)
     return model
+
+
+def overflows_float16() -> nn.Module:
+    """Conv -> BN -> ReLU -> Conv -> BN, float32, in eval mode. In float16, the second BN's
+    folded weights reach about 76,000, beyond float16's 65504 (gamma 300 over sqrt(var + eps)
+    of about 0.03, times conv weights of 8), while the unfolded model stays finite: the first
+    BN gives values near 1e-3 and the second subtracts its conv's bias as its mean."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.BatchNorm2d(8, eps=1e-3))
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.fill_(1e-3)
+        model[1].bias.fill_(1e-3)
+        model[3].weight.fill_(8.0)
+        model[4].weight.fill_(300.0)
+        model[4].running_var.fill_(1e-6)
+        model[4].running_mean.copy_(model[3].bias)
+    return model.eval()

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from buggy_models import KeepsBNTraining
+from buggy_models import KeepsBNTraining, overflows_float16
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -335,17 +335,7 @@ def test_float16_model_keeps_a_bn_whose_folded_weights_overflow_and_folds_the_re
     with the reason and folds bn1, at the float16 tolerance."""
     from torch.fx.experimental.optimization import fuse
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.BatchNorm2d(8, eps=1e-3))
-    randomize_bn(model)
-    with torch.no_grad():
-        model[1].weight.fill_(1e-3)
-        model[1].bias.fill_(1e-3)
-        model[3].weight.fill_(8.0)
-        model[4].weight.fill_(300.0)
-        model[4].running_var.fill_(1e-6)
-        model[4].running_mean.copy_(model[3].bias)
-    model = model.half().eval()
+    model = overflows_float16().half()
     x = torch.randn(2, 3, 10, 10).half()
     fused = fuse(copy.deepcopy(model))
     assert not all(torch.isfinite(p).all() for p in fused.parameters())  # the trap

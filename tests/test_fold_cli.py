@@ -274,18 +274,10 @@ def test_dtype_float16_folds_what_fits_and_keeps_what_would_overflow(cli, tmp_pa
     """--dtype float16 on a float32 model: bn 4's folded weights would pass 65504 (torch.fx's
     fuse writes inf there); it is kept with the reason, bn 1 folds, the written program
     matches the float16 model."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(), torch.nn.Conv2d(6, 8, 3), torch.nn.BatchNorm2d(8, eps=1e-3))
-    with torch.no_grad():
-        model[1].running_mean.normal_()
-        model[1].running_var.uniform_(0.5, 2)
-        model[1].weight.fill_(1e-3)
-        model[1].bias.fill_(1e-3)
-        model[3].weight.fill_(8.0)
-        model[4].weight.fill_(300.0)
-        model[4].running_var.fill_(1e-6)
-        model[4].running_mean.copy_(model[3].bias)
-    torch.save(model.eval(), tmp_path / "m.pt")
+    from buggy_models import overflows_float16
+
+    model = overflows_float16()
+    torch.save(model, tmp_path / "m.pt")
     out = tmp_path / "half.pt2"
     result = cli("fold", tmp_path / "m.pt", "--trust", "--input-shape", "2,3,10,10", "--dtype", "float16", "-o", out, "-f", "json")
     assert result.exit_code == 0, result.output

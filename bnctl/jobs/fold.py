@@ -64,7 +64,7 @@ def fold_file(
         raise InputError(f"--input-names and --output-names name the inputs and outputs of an ONNX graph, not of a {target.value} file", "write to a .onnx file (--to onnx), or leave the names out")
     examples = inputs.make()
     if checkpoint.format == ckpt_mod.Format.ONNX:
-        if layout.input_names or layout.output_names or layout.dims not in ("auto",):
+        if layout != Layout():
             raise InputError("--dynamic, --input-names and --output-names shape what bnctl exports; an ONNX graph keeps its own inputs and outputs", "leave them out, or fold the PyTorch checkpoint")
         if dtype is not None:
             raise InputError("--dtype casts a PyTorch module; an ONNX graph keeps its own dtypes (a float16 graph folds as float16)", "leave out --dtype, or fold the PyTorch checkpoint with --dtype")

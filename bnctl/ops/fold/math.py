@@ -16,7 +16,7 @@ Weight layouts (``g`` = groups):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -150,13 +150,16 @@ def identity_bn(num_features: int, eps: float, shift: torch.Tensor | None, dtype
     }
 
 
-def unrepresentable(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> str | None:
-    """Why the folded ``weight`` and ``bias`` (exact, float64) cannot be stored in ``dtype``,
-    or None: a value beyond the dtype's range (it would become inf), or an output channel
-    whose weights fall below its normal range (subnormal or zero: the channel loses more
-    than 8 units in the last place of its largest weight)."""
+def unrepresentable(weight: torch.Tensor, bias: torch.Tensor, dtype: Any) -> str | None:
+    """Why the folded ``weight`` and ``bias`` (exact, float64) cannot be stored in ``dtype``
+    (a torch or numpy dtype), or None: a value beyond the dtype's range (it would become
+    inf), or an output channel whose weights fall below its normal range (subnormal or zero:
+    the channel loses more than 8 units in the last place of its largest weight)."""
+    import numpy as np
     import torch
 
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.from_numpy(np.zeros(0, dtype)).dtype
     if not dtype.is_floating_point or dtype == torch.float64:
         return None
     info = torch.finfo(dtype)

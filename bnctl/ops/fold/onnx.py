@@ -278,7 +278,7 @@ def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list
 
         fn = fold_math.fold_after if side == "after" else fold_math.fold_before
         new_w, new_b = fn(torch.from_numpy(np.array(weight, dtype=np.float64)), None if bias is None else torch.from_numpy(np.array(bias, dtype=np.float64)), torch.from_numpy(scale), torch.from_numpy(shift), kind, groups)
-        why = fold_math.unrepresentable(new_w, new_b, torch.from_numpy(np.zeros(0, dtype)).dtype)
+        why = fold_math.unrepresentable(new_w, new_b, dtype)
         if why is not None:
             skipped.append({"bn": name, "reason": why})
             continue

@@ -89,7 +89,7 @@ def fold_through_view(graph: Any, bn: Any, through: Through, scale: np.ndarray, 
         torch.from_numpy(scale), torch.from_numpy(shift), "linear",
     )
     dtype = graph.const[layer.input[1]].dtype
-    why = fold_math.unrepresentable(new_w, new_b, torch.from_numpy(np.zeros(0, dtype)).dtype)
+    why = fold_math.unrepresentable(new_w, new_b, dtype)
     if why is not None or not write:
         return why
     hint = layer.name or layer.output[0]

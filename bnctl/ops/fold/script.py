@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from ..._quiet import quiet
+from ...errors import InputError, one_line
 
 #: the graph ops that torch.jit.freeze folds a following BN into
 _LAYER_OPS = {"aten::_convolution": "conv", "aten::conv1d": "conv", "aten::conv2d": "conv", "aten::conv3d": "conv", "aten::linear": "linear"}
@@ -78,8 +79,14 @@ def fold_script(model: torch.jit.ScriptModule) -> tuple[torch.jit.ScriptModule, 
             inputs = list(node.inputs())
             path = _attr_path(inputs[3]) or f"batch_norm {len(calls)}"
             calls[path] = _producer(inputs[0])
-    with quiet():
-        frozen = torch.jit.freeze(original)  # a new module: the original is left as it was
+    try:
+        with quiet():
+            frozen = torch.jit.freeze(original)  # a new module: the original is left as it was
+    except Exception as exc:  # noqa: BLE001 - a module freezing does not handle
+        raise InputError(
+            f"torch.jit.freeze cannot fold this TorchScript module: {one_line(exc, limit=200)}",
+            "write a state_dict (--to state-dict), or fold the original checkpoint with --arch",
+        ) from None
     stats = _statistics(original)
     left: dict[str, str] = {}
     for node in _nodes(frozen.graph):
