@@ -14,10 +14,10 @@ from ..core import verify
 from ..errors import InputError, one_line
 from ..io import checkpoint as ckpt_mod
 from ..io import writers
+from ..io.shapes import Layout, describe_onnx, other_sizes
 from ..io.source import CheckInputs, ModelSource
 from ..io.targets import Target
 from ..ops.fold import FoldReport, fold
-from ..io.shapes import Layout, describe_onnx, other_sizes
 from ..ops.fold.report import tolerance_for
 
 
@@ -48,11 +48,13 @@ def fold_file(
 
     ``report.written`` says whether the file was written; ``report.ok`` is False (and nothing
     written) when the outputs moved more than ``tolerance`` (by default, the one of the
-    outputs' dtype: float32 1e-4, float16 1e-2, bfloat16 5e-2). ``layout``: which input dims
-    a ``.pt2`` or ONNX output leaves dynamic, and an ONNX output's names
-    (:class:`bnctl.io.shapes.Layout`); ``report.input_dims`` lists the written file's inputs. ``dtype`` ("float16", "bfloat16", "float32") casts a
-    PyTorch module and the check inputs first: the fold is of, and compared with, the cast
-    model, and a BN whose folded weights do not fit that dtype is kept with the reason.
+    outputs' dtype: float32 1e-4, float16 1e-2, bfloat16 5e-2).
+
+    ``layout`` (:class:`bnctl.io.shapes.Layout`): which input dims a ``.pt2`` or ONNX
+    output leaves dynamic, and an ONNX output's names; ``report.input_dims`` lists the
+    written file's inputs. ``dtype`` ("float16", "bfloat16", "float32") casts a PyTorch
+    module and the check inputs first: the fold is of, and compared with, the cast model,
+    and a BN whose folded weights do not fit that dtype is kept with the reason.
     """
     output = Path(output)
     _atomic.refuse_overwrite(source.path, output)
