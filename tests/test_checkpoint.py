@@ -360,6 +360,34 @@ def test_safetensors_header_damage_is_one_clean_error(tmp_path, cli, edit, messa
     assert result.stderr.count("error:") == 1
 
 
+def test_safetensors_whose_length_reads_as_a_pickle_opcode_is_safetensors(tmp_path, cli):
+    """A header of 1152 bytes (0x480) starts the file with 80 04, pickle's protocol-4
+    opcode: the file is still the safetensors file it is, read without --trust."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "small.safetensors"
+    state = {f"bn.{k}": torch.arange(4.0) + 1 for k in BN_SUFFIXES}
+    state["bn.num_batches_tracked"] = torch.tensor(3)
+    for pad in range(2048):  # metadata sized so that safetensors writes a header of 0x..0480 bytes
+        save_file(state, str(path), metadata={"note": "x" * pad})
+        if path.read_bytes()[:2] == b"\x80\x04":
+            break
+    (length,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert path.read_bytes()[:2] == b"\x80\x04" and length == 0x480
+    assert checkpoint.detect_format(path) is Format.SAFETENSORS
+    result = cli("inspect", path, "--format", "json")
+    assert result.exit_code == 0, result.output
+    import json
+
+    (layer,) = json.loads(result.stdout)["layers"]
+    assert layer["name"] == "bn" and layer["num_features"] == 4 and layer["num_batches_tracked"] == 3
+    pickled = tmp_path / "real.pkl"  # a real protocol-4 pickle is still one
+    pickled.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    assert checkpoint.detect_format(pickled) is Format.PICKLE
+
+
 def test_safetensors_values_match_the_reference_reader(tmp_path):
     """bnctl's header parser and byte views give what safetensors itself loads, including
     entries stored out of key order and a scalar counter."""

@@ -136,19 +136,39 @@ def detect_format(path: str | Path) -> Format:
         return _zip_format(path)
     if head.startswith(_LEGACY_MAGIC):
         return Format.TORCH_LEGACY
-    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
-        return Format.PICKLE
+    pickled = head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5
     if len(head) >= 9 and head[8:9] == b"{":
-        header_len = int.from_bytes(head[:8], "little")
-        if 0 < header_len <= size - 8:
+        # the stronger signature first: a safetensors header of 1152 bytes (0x480) starts the
+        # file with 80 04, a pickle's protocol-4 opcode; a pickle declares no length that fits
+        if not pickled or _safetensors_json(path, size):
+            from .safetensors import header_length
+
+            header_length(path, head, size)  # within safetensors' limit and the file, or the error
             return Format.SAFETENSORS
-        raise InputError(
-            f"{path} looks like a safetensors file but its header is cut off",
-            "the file is truncated; download or save it again",
-        )
+    if pickled:
+        return Format.PICKLE
     if head[0] == 0x08:  # protobuf field 1 (ModelProto.ir_version), varint
         return Format.ONNX
     raise InputError(f"{path} is not a checkpoint bnctl can read", f"bnctl reads: {SUPPORTED}")
+
+
+def _safetensors_json(path: Path, size: int) -> bool:
+    """Whether the file's first 8 bytes declare a length (within safetensors' limit and the
+    file) of bytes that parse as a JSON object: what tells a safetensors file from a pickle
+    whose first bytes happen to look like one."""
+    import json
+
+    from .safetensors import MAX_HEADER
+
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 0 < length <= min(size - 8, MAX_HEADER):
+            return False
+        raw = f.read(length)
+    try:
+        return isinstance(json.loads(raw), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 def _check_path(path: str | Path) -> Path:

@@ -39,12 +39,7 @@ class SafetensorsTensors(Mapping):
         self.path = path
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise InputError(f"{path}: too short for a safetensors file", _TIP)
-            (length,) = struct.unpack("<Q", head)
-            if length > size - 8 or length > MAX_HEADER:
-                raise InputError(f"{path}: its safetensors header declares {length} bytes, more than the file holds", "the file is truncated; " + _TIP)
+            length = header_length(path, f.read(8), size)
             raw = f.read(length)
         self._start = 8 + length
         try:
@@ -97,6 +92,25 @@ class SafetensorsTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def header_length(path: Path, head: bytes, size: int) -> int:
+    """The header length that ``head``, the file's first bytes, declares, checked as
+    safetensors' reader checks it before reading the header: at most :data:`MAX_HEADER`
+    bytes, then within the file's ``size``; an InputError otherwise."""
+    if len(head) < 8:
+        raise InputError(f"{path}: too short for a safetensors file", _TIP)
+    (length,) = struct.unpack("<Q", head[:8])
+    if length > MAX_HEADER:
+        raise InputError(
+            f"{path}: its safetensors header declares {length} bytes, more than the {MAX_HEADER} that bnctl reads",
+            _TIP,
+        )
+    if length == 0:
+        raise InputError(f"{path}: its safetensors header is empty", _TIP)
+    if length > size - 8:
+        raise InputError(f"{path}: its safetensors header declares {length} bytes, more than the file holds", "the file is truncated; " + _TIP)
+    return length
 
 
 def _checked(path: Path, header: dict, data_size: int, start: int) -> dict[str, tuple]:
