@@ -388,6 +388,55 @@ def test_safetensors_whose_length_reads_as_a_pickle_opcode_is_safetensors(tmp_pa
     assert checkpoint.detect_format(pickled) is Format.PICKLE
 
 
+def _declaring(path, length, body=b'{"__metadata__": {}}'):
+    import struct
+
+    path.write_bytes(struct.pack("<Q", length) + body)
+    return path
+
+
+def test_safetensors_header_over_safetensors_limit_is_refused_before_it_is_read(tmp_path, cli):
+    """safetensors' reader refuses headers over 100,000,000 bytes (its MAX_HEADER_SIZE) before
+    reading them; bnctl agrees, with one clean error, on a file of a few bytes."""
+    from safetensors import SafetensorError, safe_open
+
+    from bnctl.io.safetensors import MAX_HEADER
+
+    assert MAX_HEADER == 100_000_000
+    path = _declaring(tmp_path / "huge.safetensors", MAX_HEADER + 1)
+    with pytest.raises(SafetensorError, match="(?i)header ?too ?large"):
+        safe_open(str(path), framework="numpy")
+    result = cli("inspect", path)
+    assert result.exit_code == 2, result.output
+    assert "100000001" in result.stderr and "100000000" in result.stderr and "Traceback" not in result.output
+    assert result.stderr.count("error:") == 1 and result.stderr.count("tip:") == 1
+    cut = _declaring(tmp_path / "cut.safetensors", 4096)  # within the limit, beyond the file: truncated
+    result = cli("inspect", cut)
+    assert result.exit_code == 2 and "more than the file holds" in result.stderr and "truncated" in result.stderr
+
+
+def test_safetensors_header_of_exactly_the_limit_is_read(tmp_path):
+    """The largest header safetensors writes and reads (100,000,000 bytes) is read."""
+    import struct
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from bnctl.io.safetensors import MAX_HEADER, SafetensorsTensors
+
+    text = b'{"bn.running_var":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    path = tmp_path / "limit.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", MAX_HEADER) + text)
+        for _ in range((MAX_HEADER - len(text)) // (1 << 20)):
+            f.write(b" " * (1 << 20))
+        f.write(b" " * ((MAX_HEADER - len(text)) % (1 << 20)))
+        f.write(np.array([1, 2], dtype="<f4").tobytes())
+    np.testing.assert_array_equal(load_file(str(path))["bn.running_var"], [1, 2])
+    assert checkpoint.detect_format(path) is Format.SAFETENSORS
+    np.testing.assert_array_equal(SafetensorsTensors(path)["bn.running_var"], [1, 2])
+
+
 def test_safetensors_values_match_the_reference_reader(tmp_path):
     """bnctl's header parser and byte views give what safetensors itself loads, including
     entries stored out of key order and a scalar counter."""

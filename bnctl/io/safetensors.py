@@ -2,7 +2,7 @@
 from a memory map only when asked for.
 
 What is checked (each with its own error): the header's length fits the file (and at most
-:data:`MAX_HEADER` bytes), it is a JSON object, every entry has a known dtype, a shape of
+:data:`MAX_HEADER` bytes, safetensors' own limit), it is a JSON object, every entry has a known dtype, a shape of
 non-negative integers and offsets inside the data whose length is the shape's size, no two
 entries overlap, and ``__metadata__`` maps strings to strings.
 """
@@ -27,8 +27,9 @@ DTYPES = {
     "U8": ("u1", None), "U16": ("<u2", None), "U32": ("<u4", None), "U64": ("<u8", None), "BOOL": ("?", None),
     "F8_E4M3": ("u1", "float8_e4m3fn"), "F8_E5M2": ("u1", "float8_e5m2"),
 }
-#: the largest header bnctl reads (a file with 200,000 BN layers has one of about 70 MB)
-MAX_HEADER = 512 << 20
+#: the largest header bnctl reads: safetensors' own reader refuses more (its MAX_HEADER_SIZE);
+#: a file with 200,000 BN layers has one of about 70 MB
+MAX_HEADER = 100_000_000
 _TIP = "the file is damaged or was not written by safetensors; download or save it again"
 
 
@@ -103,8 +104,8 @@ def header_length(path: Path, head: bytes, size: int) -> int:
     (length,) = struct.unpack("<Q", head[:8])
     if length > MAX_HEADER:
         raise InputError(
-            f"{path}: its safetensors header declares {length} bytes, more than the {MAX_HEADER} that bnctl reads",
-            _TIP,
+            f"{path}: its safetensors header declares {length} bytes, more than the {MAX_HEADER} that safetensors reads",
+            "safetensors' own reader refuses it too; save the weights again (a state_dict split over several files if it is that large)",
         )
     if length == 0:
         raise InputError(f"{path}: its safetensors header is empty", _TIP)
