@@ -301,6 +301,51 @@ def test_malicious_torchscript_archive_does_not_execute(tmp_path, member):
     assert not marker.exists()
 
 
+class _ConvBN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x))) + torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
+
+
+@pytest.mark.parametrize("how", ["trace", "trace-extra-files", "script", "lite"])
+def test_torchscript_as_torch_writes_it_is_read_without_trust(tmp_path, cli, how):
+    """torch.jit.trace + torch.jit.save stores the example inputs (traced_inputs.pkl and
+    traced_inputs/N); _extra_files may name folders; the lite interpreter adds bytecode and
+    debug maps. bnctl reads each without --trust and finds what torch.jit.load finds."""
+    import json
+    import warnings
+
+    torch.manual_seed(0)
+    model = _ConvBN().train()
+    for _ in range(3):
+        model(torch.randn(8, 3, 8, 8))
+    model.eval()
+    path = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.script(model) if how == "script" else torch.jit.trace(model, torch.randn(2, 3, 8, 8))
+        if how == "lite":
+            module._save_for_lite_interpreter(str(path), _save_mobile_debug_info=True)
+        else:
+            torch.jit.save(module, str(path), _extra_files={"meta/run.json": "{}"} if how == "trace-extra-files" else {})
+    names = zipfile.ZipFile(path).namelist()
+    if how != "script":
+        assert any(n.endswith("/traced_inputs.pkl") for n in names) and any("/traced_inputs/" in n for n in names)
+    assert checkpoint.detect_format(path) is Format.TORCHSCRIPT
+    result = cli("inspect", path, "--format", "json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["layers"]
+    assert row["name"] == "bn" and row["kind"] == "BatchNorm2d" and row["num_batches_tracked"] == 3
+    (layer,) = layers.find(checkpoint.load(path))
+    for attr in BN_SUFFIXES:
+        torch.testing.assert_close(torch.as_tensor(getattr(layer, attr)), getattr(model.bn, attr).detach(), rtol=0, atol=0)
+    assert cli("inspect", path, "--trust", "--format", "json").stdout.replace("\n", "") == result.stdout.replace("\n", "")
+
+
 # --- safetensors headers: each kind of damage its own error ----------------------------
 
 

@@ -28,9 +28,14 @@ from ..errors import InputError, UnsafeCheckpointError
 #: member names each archive kind may hold, after its top folder (``archive/...``)
 ALLOWED = {
     "torch": (r"data\.pkl", r"data/\d+", r"byteorder", r"version", r"\.format_version", r"\.storage_alignment", r"\.data/.*"),
+    # torch.jit.save (torch/csrc/jit/serialization/export_module.cpp): the module, its code and
+    # constants, files passed as _extra_files (whose names may hold folders), the example
+    # inputs of torch.jit.trace (torch >= 2.0), and what _save_for_lite_interpreter adds
     "torchscript": (
-        r"data\.pkl", r"constants\.pkl", r"data/\d+", r"constants/\d+", r"code/.*\.py", r"code/.*\.debug_pkl", r"byteorder",
-        r"version", r"\.data/.*", r"extra/[^/]+",
+        r"data\.pkl", r"constants\.pkl", r"data/\d+", r"constants/\d+(\.storage)?", r"code/.*\.py", r"code/.*\.debug_pkl",
+        r"byteorder", r"version", r"\.data/.*", r"extra/.+", r"traced_inputs\.pkl", r"traced_inputs/\d+",
+        r"bytecode\.pkl", r"mobile_debug_handles\.pkl", r"mobile_debug_handles/\d+(\.storage)?", r"callstack_debug_map\.pkl",
+        r"delegated_backends\.debug_pkl",
     ),
     "export": (
         r"archive_format", r"archive_version", r"version", r"byteorder", r"\.data/.*", r"models/[^/]+\.json",
