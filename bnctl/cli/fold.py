@@ -33,7 +33,7 @@ def fold(
     ] = None,
     tolerance: Annotated[
         Optional[float],
-        typer.Option("--tolerance", help="Largest output change allowed, relative to the largest |output|; beyond it: exit 1, nothing written. Default: by the outputs' dtype (float32 1e-4, float16 1e-2, bfloat16 5e-2).", show_default=False),
+        typer.Option("--tolerance", help="Output change allowed: every element within |a-b| <= atol + rtol*|b|, rtol the tolerance, atol the tolerance times the largest |output| (at least 1); beyond it: exit 1, nothing written. Default: by the outputs' dtype (float32 1e-4, float16 1e-2, bfloat16 5e-2).", show_default=False),
     ] = None,
     dynamic: DynamicOpt = None,
     input_names: InputNamesOpt = None,
@@ -57,7 +57,7 @@ def fold(
         typer.echo(f"wrote {output} ({report.format})", err=True)
     if not report.ok:
         fail(
-            f"the folded model's outputs moved by {report.max_rel_error:.3g} (relative), beyond the tolerance {report.tolerance:g} ({report.tolerance_source}): nothing written",
+            f"the folded model's outputs moved by {report.errors_text()}, beyond the tolerance {report.tolerance:g} ({report.tolerance_source}): {report.bound_text()}; nothing written",
             "look at the layers folded above; raise --tolerance only if that change is acceptable",
             1,
         )

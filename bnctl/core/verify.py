@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -61,32 +61,64 @@ def run(fn: Callable, inputs: tuple) -> list[torch.Tensor]:
         return [t.detach() for t in tensors_of(fn(*inputs))]
 
 
-def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> tuple[float, float]:
-    """``(max_abs_error, max_rel_error)`` between two output lists, computed in float64.
+class Difference(NamedTuple):
+    """How far two output lists are apart, and the figures of the allclose-style bound.
 
-    The relative error of an output is its max absolute error over its largest |reference|
-    value (scale-free, and defined where single elements are near zero); the max over outputs
-    is returned. Different structures or shapes are an infinite error.
+    An output ``b`` (the reference) and its candidate ``a`` agree within a tolerance ``t`` when
+    every element has ``|a - b| <= atol + rtol * |b|`` with ``rtol = t`` and
+    ``atol = t * scale``, where ``scale`` is the output's largest ``|b|``, but never below 1:
+    an output of probabilities (a sigmoid map around 1e-5) is held to ``t`` absolutely, so the
+    rounding of an exact fold does not read as a change of a few percent.
+    """
+
+    max_abs: float  # largest |a - b|
+    max_rel: float  # largest |a - b| over the output's largest |b| (scale-free)
+    ratio: float  # largest |a - b| / (scale + |b|): within tolerance t exactly when ratio <= t
+    scale: float  # the scale of the output where the ratio is largest (atol = t * scale)
+    floor: bool  # that scale is the floor of 1 (every |b| of that output is below 1)
+
+    def within(self, tolerance: float) -> bool:
+        """Whether every output is within ``|a - b| <= atol + rtol * |b|`` for ``tolerance``."""
+        return self.ratio <= tolerance
+
+    def merge(self, other: "Difference | None") -> "Difference":
+        """The worse of two comparisons (largest errors; the bound figures of the worse ratio)."""
+        if other is None:
+            return self
+        worse = self if self.ratio >= other.ratio else other
+        return worse._replace(max_abs=max(self.max_abs, other.max_abs), max_rel=max(self.max_rel, other.max_rel))
+
+
+#: an infinitely large difference (other structures, shapes or NaN positions)
+APART = Difference(float("inf"), float("inf"), float("inf"), 1.0, True)
+
+
+def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> Difference:
+    """The :class:`Difference` between two output lists, computed in float64.
+
+    Different structures or shapes, or NaN in different places, are an infinite difference.
     """
     if len(reference) != len(candidate):
-        return float("inf"), float("inf")
-    max_abs = max_rel = 0.0
+        return APART
+    out: Difference | None = None
     for ref, got in zip(reference, candidate):
         if ref.shape != got.shape:
-            return float("inf"), float("inf")
+            return APART
         r, g = ref.to(torch.float64), got.to(torch.float64)
         if r.numel() == 0:
             continue
-        err = (r - g).abs()
-        worst = float(err.max()) if torch.isfinite(err).all() else float("inf")
         if not torch.equal(torch.isnan(r), torch.isnan(g)):
-            worst = float("inf")
-        elif torch.isnan(err).any():
-            worst = float(err.nan_to_num(0.0).max())
-        scale = float(r.abs().nan_to_num(0.0).max())
-        max_abs = max(max_abs, worst)
-        max_rel = max(max_rel, worst / scale if scale > 0 else worst)
-    return max_abs, max_rel
+            return APART
+        err = (r - g).abs().nan_to_num(0.0, posinf=float("inf"))
+        if not torch.isfinite(err).all():
+            return APART
+        size = r.abs().nan_to_num(0.0, posinf=0.0)
+        largest = float(size.max())
+        scale = max(largest, 1.0)
+        worst = float(err.max())
+        one = Difference(worst, worst / largest if largest > 0 else worst, float((err / (scale + size)).max()), scale, largest < 1.0)
+        out = one.merge(out)
+    return out or Difference(0.0, 0.0, 0.0, 1.0, True)
 
 
 def reference_outputs(model: Any, inputs: tuple) -> list[torch.Tensor]:

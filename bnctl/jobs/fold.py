@@ -93,15 +93,13 @@ def fold_file(
     report.input_dims = artifact.inputs
     if target in (Target.TORCHSCRIPT, Target.STATE_DICT, Target.MODULE):
         report.notes.append(f"a {target.value} file records no input shapes (a traced module may still fix sizes its code read)" if target == Target.TORCHSCRIPT else f"a {target.value} file records no input shapes")
-    errors = verify.compare(report.reference, verify.run(artifact.run, examples))
+    report.record(verify.compare(report.reference, verify.run(artifact.run, examples)))
     other = other_sizes(examples, artifact.inputs)
     if other is not None:  # the dims the file leaves dynamic, checked at other sizes too
         with verify.eval_mode(model):
             expected = verify.reference_outputs(model, other)
-        errors = max(errors, verify.compare(expected, verify.run(artifact.run, other)), key=lambda e: e[1])
+        report.record(verify.compare(expected, verify.run(artifact.run, other)))
         report.inputs += f"; {verify.shapes_text(other, tuples=True)}"
-    report.max_abs_error = max(report.max_abs_error or 0.0, errors[0])
-    report.max_rel_error = max(report.max_rel_error or 0.0, errors[1])
     if report.ok:
         writers.save(artifact, output)
         report.written = True
@@ -154,7 +152,7 @@ def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, in
         raise InputError(f"{exc.message} (check inputs {report.inputs})", "pass --input-shape with the graph's input shape, or check the opset and IR version onnxruntime supports") from None
     report.tolerance, report.tolerance_source = tolerance_for(reference, tolerance)
     report.input_dims = describe_onnx(new)
-    report.max_abs_error, report.max_rel_error = verify.compare(reference, got)
+    report.record(verify.compare(reference, got))
     report.output, report.format = str(output), target.value
     if report.ok:
         _atomic.write_bytes(output, new.SerializeToString())

@@ -308,7 +308,7 @@ def convert(model: nn.Module, to: str, *, inputs: tuple | None = None, groups: i
 
         before, after = copy.deepcopy(model).eval(), copy.deepcopy(result).eval()
         seen = _layer_calls(before, [c["name"] for c in report.converted], inputs)
-        report.max_abs_error, report.max_rel_error = verify.compare(verify.run(before, inputs), verify.run(after, inputs))
+        report.max_abs_error, report.max_rel_error = verify.compare(verify.run(before, inputs), verify.run(after, inputs))[:2]
         modules = dict(after.named_modules())
         for entry in report.converted:
             if entry["name"] in seen and entry["name"] in modules:

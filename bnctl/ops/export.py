@@ -21,11 +21,11 @@ from ..core import verify
 from ..core.modules import training_batchnorms
 from ..errors import InputError
 from ..io.shapes import Layout, describe_onnx, forward_names, other_sizes
-from .fold.report import DEFAULT_TOLERANCE, tolerance_for
+from .fold.report import Checked, tolerance_for
 
 
-@dataclass
-class ExportReport:
+@dataclass(kw_only=True)
+class ExportReport(Checked):
     """What was done to the model, which exporter ran, and the parity and size figures."""
 
     exporter: str = ""
@@ -37,10 +37,6 @@ class ExportReport:
     nodes_after: dict[str, int] = field(default_factory=dict)
     bytes_before: int | None = None
     bytes_after: int = 0
-    max_abs_error: float | None = None
-    max_rel_error: float | None = None
-    tolerance: float = DEFAULT_TOLERANCE
-    tolerance_source: str = "the default for float32 outputs"
     inputs: list[dict[str, Any]] = field(default_factory=list)  # the graph's inputs as written: {"name", "dtype", "shape"}
     outputs: list[str] = field(default_factory=list)
     checked_shapes: list[str] = field(default_factory=list)
@@ -48,12 +44,8 @@ class ExportReport:
     output: str | None = None
     written: bool = False
 
-    @property
-    def ok(self) -> bool:
-        return self.max_rel_error is not None and self.max_rel_error <= self.tolerance
-
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"ok": self.ok}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "difference"} | self.bound()
 
 
 def _op_counts(data: bytes) -> dict[str, int]:
@@ -133,12 +125,9 @@ def export(
     other = other_sizes(inputs, report.inputs)
     if other is not None:
         checks.append(other)
-    worst_abs = worst_rel = 0.0
     for check in checks:
         expected = reference if check is inputs else verify.reference_outputs(copy.deepcopy(model).eval(), check)
         got = onnx_run.run(proto, {n: t.detach().numpy() for n, t in zip(graph_names, check)}, what="the exported graph")
-        abs_err, rel_err = verify.compare(expected, got)
-        worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
+        report.record(verify.compare(expected, got))
         report.checked_shapes.append(verify.shapes_text(check))
-    report.max_abs_error, report.max_rel_error = worst_abs, worst_rel
     return proto, report

@@ -129,5 +129,5 @@ def fold(
         else:
             result, report.folded, report.skipped, report.bn_before = fold_traced(traced, model, inputs)
         report.bn_after = gf.count_bn(result)
-    report.max_abs_error, report.max_rel_error = verify.compare(reference, verify.run(result, inputs))
+    report.record(verify.compare(reference, verify.run(result, inputs)))
     return result, report

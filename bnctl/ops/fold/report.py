@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 
+from ...core.verify import Difference
+
 DEFAULT_TOLERANCE = 1e-4
-#: the default tolerance (largest output change, relative to the largest |output|) per output
+#: the default tolerance per output dtype (rtol, and atol per unit of the output's scale: :class:`Difference`)
 #: dtype: a fold rounds each weight once more, to the dtype's precision (float16 keeps 11
 #: bits, bfloat16 8), and a layer of many products adds those roundings up
 TOLERANCES = {"float64": 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
@@ -25,8 +27,67 @@ def tolerance_for(outputs: list[Any], given: float | None = None) -> tuple[float
     return TOLERANCES[widest], f"the default for {widest} outputs"
 
 
-@dataclass
-class FoldReport:
+@dataclass(kw_only=True)
+class Checked:
+    """How far a written model's outputs are from the original's, and the bound they are held to:
+    ``|a - b| <= atol + rtol * |b|`` elementwise, ``rtol`` the tolerance and ``atol`` the
+    tolerance times the output's scale (its largest |output|, at least 1)."""
+
+    tolerance: float = DEFAULT_TOLERANCE
+    tolerance_source: str = "the default for float32 outputs"
+    difference: Difference | None = field(default=None, repr=False)
+
+    def record(self, difference: Difference) -> None:
+        """Take one more comparison into account (the worst of all is kept)."""
+        self.difference = difference.merge(self.difference)
+
+    @property
+    def max_abs_error(self) -> float | None:
+        return None if self.difference is None else self.difference.max_abs
+
+    @property
+    def max_rel_error(self) -> float | None:
+        """Largest |a - b| over the output's largest |b|."""
+        return None if self.difference is None else self.difference.max_rel
+
+    @property
+    def ok(self) -> bool:
+        """The outputs were compared and every element is within the bound."""
+        return self.difference is not None and self.difference.within(self.tolerance)
+
+    def bound(self) -> dict[str, Any]:
+        """The JSON fields of the comparison: both errors, the bound's atol and rtol, which of
+        the two set atol (``absolute``: outputs below 1, the tolerance held absolutely;
+        ``relative``: the tolerance times the largest |output|), and the share of the bound
+        the worst element used (``bound_used`` <= 1 passes)."""
+        d = self.difference
+        return {
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+            "tolerance": self.tolerance,
+            "tolerance_source": self.tolerance_source,
+            "atol": None if d is None else self.tolerance * d.scale,
+            "rtol": self.tolerance,
+            "bound_applied": None if d is None else ("absolute" if d.floor else "relative"),
+            "bound_used": None if d is None else (d.ratio / self.tolerance if self.tolerance > 0 else (0.0 if d.ratio == 0 else float("inf"))),
+            "ok": self.ok,
+        }
+
+    def errors_text(self) -> str:
+        """``max abs error 1.8e-07, max rel error 0.015``."""
+        return "not compared" if self.difference is None else f"max abs error {self.max_abs_error:.2g}, max rel error {self.max_rel_error:.2g}"
+
+    def bound_text(self) -> str:
+        """``|a-b| <= 0.0001 + 0.0001*|b|, outputs below 1, held absolutely``."""
+        b = self.bound()
+        if self.difference is None:
+            return f"|a-b| <= atol + {b['rtol']:g}*|b|"
+        where = "outputs below 1, held absolutely" if b["bound_applied"] == "absolute" else "atol scaled to the largest |output|"
+        return f"|a-b| <= {b['atol']:.2g} + {b['rtol']:g}*|b|, {where}"
+
+
+@dataclass(kw_only=True)
+class FoldReport(Checked):
     """What was folded, what was not and why, and how far the outputs moved."""
 
     path: str
@@ -34,10 +95,6 @@ class FoldReport:
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"bn", "reason"}
     bn_before: int = 0
     bn_after: int = 0
-    max_abs_error: float | None = None
-    max_rel_error: float | None = None
-    tolerance: float = DEFAULT_TOLERANCE
-    tolerance_source: str = "the default for float32 outputs"
     inputs: str = ""
     input_dims: list[dict[str, Any]] = field(default_factory=list)  # the written file's inputs: {"name", "dtype", "shape"}
     notes: list[str] = field(default_factory=list)
@@ -45,11 +102,6 @@ class FoldReport:
     format: str | None = None
     written: bool = False
     reference: list[torch.Tensor] = field(default_factory=list, repr=False)  # the original's outputs
-
-    @property
-    def ok(self) -> bool:
-        """The outputs were compared and moved no more than the tolerance (relative)."""
-        return self.max_rel_error is not None and self.max_rel_error <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of the fold contract (ARCHITECTURE.md) (non-finite numbers stay as they are: the JSON writer makes them null)."""
@@ -60,11 +112,7 @@ class FoldReport:
             "skipped": self.skipped,
             "bn_before": self.bn_before,
             "bn_after": self.bn_after,
-            "max_abs_error": self.max_abs_error,
-            "max_rel_error": self.max_rel_error,
-            "tolerance": self.tolerance,
-            "tolerance_source": self.tolerance_source,
-            "ok": self.ok,
+            **self.bound(),
             "inputs": self.inputs,
             "input_dims": self.input_dims,
             "notes": self.notes,

@@ -93,12 +93,12 @@ def _fold_module_tree(model: nn.Module, inputs: tuple, reference: list[torch.Ten
         except ValueError as exc:
             skipped.append({"bn": bn_name, "reason": str(exc)})
             continue
-        _, rel = verify.compare(reference, verify.run(trial, inputs))
-        if rel <= tolerance:
+        difference = verify.compare(reference, verify.run(trial, inputs))
+        if difference.within(tolerance):
             work = trial
             folded.append({"bn": bn_name, "into": layer_name, "side": "after", "note": "verified on the check inputs"})
         else:
-            skipped.append({"bn": bn_name, "reason": f"folding into {layer_name} changed the outputs (rel. error {rel:.2g})"})
+            skipped.append({"bn": bn_name, "reason": f"folding into {layer_name} changed the outputs (max abs error {difference.max_abs:.2g}, rel. error {difference.max_rel:.2g})"})
     return work, folded, skipped
 
 
