@@ -182,6 +182,35 @@ def test_debug_shows_the_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "InputError" in proc.stderr
 
 
+@pytest.mark.parametrize("where", ["after the command", "after its arguments"])
+def test_debug_after_the_command_shows_the_traceback(tmp_path, where):
+    """The tip of an internal error says "rerun with --debug": the option works wherever it
+    is written, as the root option does."""
+    missing = str(tmp_path / "missing.pt")
+    args = ["inspect", "--debug", missing] if where == "after the command" else ["inspect", missing, "--debug"]
+    proc = subprocess.run([sys.executable, "-m", "bnctl", *args], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "InputError" in proc.stderr
+    assert "No such option" not in proc.stderr
+    plain = subprocess.run([sys.executable, "-m", "bnctl", "inspect", missing], capture_output=True, text=True)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+
+
+def test_every_command_takes_debug(cli):
+    import typer
+
+    from bnctl.cli import app
+
+    for name, command in typer.main.get_command(app).commands.items():
+        assert any("--debug" in p.opts for p in command.params), name
+    result = cli("inspect", CHECKPOINTS / "sample.pt", "--debug")
+    assert result.exit_code == 0, result.output
+    assert "BatchNorm layers" in result.stdout
+    result = cli("fold", CHECKPOINTS / "sample.pt", "--debug", "-o", CHECKPOINTS / "sample.pt")  # the error itself, raised
+    assert result.exit_code != 0 and result.exception is not None and not isinstance(result.exception, SystemExit)
+    result = cli("fold", CHECKPOINTS / "sample.pt", "-o", CHECKPOINTS / "sample.pt")  # the same without --debug: error lines
+    assert result.exit_code == 2 and result.stderr.startswith("error: ")
+
+
 def test_unknown_format_is_a_usage_error(cli):
     result = cli("inspect", CHECKPOINTS / "sample.pt", "--format", "xml")
     assert result.exit_code == 2

@@ -8,6 +8,7 @@ the library inside their bodies, so ``bnctl --help`` answers at once.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -67,14 +68,38 @@ def handles_errors(command):
 
 
 def command(**settings: Any):
-    """Register a command on the app: its option groups expanded (:func:`.options.grouped`)
-    and its errors mapped (:func:`handles_errors`). ``settings`` go to ``app.command``."""
+    """Register a command on the app: its option groups expanded (:func:`.options.grouped`),
+    its errors mapped (:func:`handles_errors`), and ``--debug`` accepted after it as before it
+    (:func:`takes_debug`). ``settings`` go to ``app.command``."""
     from .options import grouped
 
     def register(function):
-        return app.command(**settings)(handles_errors(grouped(function)))
+        return app.command(**settings)(takes_debug(handles_errors(grouped(function))))
 
     return register
+
+
+_DEBUG_HELP = "Show tracebacks of errors."
+
+
+def takes_debug(command):
+    """``command`` with a ``--debug`` option of its own (``bnctl inspect x.pt --debug``), the
+    same as the root one (``bnctl --debug inspect x.pt``): set before anything in the
+    command runs, so the errors of its options show their traceback too."""
+    signature = inspect.signature(command)
+    option = inspect.Parameter(
+        "debug_", inspect.Parameter.KEYWORD_ONLY, default=False,
+        annotation=Annotated[bool, typer.Option("--debug", metavar="", help=_DEBUG_HELP, show_default=False)],
+    )
+
+    @functools.wraps(command)
+    def wrapper(*args, debug_: bool = False, **kwargs):
+        _state["debug"] = _state["debug"] or debug_
+        return command(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), option])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _version(value: bool) -> None:
@@ -85,7 +110,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", metavar="", help="Show tracebacks of errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", metavar="", help=_DEBUG_HELP)] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     _state["debug"] = debug
