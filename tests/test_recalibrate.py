@@ -226,6 +226,77 @@ def test_bad_data_is_one_error_exit_2_and_nothing_written(cli, tmp_path, setup, 
     assert not out.exists()
 
 
+VOLUME_NETS = """
+import torch
+from torch import nn
+
+
+class Volumes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(2, 3, 3)
+        self.bn = nn.BatchNorm3d(3)
+
+    def features(self, x):
+        return self.conv(x)
+
+    def forward(self, x):
+        return self.bn(self.features(x))
+
+
+class Slices(Volumes):  # 4-D batches (N, D, H, W) lifted to one channel: a 5-D weight, 4-D inputs
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 3, 3)
+
+    def features(self, x):
+        return self.conv(x.unsqueeze(1))
+
+
+class Signals(Volumes):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3)
+        self.bn = nn.BatchNorm1d(3)
+"""
+
+
+@pytest.mark.parametrize("name,shape", [("Volumes", (2, 5, 6, 7)), ("Slices", (5, 6, 7)), ("Signals", (2, 9))])
+def test_conv3d_and_conv1d_models_recalibrate_exactly(cli, tmp_path, name, shape):
+    """channels_last is for 4-D tensors: a BatchNorm3d model on (C, D, H, W) volumes, one whose
+    Conv3d sees 4-D batches lifted to 5-D, and a BatchNorm1d one on (C, L) signals recalibrate
+    to the population statistics of the BN's input, in numpy, instead of crashing on the
+    memory format."""
+    import importlib.util
+
+    arch = tmp_path / "volume_nets.py"
+    arch.write_text(VOLUME_NETS)
+    spec = importlib.util.spec_from_file_location("volume_nets_reference", arch)
+    nets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nets)
+    torch.manual_seed(0)
+    model = getattr(nets, name)().eval()
+    weights = tmp_path / "model.pt"
+    torch.save(model.state_dict(), weights)
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    samples = [(rng.normal(size=shape) * 2 + 1).astype(np.float32) for _ in range(7)]
+    for i, sample in enumerate(samples):
+        np.save(data / f"{i}.npy", sample)
+    out = tmp_path / "out.pt"
+    result = cli("recalibrate", weights, "--arch", f"{arch}:{name}", "--data", data, "-o", out, "--batch-size", "3", "--workers", "0", "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["samples"] == 7
+    with torch.no_grad():
+        h = model.features(torch.from_numpy(np.stack(samples))).double().numpy()
+    mean, var = population([h])
+    state = torch.load(out, weights_only=True)
+    np.testing.assert_allclose(state["bn.running_mean"].double().numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state["bn.running_var"].double().numpy(), var, rtol=1e-5, atol=1e-6)
+    assert torch.equal(state["conv.weight"], model.conv.weight) and state["conv.weight"].is_contiguous()
+
+
 def test_model_without_batchnorm_and_torchscript_are_refused(cli, tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save(nn.Sequential(nn.Conv2d(3, 4, 3)), plain)

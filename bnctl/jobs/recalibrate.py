@@ -1,13 +1,15 @@
 """Recalibrate a checkpoint file on a data folder and write it back in its own format.
 
-Process-wide speed settings live here, not in the library function: the model and 4-D
-inputs go channels_last on CPU, and glibc's allocator is told to keep freed activation
-buffers instead of returning them to the kernel after every batch.
+Process-wide speed settings live here, not in the library function: on CPU, 4-D inputs
+go channels_last and 5-D ones channels_last_3d, with the model's weights of that rank (the
+first batch decides), and glibc's allocator is told to keep freed activation buffers
+instead of returning them to the kernel after every batch.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import random
 from pathlib import Path
@@ -94,21 +96,28 @@ def recalibrate_file(
     fast = device == "cpu"
     if fast:
         tune_allocator()
-        model = model.to(memory_format=torch.channels_last)
     skipped = [0]
+    layout: list = []  # the memory format the first batch chose (or None), with the model laid out in it
 
     def batches():
         for batch, bad in loader(mine, inputs.preprocess, batch_size, workers):
             skipped[0] += bad
             if batch is None:
                 continue
-            yield _channels_last(batch) if fast else batch
+            if fast:
+                if not layout:
+                    layout.append(_memory_format(batch))
+                    _lay_out(model, layout[0])
+                batch = _in_format(batch, layout[0])
+            yield batch
 
     try:
         report = recalibrate(model, batches(), until_stable=until_stable, device=None if fast else device, on_batch=on_batch, input_fn=input_fn)
     except NoBatchesError:
         raise InputError(f"--data {data}: none of its {len(files)} files could be read", "check the files; supported: images, .npy, .npz, .pt") from None
-    model = model.to(memory_format=torch.contiguous_format).to("cpu")
+    if layout:
+        _lay_out(model, layout[0], back=True)
+    model = model.to("cpu")
     if skipped[0]:
         report.notes.append(f"{skipped[0]} unreadable files skipped")
     if rank == 0:
@@ -120,10 +129,38 @@ def recalibrate_file(
     return report
 
 
-def _channels_last(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor) and batch.dim() == 4:
-        return batch.contiguous(memory_format=torch.channels_last)
+#: the channels-last memory format of each input rank (faster convolutions on CPU)
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _memory_format(batch: Any) -> torch.memory_format | None:
+    """channels_last for a 4-D batch, channels_last_3d for a 5-D one; None for any other
+    rank and for a batch of several inputs (nothing is converted then)."""
+    return _CHANNELS_LAST.get(batch.dim()) if isinstance(batch, torch.Tensor) else None
+
+
+def _rank(memory_format: torch.memory_format) -> int:
+    return next(rank for rank, fmt in _CHANNELS_LAST.items() if fmt == memory_format)
+
+
+def _in_format(batch: Any, memory_format: torch.memory_format | None) -> Any:
+    """``batch`` in ``memory_format`` where it has that format's rank; as it is otherwise."""
+    if memory_format is not None and isinstance(batch, torch.Tensor) and batch.dim() == _rank(memory_format):
+        return batch.contiguous(memory_format=memory_format)
     return batch
+
+
+def _lay_out(model: nn.Module, memory_format: torch.memory_format | None, *, back: bool = False) -> None:
+    """The parameters and buffers of ``model`` of the rank of ``memory_format`` (the others
+    never: a 5-D weight has no channels_last) in that format, or with ``back`` contiguous
+    again; in place, each tensor staying the module's own object."""
+    if memory_format is None:
+        return
+    rank, target = _rank(memory_format), torch.contiguous_format if back else memory_format
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.dim() == rank:
+                tensor.data = tensor.data.contiguous(memory_format=target)
 
 
 def _write(checkpoint: ckpt_mod.Checkpoint, model: nn.Module, output: Path, strip: str | None = None, add: str | None = None) -> None:
