@@ -91,7 +91,7 @@ def behaviour(model: Any, inputs: tuple) -> list[Raw]:
     if changed:
         shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
         found.append((None, "BN303", f"an eval forward pass changed {len(changed)} buffers ({shown})"))
-    _, rel = verify.compare(first, second)
+    rel = verify.compare(first, second).max_rel
     if rel > 1e-6:
         found.append((None, "BN301", f"two eval forward passes on the same input differ (max rel. error {rel:.2g})"))
     found += _batch_dependence(model, inputs, first)
@@ -117,7 +117,7 @@ def _batch_dependence(model: Any, inputs: tuple, batched: list[torch.Tensor]) ->
         except Exception as exc:  # noqa: BLE001 - e.g. BatchNorm1d training on one sample
             return [(None, "BN302", f"a single sample fails in eval mode where a batch of {n} runs: {one_line(exc, last=True, limit=200)}")]
         rows = [t[i : i + 1] for t in batched if t.dim() and t.shape[0] == n]
-        _, rel = verify.compare(rows, [t for t in alone if t.dim() and t.shape[0] == 1])
+        rel = verify.compare(rows, [t for t in alone if t.dim() and t.shape[0] == 1]).max_rel
         worst = max(worst, rel)
     if worst > 1e-4:
         return [(None, "BN302", f"a sample's output changes with the rest of its batch of {n} (max rel. error {worst:.2g})")]
