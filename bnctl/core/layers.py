@@ -171,19 +171,16 @@ def from_onnx(model: Any) -> list[BNLayer]:
     convention (weight of the running value) to PyTorch's (weight of the new batch).
     ``training_mode=1`` or extra outputs mean the node computes batch statistics.
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
-    constants = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = node.attribute[0].t
+    from .onnx import check_batchnorms, computed_constants, constant_values
 
-    from .onnx import computed_constants
-
-    values = {name: numpy_helper.to_array(proto) for name, proto in constants.items()}
+    check_batchnorms(model)
+    values = constant_values(model)
     stats_inputs = [n for node in model.graph.node if node.op_type == "BatchNormalization" for n in node.input[1:5] if n and n not in values]
     if stats_inputs:  # older exporters compute them from constants (Constant -> Identity -> Cast)
         values.update(computed_constants(model, stats_inputs, values))
+    channels = _ChannelsOf(model)
 
     def tensor(name: str) -> np.ndarray | None:
         return values.get(name)
@@ -202,7 +199,7 @@ def from_onnx(model: Any) -> list[BNLayer]:
             BNLayer(
                 name=name,
                 kind="BatchNormalization",
-                num_features=next((int(t.size) for t in (mean, weight, bias, var) if t is not None), 0) or _channels_of(model, node),
+                num_features=next((int(t.size) for t in (mean, weight, bias, var) if t is not None), 0) or channels(node),
                 eps=float(attrs.get("epsilon", 1e-5)),
                 momentum=float(f"{1.0 - float(attrs.get('momentum', 0.9)):.6g}"),  # float32 attr: 0.9 -> 0.1
                 averaging="ema",
@@ -284,20 +281,27 @@ def program_layer(name: str, kind: str | None, tensors: list, eps: Any, momentum
     )
 
 
-def _channels_of(model: Any, node: Any) -> int:
-    """A BatchNormalization's channel count from ONNX shape inference (0 when unknown)."""
-    import onnx
+class _ChannelsOf:
+    """BatchNormalization channel counts from ONNX shape inference, run once per graph and only
+    when a node's tensors do not tell (0 when unknown)."""
 
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:  # noqa: BLE001 - shapes are a help, not a must
-        return 0
-    for value in (*inferred.value_info, *inferred.input, *inferred.output):
-        if value.name in (node.input[0], node.output[0]):
-            dims = value.type.tensor_type.shape.dim
-            if len(dims) > 1 and dims[1].HasField("dim_value"):
+    def __init__(self, model: Any) -> None:
+        self.model, self.dims = model, None
+
+    def __call__(self, node: Any) -> int:
+        if self.dims is None:
+            import onnx
+
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model).graph
+            except Exception:  # noqa: BLE001 - shapes are a help, not a must
+                inferred = self.model.graph
+            self.dims = {v.name: v.type.tensor_type.shape.dim for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+        for name in (node.input[0], node.output[0]):
+            dims = self.dims.get(name)
+            if dims is not None and len(dims) > 1 and dims[1].HasField("dim_value"):
                 return int(dims[1].dim_value)
-    return 0
+        return 0
 
 
 def find(checkpoint: Any, module: Any = None) -> list[BNLayer]:

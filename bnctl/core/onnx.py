@@ -32,9 +32,21 @@ def node_name(node: Any) -> str:
 MAX_INPUT_ELEMENTS = 1 << 28
 
 
+def check_batchnorms(model: Any) -> None:
+    """An InputError where a BatchNormalization node lacks one of its five inputs (X, scale,
+    B, mean, var): ONNX defines no such node, and nothing can say what it computes."""
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx") and (len(node.input) < 5 or not all(node.input[:5])):
+            raise InputError(
+                f"the ONNX graph is broken: BatchNormalization node {node.name or node.output[0]} has {sum(1 for i in node.input[:5] if i)} of its 5 inputs (X, scale, B, mean, var)",
+                "the file is damaged or was edited by hand; export it again",
+            )
+
+
 def check_graph(model: Any) -> None:
-    """An InputError where the graph cannot be evaluated as it stands: a node reads a value
-    nothing produces, or the default domain's opset is older than ONNX Runtime runs (7)."""
+    """An InputError where the graph cannot be evaluated as it stands: a BatchNormalization
+    without its five inputs, a node reads a value nothing produces, or the default domain's opset is older than ONNX Runtime runs (7)."""
+    check_batchnorms(model)
     graph = model.graph
     known = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
     for node in graph.node:
@@ -143,46 +155,139 @@ def run_all(graphs: Sequence[tuple[str, Any]], feeds: dict[str, np.ndarray], tim
         return results
 
 
+def tensor_array(tensor: Any) -> np.ndarray:
+    """An initializer or Constant's value as a numpy array; an InputError naming the tensor
+    where its ``dims`` or ``data_type`` do not match the data it holds (a damaged file)."""
+    from onnx import numpy_helper
+
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as exc:  # noqa: BLE001 - every way a tensor's bytes and header disagree
+        raise InputError(
+            f"the ONNX graph is broken: tensor '{tensor.name}' (dims {list(tensor.dims)}, data_type {tensor.data_type}) does not match the data it holds ({exc})",
+            "the file is damaged or was edited by hand; export it again",
+        ) from None
+
+
+def constant_values(model: Any) -> dict[str, np.ndarray]:
+    """The graph's initializers and the values of its ``Constant(value=...)`` nodes, by name."""
+    graph = model.graph
+    values = {t.name: tensor_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output and attribute(node, "value") is not None:
+            values[node.output[0]] = tensor_array(attribute(node, "value"))
+    return values
+
+
+def subgraph_reads(node: Any) -> set[str]:
+    """The outer values that the subgraphs of ``node`` (If, Loop, Scan bodies) read: names no
+    node, input or initializer of the subgraph itself produces. Walked with a stack, not by
+    recursion."""
+    from onnx import AttributeProto
+
+    reads: set[str] = set()
+    stack = [g for a in node.attribute for g in ([a.g] if a.type == AttributeProto.GRAPH else list(a.graphs) if a.type == AttributeProto.GRAPHS else [])]
+    while stack:
+        sub = stack.pop()
+        own = {i.name for i in sub.input} | {i.name for i in sub.initializer} | {o for n in sub.node for o in n.output}
+        for inner in sub.node:
+            reads.update(i for i in inner.input if i and i not in own)
+            for a in inner.attribute:
+                stack.extend([a.g] if a.type == AttributeProto.GRAPH else list(a.graphs) if a.type == AttributeProto.GRAPHS else [])
+    return reads
+
+
+#: ops that compute no function of their inputs alone: never folded into constants
+_NOT_CONSTANT = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
+
+
+def _numpy_op(node: Any, args: list[np.ndarray | None], opset: int) -> list[np.ndarray] | None:
+    """The outputs of the few ops exporters put between a constant and its reader (Identity,
+    Cast, Reshape, Unsqueeze, Squeeze), in numpy; None for any other op or case."""
+    from onnx import helper
+
+    op = node.op_type
+    if op == "Identity" and args:
+        return [args[0]]
+    if op == "Cast" and args:
+        return [np.asarray(args[0]).astype(helper.tensor_dtype_to_np_dtype(int(attribute(node, "to"))))]
+    if op == "Reshape" and len(args) > 1 and args[1] is not None:
+        shape = [int(d) for d in np.asarray(args[1]).reshape(-1)]
+        if not attribute(node, "allowzero", 0):
+            shape = [args[0].shape[i] if d == 0 and i < args[0].ndim else d for i, d in enumerate(shape)]
+        return [np.reshape(args[0], shape)]
+    if op in ("Unsqueeze", "Squeeze") and args:
+        axes = attribute(node, "axes") if opset < 13 else (np.asarray(args[1]).reshape(-1).tolist() if len(args) > 1 and args[1] is not None else None)
+        if op == "Squeeze":
+            return [np.squeeze(args[0], axis=None if axes is None else tuple(int(a) for a in axes))]
+        if axes is None:
+            return None
+        rank = args[0].ndim + len(axes)
+        return [np.expand_dims(args[0], tuple(sorted(int(a) % rank for a in axes)))]
+    return None
+
+
 def computed_constants(model: Any, names: Sequence[str], known: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Values of ``names`` that the graph computes from constants alone (Constant, Identity,
-    Cast chains of older exporters): the nodes they need, evaluated with ONNX's reference
-    evaluator on their own. A name that depends on a graph input, or cannot be evaluated, is
-    left out."""
+    """Values of ``names`` that the graph computes from ``known`` values alone (Constant,
+    Identity, Cast, Reshape chains of older exporters, Shape/Expand/CastLike zero biases).
+
+    One pass forward finds what depends on no other value, one walk back (a stack, shared by
+    all names) the nodes the names need; each is evaluated once, in graph order: in numpy for
+    the common ops, else with ONNX's reference evaluator on that node alone. A name that
+    depends on anything else (a graph input, a random op, a subgraph), or whose nodes cannot
+    be evaluated, is left out. Time is linear in the graph's size.
+    """
+    from onnx import AttributeProto, helper
+
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info) if v.type.HasField("tensor_type")}
+    free = set(known)
+    producers: dict[str, Any] = {}
+    for node in graph.node:
+        for out in node.output:
+            if out:
+                producers[out] = node
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_CONSTANT or any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
+            continue
+        if all(not i or i in free or (node.op_type == "CastLike" and k == 1 and types.get(i)) for k, i in enumerate(node.input)):
+            free.update(o for o in node.output if o)
+    wanted = [n for n in dict.fromkeys(names) if n and n in free and n not in known]
+    needed: dict[int, Any] = {}
+    stack = list(wanted)
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or id(node) in needed:
+            continue
+        needed[id(node)] = node
+        stack.extend(i for i in node.input if i and i not in known)
+    values: dict[str, Any] = {}
+    for node in graph.node:
+        if id(node) not in needed:
+            continue
+        if node.op_type == "CastLike" and len(node.input) > 1 and node.input[1] not in known and node.input[1] not in values:
+            # only the target's type matters: a Cast to it (exporters cast zero biases like the input)
+            node = helper.make_node("Cast", [node.input[0]], list(node.output), to=types[node.input[1]])
+        args = [None if not i else values[i] if i in values else known.get(i) for i in node.input]
+        if any(i and a is None for i, a in zip(node.input, args)):
+            continue  # an input that could not be evaluated
+        try:
+            outs = _numpy_op(node, args, opset)
+            if outs is None:
+                outs = _evaluate_node(node, node.input, args, model.opset_import)
+        except Exception:  # noqa: BLE001 - what cannot be evaluated stays unknown
+            continue
+        values.update((o, np.asarray(v)) for o, v in zip(node.output, outs) if o)
+    return {n: values[n] for n in wanted if n in values}
+
+
+def _evaluate_node(node: Any, names: Sequence[str], args: list[Any], opset_imports: Any) -> list[Any]:
+    """The outputs of one node on constant inputs, with ONNX's reference evaluator."""
     from onnx import helper
     from onnx.reference import ReferenceEvaluator
 
-    graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output if o}
-    initializers = {i.name: i for i in graph.initializer}
-    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info) if v.type.HasField("tensor_type")}
-    out: dict[str, np.ndarray] = {}
-    for name in names:
-        needed, stack, seen, free = [], [name], set(), True
-        while stack and free:
-            value = stack.pop()
-            if value in seen or value in known or value in initializers or not value:
-                continue
-            seen.add(value)
-            node = producers.get(value)
-            if node is None:  # a graph input: known only at run time
-                free = False
-                break
-            if node.op_type == "CastLike" and len(node.input) > 1 and node.input[1] not in known and node.input[1] not in initializers and types.get(node.input[1]):
-                # only the target's type matters: a Cast to it (exporters cast zero biases like the input)
-                node = helper.make_node("Cast", [node.input[0]], list(node.output), to=types[node.input[1]])
-            needed.append(node)
-            stack.extend(node.input)
-        if not free or not needed:
-            continue
-        order = {o: i for i, n in enumerate(graph.node) for o in n.output}
-        nodes = sorted({id(n): n for n in needed}.values(), key=lambda n: order.get(n.output[0], 0))
-        used = {i for n in nodes for i in n.input}
-        inits = [initializers[i] for i in used if i in initializers]
-        consts = [helper.make_node("Constant", [], [k], value=helper.make_tensor(k, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), np.shape(v), np.asarray(v).flatten().tolist()))
-                  for k, v in known.items() if k in used and k not in initializers]
-        try:
-            sub = helper.make_model(helper.make_graph(consts + nodes, "constants", [], [helper.make_empty_tensor_value_info(name)], inits), opset_imports=model.opset_import)
-            out[name] = np.asarray(ReferenceEvaluator(sub).run(None, {})[0])
-        except Exception:  # noqa: BLE001 - what cannot be evaluated stays unknown
-            continue
-    return out
+    feeds = {n: np.asarray(a) for n, a in zip(names, args) if n}
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for n, v in feeds.items()]
+    outputs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
+    sub = helper.make_model(helper.make_graph([node], "constant", inputs, outputs), opset_imports=opset_imports)
+    return ReferenceEvaluator(sub).run(None, feeds)

@@ -20,6 +20,7 @@ import numpy as np
 
 from ...core.onnx import attribute
 from . import math as fold_math
+from .onnx_graph import layer_weights, write_layer
 
 
 @dataclass
@@ -31,17 +32,13 @@ class Through:
     view: Any
 
 
-def _only_reader(graph: Any, name: str, node: Any) -> bool:
-    return graph.readers(name) == [node] and name not in graph.outputs
-
-
 def linear_through_view(graph: Any, bn: Any, channels: int) -> Through | None:
     """The chain ending in ``bn`` if it is one that folds exactly, else None."""
     view = graph.producer(bn.input[0])
-    if view is None or view.op_type not in ("Reshape", "Transpose") or not _only_reader(graph, view.output[0], bn):
+    if view is None or view.op_type not in ("Reshape", "Transpose") or not graph.only_reader(view.output[0], bn):
         return None
     source, add = graph.producer(view.input[0]), None
-    if source is not None and source.op_type == "Add" and _only_reader(graph, source.output[0], view):
+    if source is not None and source.op_type == "Add" and graph.only_reader(source.output[0], view):
         consts = [i for i in source.input if i in graph.const]
         others = [i for i in source.input if i not in graph.const]
         if len(consts) != 1 or len(others) != 1 or graph.const[consts[0]].size != channels or graph.const[consts[0]].shape[-1:] != (channels,):
@@ -49,7 +46,7 @@ def linear_through_view(graph: Any, bn: Any, channels: int) -> Through | None:
         add, source = source, graph.producer(others[0])
     if source is None or source.op_type not in ("Gemm", "MatMul") or (add is not None and source.op_type != "MatMul"):
         return None
-    if not _only_reader(graph, source.output[0], add or view) or len(source.input) < 2 or source.input[1] not in graph.const or source.input[1] in graph.fed:
+    if not graph.only_reader(source.output[0], add or view) or len(source.input) < 2 or source.input[1] not in graph.const or source.input[1] in graph.fed:
         return None
     weight = graph.const[source.input[1]]
     features = weight.shape[0] if source.op_type == "Gemm" and attribute(source, "transB", 0) else weight.shape[-1]
@@ -75,10 +72,8 @@ def fold_through_view(graph: Any, bn: Any, through: Through, scale: np.ndarray, 
     import onnx
     import torch
 
-    from .onnx import _layer_weights, _write_layer
-
     layer, add, view = through.layer, through.add, through.view
-    weight, bias, why = _layer_weights(graph, layer)
+    weight, bias, why = layer_weights(graph, layer)
     if why is not None:
         return why
     if add is not None:
@@ -94,17 +89,17 @@ def fold_through_view(graph: Any, bn: Any, through: Through, scale: np.ndarray, 
         return why
     hint = layer.name or layer.output[0]
     if layer.op_type == "Gemm":
-        _write_layer(graph, layer, new_w, new_b, dtype)
+        write_layer(graph, layer, new_w, new_b, dtype)
     else:
         graph.put(layer, 1, new_w.numpy().astype(dtype).T, f"{hint}_weight")
         if add is None:  # a MatMul has no bias: the shift becomes an Add before the view
             add = onnx.helper.make_node("Add", [layer.output[0], ""], [f"{layer.output[0]}_shifted"], name=f"{bn.name or hint}_shift")
-            graph.put(add, 1, new_b.numpy().astype(dtype), f"{hint}_bias")  # before the insert, which copies the node
-            graph.model.graph.node.insert(list(graph.model.graph.node).index(view), add)
-            view.input[0] = add.output[0]
+            graph.insert_before(view, add)
+            graph.put(add, 1, new_b.numpy().astype(dtype), f"{hint}_bias")
+            graph.edit(view, lambda n: n.input.__setitem__(0, add.output[0]))
         else:
             index = list(add.input).index(next(i for i in add.input if i in graph.const))
             graph.put(add, index, new_b.numpy().astype(dtype).reshape(graph.const[add.input[index]].shape), f"{hint}_bias")
-    view.output[0] = bn.output[0]
-    graph.model.graph.node.remove(bn)
+    graph.remove(bn)
+    graph.edit(view, lambda n: n.output.__setitem__(0, bn.output[0]))
     return None
