@@ -25,6 +25,7 @@ import numpy as np
 from .._quiet import quiet
 from ..errors import InputError, UnsafeCheckpointError, one_line
 from .archive import Archive, open_zip, regular_file
+from .safetensors import header_length, header_parses
 
 
 class Format(str, enum.Enum):
@@ -140,9 +141,7 @@ def detect_format(path: str | Path) -> Format:
     if len(head) >= 9 and head[8:9] == b"{":
         # the stronger signature first: a safetensors header of 1152 bytes (0x480) starts the
         # file with 80 04, a pickle's protocol-4 opcode; a pickle declares no length that fits
-        if not pickled or _safetensors_json(path, size):
-            from .safetensors import header_length
-
+        if not pickled or header_parses(path, size):
             header_length(path, head, size)  # within safetensors' limit and the file, or the error
             return Format.SAFETENSORS
     if pickled:
@@ -150,25 +149,6 @@ def detect_format(path: str | Path) -> Format:
     if head[0] == 0x08:  # protobuf field 1 (ModelProto.ir_version), varint
         return Format.ONNX
     raise InputError(f"{path} is not a checkpoint bnctl can read", f"bnctl reads: {SUPPORTED}")
-
-
-def _safetensors_json(path: Path, size: int) -> bool:
-    """Whether the file's first 8 bytes declare a length (within safetensors' limit and the
-    file) of bytes that parse as a JSON object: what tells a safetensors file from a pickle
-    whose first bytes happen to look like one."""
-    import json
-
-    from .safetensors import MAX_HEADER
-
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        if not 0 < length <= min(size - 8, MAX_HEADER):
-            return False
-        raw = f.read(length)
-    try:
-        return isinstance(json.loads(raw), dict)
-    except (ValueError, UnicodeDecodeError):
-        return False
 
 
 def _check_path(path: str | Path) -> Path:

@@ -95,6 +95,21 @@ class SafetensorsTensors(Mapping):
         return len(self._entries)
 
 
+def header_parses(path: Path, size: int) -> bool:
+    """Whether the file's first 8 bytes declare a length (within :data:`MAX_HEADER` and the
+    file) of bytes that parse as a JSON object: what tells a safetensors file from a pickle
+    whose first bytes happen to look like one."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 0 < length <= min(size - 8, MAX_HEADER):
+            return False
+        raw = f.read(length)
+    try:
+        return isinstance(json.loads(raw), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 def header_length(path: Path, head: bytes, size: int) -> int:
     """The header length that ``head``, the file's first bytes, declares, checked as
     safetensors' reader checks it before reading the header: at most :data:`MAX_HEADER`
