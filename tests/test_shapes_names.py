@@ -203,3 +203,53 @@ def test_fold_to_onnx_takes_names_and_a_pt2_refuses_them(cli, tmp_path, two_inpu
     refused = cli("fold", weights, "--arch", arch, "--input-shape", "2,3,16,16", "--input-shape", "2,5:int64", "--output-names", "scores", "-o", tmp_path / "f.pt2")
     assert refused.exit_code == 2 and "name the inputs and outputs of an ONNX graph" in refused.stderr
     assert not (tmp_path / "f.pt2").exists()
+
+
+EVEN_BATCH = '''
+import torch
+from torch import nn
+
+
+class EvenBatch(nn.Module):
+    """As in PyTorch's own fusion tests: x.view(-1, 36) merges two samples, so only even batches run."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 3, 5)
+        self.bn = nn.BatchNorm1d(3)
+        self.fc = nn.Linear(36, 4)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).view(-1, 36))
+'''
+
+
+@pytest.mark.parametrize("command, suffix", [("fold", "pt2"), ("fold", "onnx"), ("export", "onnx")])
+def test_a_model_that_fixes_its_batch_is_written_with_a_static_batch_and_says_so(cli, tmp_path, command, suffix):
+    (tmp_path / "evennet.py").write_text(EVEN_BATCH)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evennet", tmp_path / "evennet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = module.EvenBatch()
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    torch.save(model.state_dict(), tmp_path / "even.pt")
+    out = tmp_path / f"out.{suffix}"
+    result = cli(command, tmp_path / "even.pt", "--arch", f"{tmp_path / 'evennet.py'}:EvenBatch", "--input-shape", "2,3,10", "-o", out, "-f", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    said = report.get("notes", []) + report.get("steps", [])
+    assert any("rejects a batch of 3" in n and "static" in n for n in said), said
+    shapes = report.get("input_dims") or report.get("inputs")
+    assert shapes[0]["shape"] == [2, 3, 10]
+    x = torch.randn(2, 3, 10)
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+    if suffix == "onnx":
+        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    else:
+        got = torch.export.load(out).module()(x).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -233,6 +233,30 @@ def _rename_symbols(model: Any) -> None:
                     d.dim_param = names[d.dim_param]
 
 
+def settle_batch(model: Any, inputs: tuple, layout: Layout, notes: list[str]) -> Layout:
+    """``layout``, or a static one where it leaves the batch free by default (``"auto"``) but
+    the model rejects another batch size (a ``view(-1, 36)`` that needs an even batch): then
+    the written file keeps the check inputs' batch, as said in ``notes``."""
+    import dataclasses
+
+    import torch
+
+    from ..core import verify
+
+    if layout.dims != "auto" or not any(isinstance(t, torch.Tensor) and t.dim() > 0 for t in inputs):
+        return layout
+    grown = tuple(torch.cat([t] * 3 if t.shape[0] == 1 else [t, t[:1]]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
+    try:
+        with verify.eval_mode(model):
+            verify.reference_outputs(model, grown)
+    except InputError as exc:
+        batch = next(t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0)
+        reason = exc.message.partition(": ")[2] or exc.message
+        notes.append(f"the model rejects a batch of {grown[0].shape[0] if isinstance(grown[0], torch.Tensor) else 'another size'} ({reason[:200]}): the written file keeps the batch of the check inputs ({batch}) static")
+        return dataclasses.replace(layout, dims="static")
+    return layout
+
+
 def other_sizes(inputs: tuple, described: list[dict[str, Any]]) -> tuple | None:
     """The check inputs with every dim the graph leaves dynamic at another size (the batch
     one larger, or 3 from 1; height and width doubled), or None where every dim is static."""

@@ -14,7 +14,7 @@ from ..core import verify
 from ..errors import InputError, one_line
 from ..io import checkpoint as ckpt_mod
 from ..io import writers
-from ..io.shapes import Layout, describe_onnx, other_sizes
+from ..io.shapes import Layout, describe_onnx, other_sizes, settle_batch
 from ..io.source import CheckInputs, ModelSource
 from ..io.targets import Target
 from ..ops.fold import FoldReport, fold
@@ -89,6 +89,8 @@ def fold_file(
     if not report.ok:
         return report
     stage(f"building the {target.value} file and checking it")
+    if target in (Target.PT2, Target.ONNX):
+        layout = settle_batch(model, examples, layout, report.notes)
     artifact = writers.build(folded, target, examples, output, layout)
     report.input_dims = artifact.inputs
     if target in (Target.TORCHSCRIPT, Target.STATE_DICT, Target.MODULE):

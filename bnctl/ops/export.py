@@ -20,7 +20,7 @@ from torch import nn
 from ..core import verify
 from ..core.modules import training_batchnorms
 from ..errors import InputError
-from ..io.shapes import Layout, describe_onnx, forward_names, other_sizes
+from ..io.shapes import Layout, describe_onnx, forward_names, other_sizes, settle_batch
 from .fold.report import Checked, tolerance_for
 
 
@@ -91,6 +91,7 @@ def export(
                          "fix the module's train() override (bnctl audit --input-shape ... names it)")
     reference = verify.reference_outputs(model, inputs)
     report.tolerance, report.tolerance_source = tolerance_for(reference, tolerance)
+    layout = settle_batch(model, inputs, layout, report.steps)
     if layout.input_names is None:  # the original's names: the folded GraphModule may name them otherwise
         layout = dataclasses.replace(layout, input_names=tuple(forward_names(model, len(inputs))))
     if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
