@@ -490,3 +490,27 @@ def test_fix_rewrites_a_pt2_exported_in_train_mode_to_the_eval_model(cli, tmp_pa
     x = torch.randn(2, 3, 32, 32)  # the program's batch size
     with torch.no_grad():
         torch.testing.assert_close(fixed(x), model.eval()(x), rtol=0, atol=1e-6)
+
+
+def test_a_selected_check_that_does_not_apply_to_a_format_is_a_clean_result(cli, tmp_path):
+    # BN203 is a module-tree check: it does not apply to an ONNX graph (its modes are BN401's)
+    onnx_file = CHECKPOINTS / "sample.onnx"
+    text = cli("audit", onnx_file, "--select", "BN203")
+    assert text.exit_code == 0, text.output
+    assert "BN203 (configuration) does not apply: an ONNX graph has no module tree" in text.stdout
+    doc = json.loads(cli("audit", onnx_file, "--select", "BN203", "-f", "json").stdout)
+    assert doc["not_run"] == [] and doc["not_applicable"][0]["checks"] == ["BN203"] and doc["not_applicable"][0]["explicit"]
+    sarif = json.loads(cli("audit", onnx_file, "--select", "BN203", "-f", "sarif").stdout)
+    invocation = sarif["runs"][0]["invocations"][0]
+    assert invocation["executionSuccessful"] is True and invocation["toolExecutionNotifications"][0]["level"] == "note"
+    junit = ET.fromstring(cli("audit", onnx_file, "--select", "BN203", "-f", "junit").stdout)
+    assert junit.get("errors") == "0" and junit.find(".//testcase/skipped") is not None
+    # a folder of mixed artifacts passes the same selection where every file that can run it does
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(onnx_file.read_bytes())
+    (folder / "model.pt").write_bytes((CHECKPOINTS / "sample.pt").read_bytes())
+    mixed = cli("audit", folder, "--select", "BN203", "--arch", "bnctl.models:sample_net")
+    assert mixed.exit_code == 0, mixed.output
+    # where it applies but cannot run (a state_dict without --arch), the gate still fails
+    assert cli("audit", folder, "--select", "BN203").exit_code == 2

@@ -54,8 +54,10 @@ class FileAudit:
     error: str | None = None
     groups: list[str] = field(default_factory=list)  # check groups that ran
     notes: list[str] = field(default_factory=list)
-    unable: dict[str, str] = field(default_factory=dict)  # check group -> why it could not run on this file
+    unable: dict[str, str] = field(default_factory=dict)  # check group -> why it applies but could not run on this file
+    inapplicable: dict[str, str] = field(default_factory=dict)  # check group -> why it does not apply to this file's format
     not_run: list[dict[str, Any]] = field(default_factory=list)  # selected checks that did not run (see AuditResult)
+    not_applicable: list[dict[str, Any]] = field(default_factory=list)  # selected checks that do not apply to this file
     seconds: dict[str, float] = field(default_factory=dict)  # time per check group
 
 
@@ -139,6 +141,12 @@ class AuditResult:
         the selection named them (not only ``ALL``)."""
         return [{"file": fa.path, **n} for fa in self.files for n in fa.not_run]
 
+    @property
+    def not_applicable(self) -> list[dict[str, Any]]:
+        """Selected checks that do not apply to a file's format (a module-tree check on an
+        ONNX graph), per file and group, and why: a clean result, never a failure."""
+        return [{"file": fa.path, **n} for fa in self.files for n in fa.not_applicable]
+
     def exit_code(self, exit_zero: bool = False) -> int:
         """2 when a file could not be read or a check selected by name could not run (a gate
         is never green by accident), 1 for a finding at or above fail-on, else 0."""
@@ -153,8 +161,9 @@ class AuditResult:
         return {
             "findings": [f.to_dict() for f in self.findings],
             "summary": self.summary(),
-            "files": [{"file": fa.path, "format": fa.description, "layers": fa.layers, "checks": fa.groups, "seconds": fa.seconds, "notes": fa.notes, "error": fa.error, "not_run": fa.not_run} for fa in self.files],
+            "files": [{"file": fa.path, "format": fa.description, "layers": fa.layers, "checks": fa.groups, "seconds": fa.seconds, "notes": fa.notes, "error": fa.error, "not_run": fa.not_run, "not_applicable": fa.not_applicable} for fa in self.files],
             "not_run": self.not_run,
+            "not_applicable": self.not_applicable,
             "skipped": self.skipped,
             "fail_on": self.config.fail_on,
         }
@@ -202,7 +211,8 @@ def audit(
         except BnctlError as exc:
             fa = FileAudit(str(path), error=exc.message)
         fa.findings = [f for f in fa.findings if config.keeps(f)]
-        fa.not_run = _not_run(fa, config)
+        fa.not_run = _selected(fa.unable, config)
+        fa.not_applicable = _selected(fa.inapplicable, config)
         results.append(fa)
     return AuditResult(results, config, found.skipped)
 
@@ -216,10 +226,11 @@ def _behaviour_inputs(inputs: CheckInputs) -> tuple | None:
     return examples
 
 
-def _not_run(fa: FileAudit, config: AuditConfig) -> list[dict[str, Any]]:
-    """The selected checks of each group that could not run on this file, and why."""
+def _selected(groups: dict[str, str], config: AuditConfig) -> list[dict[str, Any]]:
+    """The selected checks of each of ``groups`` (group -> why it did not run), and why;
+    ``explicit`` where the selection named them."""
     out = []
-    for group, reason in fa.unable.items():
+    for group, reason in groups.items():
         codes = [c for c, check in CHECKS.items() if check.group == group and config.selects(c)]
         if codes:
             out.append({"group": group, "checks": codes, "reason": reason, "explicit": any(config.names(c) for c in codes)})
@@ -259,9 +270,9 @@ def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
         raw += model_checks.conv_bias_before_bn(runnable)
         done("configuration")
     elif onnx:
-        fa.unable["configuration"] = "an ONNX graph has no module tree (its BN modes are checked by BN401)"
+        fa.inapplicable["configuration"] = "an ONNX graph has no module tree (its BN modes are checked by BN401)"
     elif checkpoint.program is not None:
-        fa.unable["configuration"] = "a .pt2 program has no module tree (the training flag of its batch-norm calls is checked by BN201)"
+        fa.inapplicable["configuration"] = "a .pt2 program has no module tree (the training flag of its batch-norm calls is checked by BN201)"
         runnable = checkpoint.program.module() if opened.trusted else None
     else:
         fa.unable["configuration"] = "a state_dict records no module configuration: pass --arch to build the model"
@@ -292,6 +303,8 @@ def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
             measured = f"measured on the check inputs: the model in float16 differs from float32 by {error:.2g} (relative)" if error is not None else "the model does not run in float16 here: not measured"
             raw = [(layer, code, message.replace(" (not measured)", "") + f"; {measured}" if code in ("BN105", "BN108") else message) for layer, code, message in raw]
         done("behaviour")
+    elif onnx:
+        fa.inapplicable["behaviour"] = why_not
     else:
         fa.unable["behaviour"] = why_not
     fa.findings = [Finding(str(path), layer, code, message) for layer, code, message in raw]

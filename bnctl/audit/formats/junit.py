@@ -39,6 +39,12 @@ def to_junit(result: AuditResult) -> str:
                 suite.set("errors", str(int(suite.get("errors", "0")) + 1))
                 errors += 1
                 cases += 1
+        for n in fa.not_applicable:  # a check selected by name that does not apply: skipped, not failed
+            if n["explicit"]:
+                case = ET.SubElement(suite, "testcase", classname=fa.path, name=f"{', '.join(n['checks'])} ({n['group']})")
+                ET.SubElement(case, "skipped", message=f"does not apply: {n['reason']}")
+                suite.set("skipped", str(int(suite.get("skipped", "0")) + 1))
+                cases += 1
         implicit = [n for n in fa.not_run if not n["explicit"]]
         if implicit:
             ET.SubElement(suite, "system-out").text = "\n".join(f"{n['group']} checks did not run: {n['reason']}" for n in implicit)

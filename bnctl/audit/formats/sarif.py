@@ -64,6 +64,11 @@ def to_sarif(result: AuditResult) -> str:
          "descriptor": {"id": n["checks"][0]}, "locations": [{"physicalLocation": {"artifactLocation": {"uri": _uri(n["file"])}}}]}
         for n in result.not_run
     ]
+    notifications += [
+        {"level": "note", "message": {"text": f"{n['file']}: {', '.join(n['checks'])} ({n['group']}) does not apply: {n['reason']}"},
+         "descriptor": {"id": n["checks"][0]}, "locations": [{"physicalLocation": {"artifactLocation": {"uri": _uri(n["file"])}}}]}
+        for n in result.not_applicable if n["explicit"]
+    ]
     run = {
         "tool": {"driver": {"name": "bnctl", "version": __version__, "semanticVersion": __version__, "informationUri": HOME, "rules": rules}},
         "results": results,

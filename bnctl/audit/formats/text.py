@@ -29,6 +29,11 @@ def not_run_line(notice: dict) -> str:
     return plain(f"{notice['file']}: {kind}: {', '.join(notice['checks'])} ({notice['group']}) did not run: {notice['reason']}")
 
 
+def not_applicable_line(notice: dict) -> str:
+    """``x.onnx: note: BN203 (configuration) does not apply: an ONNX graph has no module tree``"""
+    return plain(f"{notice['file']}: note: {', '.join(notice['checks'])} ({notice['group']}) does not apply: {notice['reason']}")
+
+
 #: a check that fires on more layers of one file than this is one line (``--verbose`` lists each)
 GROUP_ABOVE = 3
 
@@ -53,6 +58,7 @@ def to_text(result: AuditResult, *, verbose: bool = False, quiet: bool = False) 
     for fa in result.errors:
         lines.append(plain(f"{fa.path}: error: {fa.error}"))
     lines += [not_run_line(n) for n in result.not_run if n["explicit"]]
+    lines += [not_applicable_line(n) for n in result.not_applicable if n["explicit"]]
     if quiet:
         return "\n".join(lines) + "\n" if lines else ""
     for fa in result.files:
