@@ -153,6 +153,66 @@ EXPORTS = [
 ]
 
 
+NETS = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+"""
+
+
+def test_a_module_bnctl_wrote_from_an_arch_file_loads_back_from_any_folder(tmp_path):
+    """bnctl convert --arch path/nets.py:Net pickles classes of module `nets`; the file records
+    where nets.py was, so that --trust loads it again from another folder without PYTHONPATH
+    (and a second bnctl write keeps the record). Where nets.py is gone: one clean error."""
+    import os
+    import subprocess
+    import sys
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    (project / "nets.py").write_text(NETS)
+    code = f"import sys; sys.path.insert(0, {str(project)!r}); import nets, torch; torch.manual_seed(0); torch.save(nets.Net().state_dict(), {str(project / 'sd.pt')!r})"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def bnctl(*args, cwd):
+        return subprocess.run([sys.executable, "-m", "bnctl", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
+
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+    shape = ("--input-shape", "2,3,16,16")
+    for target in ("frozen", "groupnorm"):
+        made = bnctl("convert", project / "sd.pt", "--arch", f"{project / 'nets.py'}:Net", "--to", target, *shape, "-o", project / f"{target}.pt", cwd=tmp_path)
+        assert made.returncode == 0, made.stderr
+    back = bnctl("convert", project / "frozen.pt", "--trust", "--to", "batchnorm", *shape, "-o", elsewhere / "bn.pt", cwd=elsewhere)
+    assert back.returncode == 0, back.stderr
+    for written in (project / "groupnorm.pt", elsewhere / "bn.pt"):  # the second write recorded nets.py too
+        shown = bnctl("inspect", written, "--trust", "--format", "json", cwd=elsewhere)
+        assert shown.returncode == 0, shown.stderr
+    assert [row["kind"] for row in json.loads(shown.stdout)["layers"]] == ["BatchNorm2d"]
+    sys.path.insert(0, str(project))  # torch's own reader, with nets importable, ignores the record
+    try:
+        original, converted = torch.load(project / "sd.pt"), torch.load(elsewhere / "bn.pt", weights_only=False)
+    finally:
+        sys.path.remove(str(project))
+        sys.modules.pop("nets", None)
+    for key, value in original.items():
+        torch.testing.assert_close(converted.state_dict()[key], value, rtol=0, atol=0)
+    (project / "nets.py").rename(project / "moved.py")
+    gone = bnctl("inspect", project / "frozen.pt", "--trust", cwd=elsewhere)
+    assert gone.returncode == 2 and "Traceback" not in gone.stderr, gone.stderr
+    assert gone.stderr.count("error:") == 1 and "nets.py" in gone.stderr and "gone" in gone.stderr and "tip:" in gone.stderr
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("name,args", EXPORTS, ids=[e[0] for e in EXPORTS])
 def test_every_sample_model_exports_and_onnx_runtime_matches(cli, tmp_path, sample, name, args, dynamic):

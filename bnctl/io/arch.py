@@ -4,6 +4,11 @@ imported only to build, so parsing ``--arch-arg`` costs nothing).
 ``--arch`` is ``pkg.module:factory`` (an importable module) or ``path/to/file.py:factory``;
 the factory is a class or function returning an ``nn.Module``, called with the
 ``--arch-arg name=value`` pairs as keyword arguments (values parsed as Python literals).
+
+A module bnctl pickles (``convert``, ``fold --to module``, ...) names the classes of a
+file-path ``--arch`` by the file's module name (``nets``); the archive records the file
+(:data:`SOURCES`, :func:`sources`), and loading it with ``--trust`` imports that file where
+the module is not importable otherwise (:func:`import_source`).
 """
 
 from __future__ import annotations
@@ -79,19 +84,98 @@ def _import_file(target: str):
     taken = sys.modules.get(module_name)
     if not module_name.isidentifier() or (taken is not None and Path(getattr(taken, "__file__", "") or "").resolve() != path.resolve()):
         module_name = f"_bnctl_arch_{abs(hash(str(path.resolve())))}"
+    try:
+        module = _exec_file(path, module_name)
+    except Exception as exc:  # noqa: BLE001
+        raise ArchError(f"--arch: running {path} failed: {type(exc).__name__}: {exc}", "fix the error in that file; run `python " + str(path) + "` to see it") from exc
+    _FILES[module_name] = path.resolve()
+    return module
+
+
+#: module name -> the file it was imported from, for each --arch file imported in this process
+_FILES: dict[str, Path] = {}
+
+
+def _exec_file(path: Path, module_name: str):
+    """The file at ``path`` run as module ``module_name``, which it stays in ``sys.modules``
+    (so that classes defined there can be pickled and dataclasses resolve); its folder is on
+    ``sys.path`` meanwhile (the file may import its neighbours). Its exception otherwise."""
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # lets classes defined there be pickled and dataclasses resolve
-    sys.path.insert(0, str(path.parent.resolve()))  # the file may import its neighbours
+    sys.modules[module_name] = module
+    sys.path.insert(0, str(path.parent.resolve()))
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001
+    except BaseException:
         del sys.modules[module_name]
-        raise ArchError(f"--arch: running {path} failed: {type(exc).__name__}: {exc}", "fix the error in that file; run `python " + str(path) + "` to see it") from exc
+        raise
     finally:
         sys.path.remove(str(path.parent.resolve()))
     return module
+
+
+def sources(module_names: Iterable[str]) -> dict[str, str]:
+    """``module name -> file`` for each of ``module_names`` that came from an ``--arch`` file,
+    or from a module file beside one (imported by it): what a pickle of their classes needs
+    recorded to load again where they are not importable (:data:`SOURCES`)."""
+    folders = {path.parent for path in _FILES.values()}
+    found = {}
+    for name in module_names:
+        if name in _FILES:
+            found[name] = str(_FILES[name])
+            continue
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if file and "." not in name and Path(file).suffix == ".py" and Path(file).resolve().parent in folders:
+            found[name] = str(Path(file).resolve())
+    return found
+
+
+#: the member of a torch archive bnctl writes that records :func:`sources` (JSON: {"modules": {name: file}})
+SOURCES = "bnctl_sources.json"
+
+
+def recorded_sources(archive: Any) -> dict[str, str]:
+    """``module name -> file`` that a torch archive (:class:`~bnctl.io.archive.Archive`)
+    written by bnctl records for the classes it pickles; empty for any other archive."""
+    import json
+
+    if not archive.has(SOURCES):
+        return {}
+    try:
+        modules = json.loads(archive.read(SOURCES))["modules"]
+        return {k: v for k, v in modules.items() if isinstance(k, str) and isinstance(v, str)}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def importing_recorded(archive: Any, load: Callable[[], Any]) -> Any:
+    """``load()``; where a module it unpickles is not importable but ``archive`` (a torch
+    archive bnctl wrote) records its file, that file imported as the module, and again."""
+    recorded = recorded_sources(archive)
+    while True:
+        try:
+            return load()
+        except ModuleNotFoundError as exc:
+            if exc.name not in recorded:
+                raise
+            import_source(exc.name, recorded.pop(exc.name))
+
+
+def import_source(module_name: str, file: str | Path) -> None:
+    """Import ``file`` as ``module_name`` (a module a file written by bnctl records): where its
+    classes are not importable otherwise. An ArchError if the file is gone or fails to run."""
+    path = Path(file)
+    if not path.is_file():
+        raise ArchError(
+            f"the classes of module {module_name} were read from {path} when bnctl wrote this file, and that file is gone",
+            f"put {path.name} back at {path.parent}, or make module {module_name} importable (PYTHONPATH)",
+        )
+    try:
+        _exec_file(path, module_name)
+    except Exception as exc:  # noqa: BLE001 - the user's file failing is bad input
+        raise ArchError(f"running {path} (module {module_name}, recorded in the file) failed: {type(exc).__name__}: {exc}", f"fix the error in that file; run `python {path}` to see it") from exc
+    _FILES[module_name] = path.resolve()
 
 
 def build(spec: str, args: Mapping[str, Any] | None = None) -> torch.nn.Module:

@@ -27,7 +27,8 @@ from ..errors import InputError, UnsafeCheckpointError
 
 #: member names each archive kind may hold, after its top folder (``archive/...``)
 ALLOWED = {
-    "torch": (r"data\.pkl", r"data/\d+", r"byteorder", r"version", r"\.format_version", r"\.storage_alignment", r"\.data/.*"),
+    # bnctl_sources.json: where the classes of a module bnctl pickled came from (io/arch.py)
+    "torch": (r"data\.pkl", r"data/\d+", r"byteorder", r"version", r"\.format_version", r"\.storage_alignment", r"\.data/.*", r"bnctl_sources\.json"),
     # torch.jit.save (torch/csrc/jit/serialization/export_module.cpp): the module, its code and
     # constants, files passed as _extra_files (whose names may hold folders), the example
     # inputs of torch.jit.trace (torch >= 2.0), and what _save_for_lite_interpreter adds

@@ -23,7 +23,8 @@ import numpy as np
 
 
 from .._quiet import quiet
-from ..errors import InputError, UnsafeCheckpointError, one_line
+from ..errors import BnctlError, InputError, UnsafeCheckpointError, one_line
+from .arch import importing_recorded
 from .archive import Archive, open_zip, regular_file
 from .safetensors import header_length, header_parses
 
@@ -285,10 +286,13 @@ def _unpickle(path: Path, fmt: Format, trust: bool) -> Any:
                 if fmt is Format.PICKLE:
                     with open(path, "rb") as f:
                         return pickle.load(f)  # trust=True: the user accepted running its code
-                return _torch().load(path, map_location="cpu", weights_only=not trust, mmap=fmt is Format.TORCH)
+                load = lambda: _torch().load(path, map_location="cpu", weights_only=not trust, mmap=fmt is Format.TORCH)  # noqa: E731
+                return importing_recorded(Archive(path, "torch", trust=True), load) if trust else load()
             finally:
                 if trust:
                     sys.path.remove(os.getcwd())
+    except BnctlError:
+        raise  # a module the file records, gone or failing
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" in text:

@@ -151,5 +151,22 @@ def load(data: bytes, *, script: bool = False) -> Any:
     return _Unpickler(data, script).load()
 
 
+def modules(data: bytes) -> set[str]:
+    """The modules whose globals the pickle ``data`` names (GLOBAL and STACK_GLOBAL), read
+    opcode by opcode without unpickling anything."""
+    import pickletools
+
+    found: set[str] = set()
+    strings: list[str] = []  # the last strings pushed: STACK_GLOBAL takes module and name from them
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":
+            found.add(str(arg).partition(" ")[0])
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.add(strings[-2])
+        elif isinstance(arg, str) and "UNICODE" in op.name:
+            strings = [*strings[-1:], arg]
+    return found
+
+
 def element_size(ref: StorageRef) -> int:
     return np.dtype(ref.dtype).itemsize

@@ -50,9 +50,23 @@ class Artifact:
 
 def torch_bytes(obj: Any) -> bytes:
     """``torch.save(obj)`` as bytes: written by Python afterwards, a full disk is a clean
-    error instead of an abort inside torch's zip writer."""
+    error instead of an abort inside torch's zip writer. Where the pickle names classes of
+    a file-path ``--arch`` (or of a module beside it), the archive also records their files
+    (member :data:`~bnctl.io.arch.SOURCES`), so that ``--trust`` loads it back from any
+    working folder; torch's own readers ignore the member."""
+    import json
+    import zipfile
+
+    from . import arch, pickles
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
+    with zipfile.ZipFile(buffer) as archive:
+        pickled = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+        found = arch.sources(pickles.modules(archive.read(pickled)))
+    if found:
+        with zipfile.ZipFile(buffer, "a") as archive:
+            archive.writestr(pickled.rpartition("/")[0] + "/" + arch.SOURCES, json.dumps({"modules": found}, indent=1))
     return buffer.getvalue()
 
 
