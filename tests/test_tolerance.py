@@ -89,3 +89,23 @@ def test_the_bound_is_allclose_with_atol_scaled_to_the_output(tmp_path):
     a = torch.tensor([1.0, float("nan")])
     assert not compare([a], [torch.tensor([1.0, 2.0])]).within(1e9)
     assert not compare([a], [torch.zeros(3)]).within(1e9)
+
+
+def test_comparing_large_outputs_makes_no_float64_copy_of_them():
+    # a 1x16x2048x2048 float32 output is 268 MB; float64 copies of both, their difference and
+    # its ratio would add well over 1 GB. Peak memory, not time: measured in a fresh process.
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from bnctl.core.verify import compare\n"
+        "a = torch.randn(1, 16, 2048, 2048); b = a + 1e-6\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "d = compare([a], [b])\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "assert d.within(1e-4) and d.max_abs > 0, d\n"
+        "print((after - before) // 1024)\n"
+    )
+    added_mb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
+    assert added_mb < 150, added_mb

@@ -151,7 +151,7 @@ def run_all(graphs: Sequence[tuple[str, Any]], feeds: dict[str, np.ndarray], tim
         results = []
         for index in range(len(graphs)):
             with np.load(folder / f"outputs{index}.npz", allow_pickle=False) as data:
-                results.append([torch.from_numpy(data[f"o{k}"].copy()) for k in range(len(data.files))])
+                results.append([torch.from_numpy(data[f"o{k}"]) for k in range(len(data.files))])  # each a fresh array
         return results
 
 

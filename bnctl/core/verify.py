@@ -93,8 +93,13 @@ class Difference(NamedTuple):
 APART = Difference(float("inf"), float("inf"), float("inf"), 1.0, True)
 
 
+#: elements compared at a time: float64 copies of one chunk, not of a whole output
+_CHUNK = 1 << 20
+
+
 def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> Difference:
-    """The :class:`Difference` between two output lists, computed in float64.
+    """The :class:`Difference` between two output lists, computed in float64, a chunk of
+    elements at a time (a 1x16x2048x2048 output costs no float64 copy of itself).
 
     Different structures or shapes, or NaN in different places, are an infinite difference.
     """
@@ -104,19 +109,24 @@ def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> Dif
     for ref, got in zip(reference, candidate):
         if ref.shape != got.shape:
             return APART
-        r, g = ref.to(torch.float64), got.to(torch.float64)
+        r, g = ref.detach().reshape(-1), got.detach().reshape(-1)
         if r.numel() == 0:
             continue
-        if not torch.equal(torch.isnan(r), torch.isnan(g)):
-            return APART
-        err = (r - g).abs().nan_to_num(0.0, posinf=float("inf"))
-        if not torch.isfinite(err).all():
-            return APART
-        size = r.abs().nan_to_num(0.0, posinf=0.0)
-        largest = float(size.max())
+        largest = 0.0
+        for start in range(0, r.numel(), _CHUNK):
+            largest = max(largest, float(r[start:start + _CHUNK].to(torch.float64).abs().nan_to_num(0.0, posinf=0.0).max()))
         scale = max(largest, 1.0)
-        worst = float(err.max())
-        one = Difference(worst, worst / largest if largest > 0 else worst, float((err / (scale + size)).max()), scale, largest < 1.0)
+        worst = ratio = 0.0
+        for start in range(0, r.numel(), _CHUNK):
+            a, b = r[start:start + _CHUNK].to(torch.float64), g[start:start + _CHUNK].to(torch.float64)
+            if not torch.equal(torch.isnan(a), torch.isnan(b)):
+                return APART
+            err = (a - b).abs().nan_to_num(0.0, posinf=float("inf"))
+            if not torch.isfinite(err).all():
+                return APART
+            worst = max(worst, float(err.max()))
+            ratio = max(ratio, float((err / (scale + a.abs().nan_to_num(0.0, posinf=0.0))).max()))
+        one = Difference(worst, worst / largest if largest > 0 else worst, ratio, scale, largest < 1.0)
         out = one.merge(out)
     return out or Difference(0.0, 0.0, 0.0, 1.0, True)
 
