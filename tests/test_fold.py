@@ -348,3 +348,49 @@ def test_float16_model_keeps_a_bn_whose_folded_weights_overflow_and_folds_the_re
     want, got = model(x).double(), folded(x).double()
     assert torch.isfinite(want).all()
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-2
+
+
+class ReadsShapes(nn.Module):
+    """As D-RCNet's 3D attention does: ``B, C, ... = x.shape`` of a BN's output (and of a
+    conv's) next to the conv that reads its values."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv3d(2, 4, 3)
+        self.bn0 = nn.BatchNorm3d(4)
+        self.bn = nn.BatchNorm3d(4)
+        self.qkv = nn.Conv3d(4, 6, 1)
+
+    def forward(self, x):
+        a = self.conv0(x)
+        n0 = a.size(0)
+        x = self.bn(self.bn0(a))
+        b, c, d, h, w = x.shape
+        y = self.qkv(x)
+        return y.reshape(b, -1, d * h * w).mean(-1) + n0 * 0
+
+
+def test_shape_reads_do_not_keep_a_bn_from_folding():
+    folded, report = check(ReadsShapes(), torch.randn(2, 2, 5, 5, 5))
+    assert folded_bns(report) == {"bn0", "bn"}, report.skipped
+
+
+class EmbedFlag(nn.Module):
+    """As torchcrepe's Crepe: ``forward(x, embed=False)`` branches on a flag the caller never passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, 5)
+        self.bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, embed=False):
+        x = self.bn(self.conv(x[:, None]))
+        if embed:
+            return x
+        return self.fc(x.mean(-1))
+
+
+def test_a_forward_flag_left_at_its_default_traces_and_folds():
+    folded, report = check(EmbedFlag(), torch.randn(2, 32))
+    assert report.path == "fx" and folded_bns(report) == {"bn"}, (report.path, report.notes, report.skipped)

@@ -182,3 +182,16 @@ def test_a_damaged_graph_is_one_clean_error_in_every_command(cli, tmp_path, kind
     fold = cli("fold", src, "-o", tmp_path / "f.onnx")
     assert fold.exit_code == 2 and "broken" in fold.stderr
     assert not (tmp_path / "f.onnx").exists()
+
+
+def test_consecutive_bns_before_a_conv_both_fold():
+    # BN -> BN -> Conv (no padding): the second folds into the conv, then the first does too
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("BatchNormalization", ["r", *[f"a.{k}" for k in ("weight", "bias", "running_mean", "running_var")]], ["b1"]),
+             helper.make_node("BatchNormalization", ["b1", *BN_INPUTS], ["b2"]),
+             helper.make_node("Conv", ["b2", "w"], ["y"], kernel_shape=[1, 1])]
+    inits = [_c("w", rng.normal(size=(5, 4, 1, 1))), *_bn_params(rng, 4, "a"), *_bn_params(rng, 4)]
+    model = _model(nodes, inits, [1, 4, 6, 6], [1, 5, 6, 6])
+    new, folded, _ = _fold_and_check(model, rng.normal(size=(1, 4, 6, 6)).astype(np.float32), 2)
+    assert [n.op_type for n in new.graph.node] == ["Relu", "Conv"]

@@ -136,9 +136,40 @@ def shallow_copy(module: nn.Module) -> nn.Module:
     return new
 
 
-def trace_graph(model: nn.Module) -> fx.Graph:
-    """The fx graph of ``model`` as :class:`FoldTracer` traces it (no GraphModule built)."""
-    return FoldTracer().trace(model)
+def trace_graph(model: nn.Module, given: int | None = None) -> fx.Graph:
+    """The fx graph of ``model`` as :class:`FoldTracer` traces it (no GraphModule built).
+
+    With ``given`` (how many positional inputs the model is called with), the parameters of
+    ``forward`` after those keep their default values in the graph where the default is a
+    plain constant (``embed=False``, ``mask=None``), so that ``if embed:`` traces."""
+    return FoldTracer().trace(model, concrete_args=_defaults_after(model, given))
+
+
+def _defaults_after(model: nn.Module, given: int | None) -> dict[str, Any] | None:
+    """``{name: default}`` of ``forward``'s parameters after the first ``given``, where each
+    has a constant default (None, bool, int, float, str); None where any does not."""
+    import inspect
+
+    if given is None:
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    rest = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][given:]
+    if not rest or any(p.default is p.empty or not isinstance(p.default, (type(None), bool, int, float, str)) for p in rest):
+        return None
+    return {p.name: p.default for p in rest}
+
+
+def shape_read(node: Any) -> bool:
+    """Whether ``node`` reads only the shape, rank, dtype or device of its input (``x.shape``,
+    ``x.size()``, ``x.dim()``): not a use of the values, so it does not keep a BN from folding."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+        return node.args[1] in ("shape", "dtype", "device", "ndim", "is_cuda")
+    return node.op == "call_method" and node.target in ("size", "dim", "ndimension", "numel")
 
 
 # --- views of the nodes that matter -----------------------------------------------------

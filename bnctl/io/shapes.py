@@ -243,8 +243,8 @@ def settle_batch(model: Any, inputs: tuple, layout: Layout, notes: list[str]) ->
 
     from ..core import verify
 
-    if layout.dims != "auto" or not any(isinstance(t, torch.Tensor) and t.dim() > 0 for t in inputs):
-        return layout
+    if layout.dims != "auto" or not isinstance(model, torch.nn.Module) or not any(isinstance(t, torch.Tensor) and t.dim() > 0 for t in inputs):
+        return layout  # a loaded .pt2 program keeps the dims it was exported with
     grown = tuple(torch.cat([t] * 3 if t.shape[0] == 1 else [t, t[:1]]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
     try:
         with verify.eval_mode(model):

@@ -106,7 +106,7 @@ def _producer(attrs: Attrs, bn: g.BNCall, channels: int) -> tuple[g.LayerCall | 
     layer = g.layer_call(bn.input)
     if layer is None:
         return None, f"its input comes from {g.describe(bn.input)}"
-    others = [u for u in bn.input.users if u is not bn.node]
+    others = [u for u in bn.input.users if u is not bn.node and not g.shape_read(u)]
     if others:
         return None, f"the output of {layer.name} is also read by {', '.join(g.describe(u) for u in others)}"
     return (None, why) if (why := _layer_refusal(attrs, layer, channels, "after", bn)) else (layer, "")
@@ -117,7 +117,7 @@ def _consumer(attrs: Attrs, bn: g.BNCall, channels: int, shift: torch.Tensor) ->
 
     Returns the layer (or None and why not) and a note on padding looked through.
     """
-    users = list(bn.output.users)
+    users = [u for u in bn.output.users if not g.shape_read(u)]  # shape reads go to the BN's input
     if len(users) != 1:
         names = ", ".join(g.describe(u) for u in users) or "nothing"
         return None, f"its output goes to {len(users)} places ({names})", None

@@ -34,92 +34,99 @@ def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list
     """
     import onnx
 
-    from .onnx_views import fold_through_view, linear_through_view
-
     check_graph(model)
     new = onnx.ModelProto()
     new.CopyFrom(model)
     graph = Graph(new)
     graph.fill_in()
-    folded, skipped = [], []
     bns = [n for n in graph.order if n.op_type == "BatchNormalization"]
-    for bn in bns:
-        name = node_name(bn)
-        if attribute(bn, "training_mode", 0):
-            skipped.append({"bn": name, "reason": "training_mode=1: it normalizes with batch statistics"})
-            continue
-        if any(o and (graph.readers(o) or o in graph.outputs) for o in bn.output[1:]):
-            skipped.append({"bn": name, "reason": "its running mean/var outputs are read"})
-            continue
-        fed = [n for n in bn.input[1:5] if n in graph.fed]
-        if fed:
-            skipped.append({"bn": name, "reason": f"its inputs {', '.join(fed)} are initializers that are also graph inputs: a caller may feed other values at run time (kept, as ONNX Runtime's optimizer keeps them)"})
-            continue
-        runtime = [n for n in bn.input[1:5] if n not in graph.const]
-        if runtime:
-            skipped.append({"bn": name, "reason": f"its inputs {', '.join(runtime)} are known only at run time (graph inputs, or computed from them)"})
-            continue
-        scale, shift = bn_params(graph, bn)
-        through = linear_through_view(graph, bn, scale.size)
-        if through is not None:  # Gemm/MatMul -> Reshape/Transpose -> BN, as exporters write a Linear
-            small = narrow(graph.const[through.layer.input[1]].dtype)
-            why = None if plan and not small else fold_through_view(graph, bn, through, scale, shift, write=not plan)
-            if why is None:
-                folded.append({"bn": name, "into": node_name(through.layer), "side": "after", "note": f"through the {through.view.op_type} between them"})
+    folded, pending = [], bns
+    while True:  # again over those kept: a BN that preceded a BN now folded may fold too (BN -> BN -> Conv)
+        kept = []
+        for bn in pending:
+            done, entry = _fold_one(graph, bn, plan)
+            if done:
+                folded.append(entry)
             else:
-                skipped.append({"bn": name, "reason": why})
-            continue
-        source, why = source_of(graph, bn, scale.size)
-        layer, side = (source.layer, "after") if source is not None else (None, "")
-        if layer is None:
-            layer, side, why = consumer_of(graph, bn, shift, why)
-        if layer is None:
-            skipped.append({"bn": name, "reason": why})
-            continue
-        weight, bias, why = layer_weights(graph, layer)
-        if why is None and source is not None and source.bias is not None:  # the Add's constant is part of the layer's bias
-            bias = source.bias if bias is None else np.asarray(bias, dtype=np.float64) + source.bias
-        kind = LAYER_KINDS[layer.op_type]
-        groups = int(attribute(layer, "group", 1))
-        channels = fold_math.out_channels(weight, kind, groups) if weight is not None and side == "after" else (fold_math.in_channels(weight, kind, groups) if weight is not None else None)
-        if why is None and channels != scale.size:
-            why = f"{node_name(layer)} has {channels} channels, the BN {scale.size}"
-        if why is not None:
-            skipped.append({"bn": name, "reason": why})
-            continue
-        into = node_name(layer)
-        note = source.note() if source is not None else None
-        dtype = graph.const[layer.input[1]].dtype
-        if plan and not narrow(dtype):  # float32 and wider hold any fold: no weights to compute
-            folded.append({"bn": name, "into": into, "side": side, "note": note})
-            continue
-        import torch
-
-        fn = fold_math.fold_after if side == "after" else fold_math.fold_before
-        new_w, new_b = fn(torch.from_numpy(np.array(weight, dtype=np.float64)), None if bias is None else torch.from_numpy(np.array(bias, dtype=np.float64)), torch.from_numpy(scale), torch.from_numpy(shift), kind, groups)
-        why = fold_math.unrepresentable(new_w, new_b, dtype)
-        if why is not None:
-            skipped.append({"bn": name, "reason": why})
-            continue
-        if plan:
-            folded.append({"bn": name, "into": into, "side": side, "note": note})
-            continue
-        if layer.op_type == "MatMul":  # no bias input: the shift is an Add in the BN's place (or the bias Add's constant)
-            graph.put(layer, 1, new_w.numpy().astype(dtype).T, f"{into}_weight")
-            # after the bias Add (if any), whose constant is in the new shift: read past it
-            start = source.add_input if source.add is not None else source.last.output[0]
-            add = onnx.helper.make_node("Add", [start, ""], [bn.output[0]], name=f"{bn.name or name}_shift")
-            graph.remove(bn)
-            graph.insert_before(bn, add)
-            graph.put(add, 1, new_b.numpy().astype(dtype), f"{name}_shift")
-            folded.append({"bn": name, "into": into, "side": side, "note": note or "MatMul has no bias: the shift is an Add"})
-            continue
-        write_layer(graph, layer, new_w, new_b, dtype)
-        graph.remove(bn)
-        if side == "after":
-            graph.edit(layer, lambda n: n.output.__setitem__(0, bn.output[0]))
-        else:
-            graph.edit(layer, lambda n: n.input.__setitem__(0, bn.input[0]))
-        folded.append({"bn": name, "into": into, "side": side, "note": note})
+                kept.append((bn, entry))
+        if plan or len(kept) == len(pending):
+            break
+        pending = [bn for bn, _ in kept]
+    skipped = [entry for _, entry in kept]
     graph.prune()
     return new, folded, skipped, len(bns)
+
+
+def _fold_one(graph: Graph, bn: Any, plan: bool) -> tuple[bool, dict]:
+    """Fold one BN (with ``plan``, only decide): ``(True, {"bn", "into", "side", "note"})``,
+    or ``(False, {"bn", "reason"})`` with the graph unchanged."""
+    import onnx
+
+    from .onnx_views import fold_through_view, linear_through_view
+
+    name = node_name(bn)
+    if attribute(bn, "training_mode", 0):
+        return False, {"bn": name, "reason": "training_mode=1: it normalizes with batch statistics"}
+    if any(o and (graph.readers(o) or o in graph.outputs) for o in bn.output[1:]):
+        return False, {"bn": name, "reason": "its running mean/var outputs are read"}
+    fed = [n for n in bn.input[1:5] if n in graph.fed]
+    if fed:
+        return False, {"bn": name, "reason": f"its inputs {', '.join(fed)} are initializers that are also graph inputs: a caller may feed other values at run time (kept, as ONNX Runtime's optimizer keeps them)"}
+    runtime = [n for n in bn.input[1:5] if n not in graph.const]
+    if runtime:
+        return False, {"bn": name, "reason": f"its inputs {', '.join(runtime)} are known only at run time (graph inputs, or computed from them)"}
+    scale, shift = bn_params(graph, bn)
+    through = linear_through_view(graph, bn, scale.size)
+    if through is not None:  # Gemm/MatMul -> Reshape/Transpose -> BN, as exporters write a Linear
+        small = narrow(graph.const[through.layer.input[1]].dtype)
+        why = None if plan and not small else fold_through_view(graph, bn, through, scale, shift, write=not plan)
+        if why is None:
+            return True, {"bn": name, "into": node_name(through.layer), "side": "after", "note": f"through the {through.view.op_type} between them"}
+        else:
+            return False, {"bn": name, "reason": why}
+    source, why = source_of(graph, bn, scale.size)
+    layer, side = (source.layer, "after") if source is not None else (None, "")
+    if layer is None:
+        layer, side, why = consumer_of(graph, bn, shift, why)
+    if layer is None:
+        return False, {"bn": name, "reason": why}
+    weight, bias, why = layer_weights(graph, layer)
+    if why is None and source is not None and source.bias is not None:  # the Add's constant is part of the layer's bias
+        bias = source.bias if bias is None else np.asarray(bias, dtype=np.float64) + source.bias
+    kind = LAYER_KINDS[layer.op_type]
+    groups = int(attribute(layer, "group", 1))
+    channels = fold_math.out_channels(weight, kind, groups) if weight is not None and side == "after" else (fold_math.in_channels(weight, kind, groups) if weight is not None else None)
+    if why is None and channels != scale.size:
+        why = f"{node_name(layer)} has {channels} channels, the BN {scale.size}"
+    if why is not None:
+        return False, {"bn": name, "reason": why}
+    into = node_name(layer)
+    note = source.note() if source is not None else None
+    dtype = graph.const[layer.input[1]].dtype
+    if plan and not narrow(dtype):  # float32 and wider hold any fold: no weights to compute
+        return True, {"bn": name, "into": into, "side": side, "note": note}
+    import torch
+
+    fn = fold_math.fold_after if side == "after" else fold_math.fold_before
+    new_w, new_b = fn(torch.from_numpy(np.array(weight, dtype=np.float64)), None if bias is None else torch.from_numpy(np.array(bias, dtype=np.float64)), torch.from_numpy(scale), torch.from_numpy(shift), kind, groups)
+    why = fold_math.unrepresentable(new_w, new_b, dtype)
+    if why is not None:
+        return False, {"bn": name, "reason": why}
+    if plan:
+        return True, {"bn": name, "into": into, "side": side, "note": note}
+    if layer.op_type == "MatMul":  # no bias input: the shift is an Add in the BN's place (or the bias Add's constant)
+        graph.put(layer, 1, new_w.numpy().astype(dtype).T, f"{into}_weight")
+        # after the bias Add (if any), whose constant is in the new shift: read past it
+        start = source.add_input if source.add is not None else source.last.output[0]
+        add = onnx.helper.make_node("Add", [start, ""], [bn.output[0]], name=f"{bn.name or name}_shift")
+        graph.remove(bn)
+        graph.insert_before(bn, add)
+        graph.put(add, 1, new_b.numpy().astype(dtype), f"{name}_shift")
+        return True, {"bn": name, "into": into, "side": side, "note": note or "MatMul has no bias: the shift is an Add"}
+    write_layer(graph, layer, new_w, new_b, dtype)
+    graph.remove(bn)
+    if side == "after":
+        graph.edit(layer, lambda n: n.output.__setitem__(0, bn.output[0]))
+    else:
+        graph.edit(layer, lambda n: n.input.__setitem__(0, bn.input[0]))
+    return True, {"bn": name, "into": into, "side": side, "note": note}

@@ -34,10 +34,11 @@ from .report import FoldReport, tolerance_for
 from .script import fold_script
 from .tree import fold_keeping_modules
 
-def trace_for_fold(model: nn.Module) -> fx.Graph:
-    """``model``'s fx graph, traced in eval mode (BN subclasses bake their mode in)."""
+def trace_for_fold(model: nn.Module, given: int | None = None) -> fx.Graph:
+    """``model``'s fx graph, traced in eval mode (BN subclasses bake their mode in); the
+    parameters of ``forward`` after the ``given`` inputs keep their constant defaults."""
     with verify.eval_mode(model):
-        return g.trace_graph(model)
+        return g.trace_graph(model, given)
 
 
 def fold_traced(graph: fx.Graph, model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, list[dict], list[dict], int]:
@@ -99,7 +100,7 @@ def fold(
                 model = copy.deepcopy(model)  # a BN kept training: forward passes would update its statistics
             reference = verify.reference_outputs(model, inputs)
             try:
-                traced = trace_for_fold(model)
+                traced = trace_for_fold(model, len(inputs))
             except Exception as exc:  # noqa: BLE001 - any tracing failure sends us down the fallback
                 notes.append(f"torch.fx cannot trace the model ({type(exc).__name__}: {one_line(exc, limit=200)}): candidate pairs come from the module tree")
             # the module-tree and keep-modules paths rewrite a copy, taken in eval mode
