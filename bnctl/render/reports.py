@@ -13,7 +13,8 @@ def fold_summary(report: Any) -> str:
     path = {"fx": "torch.fx trace", "torch.export": "torch.export graph", "module-tree": "module tree, each pair verified", "onnx": "ONNX graph", "torchscript": "TorchScript graph, torch.jit.freeze"}.get(report.path, report.path)
     text = f"Folded {len(report.folded)} of {report.bn_before} BatchNorm layers ({path}); {report.bn_after} left."
     if report.max_abs_error is not None:
-        text += f"\nOutputs on {report.inputs}: {report.errors_text()} (tolerance {report.tolerance:g}, {report.tolerance_source}; {report.bound_text()})."
+        text += f"\nOutputs on {report.inputs}: {report.errors_text()} (tolerance {report.tolerance:g}, {report.tolerance_source})."
+        text += f"\nBound: {report.bound_text()}."
     if report.input_dims:
         text += f"\n{inputs_line(report.input_dims)}"
     return text
@@ -115,7 +116,8 @@ def export_table(report: Any):
     table.add_row("[bold]file size[/]", _size(report.bytes_before), _size(report.bytes_after))
     parts: list[Any] = [Text("steps: " + "; ".join(report.steps)), table]
     parts += [Text(plain(f"{f['check']} {f['layer'] or ''}: {f['message']}"), style="yellow") for f in report.findings]
-    summary = f"Exported with {report.exporter}, opset {report.opset}. ONNX Runtime vs PyTorch on {', '.join(report.checked_shapes)}: {report.errors_text()} (tolerance {report.tolerance:g}, {report.tolerance_source}; {report.bound_text()})."
+    summary = f"Exported with {report.exporter}, opset {report.opset}. ONNX Runtime vs PyTorch on {', '.join(report.checked_shapes)}: {report.errors_text()} (tolerance {report.tolerance:g}, {report.tolerance_source})."
+    summary += f"\nBound: {report.bound_text()}."
     if report.inputs:
         summary += f"\n{inputs_line(report.inputs)}; outputs: {', '.join(report.outputs)}"
     parts.append(Text(summary, style="bold" if report.ok else "bold red"))
