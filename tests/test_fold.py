@@ -394,3 +394,23 @@ class EmbedFlag(nn.Module):
 def test_a_forward_flag_left_at_its_default_traces_and_folds():
     folded, report = check(EmbedFlag(), torch.randn(2, 32))
     assert report.path == "fx" and folded_bns(report) == {"bn"}, (report.path, report.notes, report.skipped)
+
+
+class TwoBNsBeforeAConv(nn.Module):
+    """As D-RCNet's downsampling: a residual sum, a BN, a second BN, then a 1x1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv3d(2, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm3d(4)
+        self.bn_b = nn.BatchNorm3d(4)
+        self.proj = nn.Conv3d(4, 6, 1)
+
+    def forward(self, x):
+        y = self.conv0(x)
+        return self.proj(self.bn_b(self.bn_a(y + x.repeat(1, 2, 1, 1, 1))))
+
+
+def test_a_bn_before_a_bn_before_a_conv_folds_too():
+    folded, report = check(TwoBNsBeforeAConv(), torch.randn(2, 2, 4, 4, 4))
+    assert folded_bns(report) == {"bn_a", "bn_b"}, report.skipped

@@ -213,40 +213,50 @@ def fold_graph(graph: fx.Graph, attrs: Attrs) -> tuple[list[dict], list[dict], i
     Returns the folded pairs, the skipped BNs with reasons, and how many BN calls there were.
     """
     folded: list[dict] = []
-    skipped: list[dict] = []
-    count = 0
-    for node in list(graph.nodes):
-        if node._erased:
-            continue
-        bn = g.bn_call(attrs.root, node)
-        if bn is None:
-            continue
-        count += 1
-        refusal = _bn_refusal(attrs, bn)
-        if refusal:
-            skipped.append({"bn": bn.name, "reason": refusal})
-            continue
-        scale, shift = _scale_shift(attrs, bn)
-        channels = scale.numel()
-        layer, why_after = _producer(attrs, bn, channels)
-        side, note = "after", None
-        if layer is None:
-            layer, why_before, note = _consumer(attrs, bn, channels, shift)
-            side = "before"
-            if layer is None:
-                skipped.append({"bn": bn.name, "reason": f"{why_after}; {why_before}"})
+    pending = [node for node in graph.nodes if g.bn_call(attrs.root, node) is not None]
+    count = len(pending)
+    while True:  # again over those kept: a BN before a BN that folded may fold now (BN -> BN -> Conv)
+        kept = []
+        for node in pending:
+            bn = None if node._erased else g.bn_call(attrs.root, node)
+            if bn is None:
                 continue
-        lost = _unrepresentable(attrs, layer, side, scale, shift)
-        if lost is not None:
-            skipped.append({"bn": bn.name, "reason": lost})
-            continue
-        copy_note = _fold_pair(graph, attrs, bn, layer, side, scale, shift)
-        notes = [n for n in (note, copy_note) if n]
-        folded.append({"bn": bn.name, "into": layer.name, "side": side, "note": "; ".join(notes) or None})
+            entry = _fold_one(graph, attrs, bn)
+            if "into" in entry:
+                folded.append(entry)
+            else:
+                kept.append((node, entry))
+        if len(kept) == len(pending):
+            break
+        pending = [node for node, _ in kept]
+    skipped = [entry for _, entry in kept]
     for node in reversed(list(graph.nodes)):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
     return folded, skipped, count
+
+
+def _fold_one(graph: fx.Graph, attrs: Attrs, bn: g.BNCall) -> dict:
+    """Fold one BN call where it folds exactly: ``{"bn", "into", "side", "note"}``, or
+    ``{"bn", "reason"}`` with the graph unchanged."""
+    refusal = _bn_refusal(attrs, bn)
+    if refusal:
+        return {"bn": bn.name, "reason": refusal}
+    scale, shift = _scale_shift(attrs, bn)
+    channels = scale.numel()
+    layer, why_after = _producer(attrs, bn, channels)
+    side, note = "after", None
+    if layer is None:
+        layer, why_before, note = _consumer(attrs, bn, channels, shift)
+        side = "before"
+        if layer is None:
+            return {"bn": bn.name, "reason": f"{why_after}; {why_before}"}
+    lost = _unrepresentable(attrs, layer, side, scale, shift)
+    if lost is not None:
+        return {"bn": bn.name, "reason": lost}
+    copy_note = _fold_pair(graph, attrs, bn, layer, side, scale, shift)
+    notes = [n for n in (note, copy_note) if n]
+    return {"bn": bn.name, "into": layer.name, "side": side, "note": "; ".join(notes) or None}
 
 
 def propagate_shapes(graph: fx.Graph, root: nn.Module, inputs: tuple) -> None:
