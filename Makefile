@@ -15,8 +15,9 @@ $(VENV)/.demo-installed: pyproject.toml constraints.txt | $(PY)
 	$(PIP) -e '.[plot,parquet]'
 	touch $@
 
-$(VENV)/.test-installed: pyproject.toml constraints.txt | $(PY)
+$(VENV)/.test-installed: pyproject.toml constraints.txt tests/corpus/requirements.txt | $(PY)
 	$(PIP) -e '.[test]'
+	$(PIP) --no-deps -r tests/corpus/requirements.txt
 	touch $@
 
 demo: $(VENV)/.demo-installed
@@ -55,7 +56,7 @@ demo: $(VENV)/.demo-installed
 	@$(BNCTL) export samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 1,3,32,32 --dynamic-batch -o $(OUT)/sample.onnx
 
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q
+	BNCTL_REQUIRE_CORPUS=1 $(PY) -m pytest -q
 
 bench: $(VENV)/.test-installed
 	$(PY) benchmarks/bench_inspect.py
