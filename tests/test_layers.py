@@ -123,3 +123,37 @@ def test_state_dict_grouping_ignores_non_bn_tensors():
     }
     (layer,) = layers.from_state_dict(state)
     assert (layer.name, layer.kind, layer.eps, layer.num_batches_tracked) == ("bn", None, None, 7)
+
+
+def test_a_module_tree_deeper_than_the_python_stack_is_read_and_copied(tmp_path):
+    # bnctl's own walks of module trees use stacks: read a 300-deep TorchScript nesting, and
+    # copy a 300-deep module, under a recursion limit that a walk recursing per level runs past
+    import subprocess
+    import sys
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+    for _ in range(300):
+        model = nn.Sequential(model)
+    path = tmp_path / "deep.torchscript.pt"
+    torch.jit.save(torch.jit.script(model.eval()), path)
+    code = (
+        "import sys\n"
+        "import bnctl, bnctl.ops.inspect, bnctl.core.graph, torch\n"
+        "from torch import nn\n"
+        f"result = bnctl.inspect({str(path)!r})\n"
+        "sys.setrecursionlimit(250)\n"
+        f"result = bnctl.inspect({str(path)!r})\n"
+        "assert len(result.rows) == 1, result.rows\n"
+        "model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))\n"
+        "for _ in range(300):\n"
+        "    model = nn.Sequential(model)\n"
+        "copy = bnctl.core.graph.shallow_copy(model)\n"
+        "inner = copy\n"
+        "for _ in range(300):\n"
+        "    inner = inner[0]\n"
+        "assert inner[1] is not None and inner[1].weight is model.get_submodule('.'.join(['0'] * 300) + '.1').weight\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]

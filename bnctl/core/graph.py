@@ -129,11 +129,15 @@ def trace(model: nn.Module) -> fx.GraphModule:
 def shallow_copy(module: nn.Module) -> nn.Module:
     """A module object of its own (mode, attributes, tensor slots, submodules) that still
     shares its tensors with ``module``."""
-    new = copy.copy(module)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = {k: shallow_copy(m) if m is not None else None for k, m in module._modules.items()}
-    return new
+    root = copy.copy(module)
+    stack = [(root, module)]  # a stack, not recursion: module trees can be deep
+    while stack:
+        new, old = stack.pop()
+        new._parameters = dict(old._parameters)
+        new._buffers = dict(old._buffers)
+        new._modules = {k: copy.copy(m) if m is not None else None for k, m in old._modules.items()}
+        stack.extend((new._modules[k], m) for k, m in old._modules.items() if m is not None)
+    return root
 
 
 def trace_graph(model: nn.Module, given: int | None = None) -> fx.Graph:

@@ -202,6 +202,19 @@ class ScriptModuleView:
     ``children``, ``named_parameters``/``named_buffers`` without recursion, attributes)."""
 
     def __init__(self, obj: ScriptObject, classes: dict[str, _ClassInfo], reader: TensorReader, path: str = ""):
+        self._fill(obj, classes, reader, path)
+        stack = [self]  # the submodules, built with a stack: a tree as deep as a model can be
+        while stack:
+            view = stack.pop()
+            for key, value in view.__dict__["_state"].items():
+                if isinstance(value, ScriptObject):
+                    child = ScriptModuleView.__new__(ScriptModuleView)
+                    child._fill(value, classes, reader, f"{view.__dict__['_path']}.{key}" if view.__dict__["_path"] else key)
+                    view.__dict__["_children"][key] = child
+                    stack.append(child)
+
+    def _fill(self, obj: ScriptObject, classes: dict[str, _ClassInfo], reader: TensorReader, path: str) -> None:
+        """This module's own state, constants, parameter and buffer names; no children yet."""
         qualname = type(obj).qualname
         self.__dict__.update(_qualname=qualname, _path=path, _reader=reader, _state=obj._state)
         info = classes.get(qualname, _ClassInfo())
@@ -210,9 +223,7 @@ class ScriptModuleView:
             buffers = [k for k, v in obj._state.items() if isinstance(v, TensorRef)]
         self.__dict__.update(_constants=info.constants, _parameters=info.parameters, _buffers=buffers)
         self.__dict__["original_name"] = qualname.rpartition(".")[2]
-        self.__dict__["_children"] = {
-            k: ScriptModuleView(v, classes, reader, f"{path}.{k}" if path else k) for k, v in obj._state.items() if isinstance(v, ScriptObject)
-        }
+        self.__dict__["_children"] = {}
 
     def __getattr__(self, name: str) -> Any:
         state = self.__dict__["_state"]
@@ -235,9 +246,13 @@ class ScriptModuleView:
         return iter(self._children.values())
 
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, ScriptModuleView]]:
-        yield prefix, self
-        for name, child in self._children.items():
-            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+        """Every module of the tree, parents before children, in ``nn.Module`` order (a stack,
+        not recursion: a tree as deep as a model can be)."""
+        stack = [(prefix, self)]
+        while stack:
+            name, module = stack.pop()
+            yield name, module
+            stack.extend(reversed([(f"{name}.{key}" if name else key, child) for key, child in module._children.items()]))
 
     def modules(self) -> Iterator[ScriptModuleView]:
         return (m for _, m in self.named_modules())

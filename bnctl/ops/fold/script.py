@@ -29,10 +29,14 @@ _LAYER_OPS = {"aten::_convolution": "conv", "aten::conv1d": "conv", "aten::conv2
 
 def _nodes(block: Any) -> Iterator[Any]:
     """Every node of a graph or block, nested blocks (if/loop bodies) included."""
-    for node in block.nodes():
+    stack = [iter(block.nodes())]  # nested blocks walked with a stack, not recursion
+    while stack:
+        node = next(stack[-1], None)
+        if node is None:
+            stack.pop()
+            continue
         yield node
-        for inner in node.blocks():
-            yield from _nodes(inner)
+        stack.extend(iter(inner.nodes()) for inner in reversed(list(node.blocks())))
 
 
 def _attr_path(value: Any) -> str | None:
