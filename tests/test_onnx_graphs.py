@@ -195,3 +195,17 @@ def test_consecutive_bns_before_a_conv_both_fold():
     model = _model(nodes, inits, [1, 4, 6, 6], [1, 5, 6, 6])
     new, folded, _ = _fold_and_check(model, rng.normal(size=(1, 4, 6, 6)).astype(np.float32), 2)
     assert [n.op_type for n in new.graph.node] == ["Relu", "Conv"]
+
+
+def test_an_attribute_of_the_wrong_type_is_a_clean_error_and_fails_the_audit(cli, tmp_path):
+    model = onnx.load(ROOT / "samples/checkpoints/sample.onnx")
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    for a in conv.attribute:
+        if a.name == "group":
+            a.type, a.s = onnx.AttributeProto.STRING, b""
+    src = tmp_path / "attr.onnx"
+    onnx.save(model, src)
+    audit = cli("audit", src)
+    assert audit.exit_code == 2 and "attribute 'group' of type STRING, which ONNX defines as INT" in audit.stdout, audit.output
+    fold = cli("fold", src, "-o", tmp_path / "f.onnx")
+    assert fold.exit_code == 2 and fold.stderr.startswith("error: the ONNX graph is broken"), fold.output

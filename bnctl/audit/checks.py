@@ -52,14 +52,11 @@ def from_rows(rows: list[dict[str, Any]], onnx: bool) -> list[Raw]:
 
 
 def onnx_unfolded(model: Any) -> list[Raw]:
-    """BN402: BatchNormalization nodes that bnctl fold would fold."""
-    from ..errors import BnctlError
+    """BN402: BatchNormalization nodes that bnctl fold would fold. A damaged graph raises
+    the InputError that fold would (the file's audit fails; a gate is never green by accident)."""
     from ..ops.fold import onnx as onnx_fold
 
-    try:
-        _, folded, _, _ = onnx_fold.fold_model(model, plan=True)
-    except BnctlError:
-        return []
+    _, folded, _, _ = onnx_fold.fold_model(model, plan=True)
     return [(f["bn"], "BN402", f"foldable into {f['into']}, the layer {'before' if f['side'] == 'after' else 'after'} it: bnctl fold removes it") for f in folded]
 
 

@@ -171,9 +171,7 @@ def from_onnx(model: Any) -> list[BNLayer]:
     convention (weight of the running value) to PyTorch's (weight of the new batch).
     ``training_mode=1`` or extra outputs mean the node computes batch statistics.
     """
-    from onnx import helper
-
-    from .onnx import check_batchnorms, computed_constants, constant_values
+    from .onnx import attribute, check_batchnorms, computed_constants, constant_values
 
     check_batchnorms(model)
     values = constant_values(model)
@@ -189,7 +187,7 @@ def from_onnx(model: Any) -> list[BNLayer]:
     for index, node in enumerate(model.graph.node):
         if node.op_type != "BatchNormalization":
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {name: attribute(node, name) for name in ("training_mode", "epsilon", "momentum") if attribute(node, name) is not None}
         weight, bias, mean, var = (tensor(n) if n else None for n in list(node.input[1:5]) + [""] * (5 - len(node.input)))
         scale_name = node.input[1] if len(node.input) > 1 else ""
         name = scale_name[: -len(".weight")] if scale_name.endswith(".weight") else (node.name or f"BatchNormalization_{index}")

@@ -10,11 +10,24 @@ import numpy as np
 from ..errors import InputError
 
 
+#: the attributes bnctl reads, and the type ONNX defines for each (AttributeProto's numbers)
+_ATTRIBUTE_TYPES = {"epsilon": 1, "momentum": 1, "alpha": 1, "beta": 1, "training_mode": 2, "group": 2, "transA": 2, "transB": 2,
+                    "to": 2, "allowzero": 2, "auto_pad": 3, "pads": 7, "perm": 7, "axes": 7, "kernel_shape": 7, "strides": 7}
+
+
 def attribute(node: Any, name: str, default: Any = None) -> Any:
+    """The value of ``node``'s attribute ``name`` (``default`` where it has none); an
+    InputError where an attribute bnctl reads has another type than ONNX defines (a damaged file)."""
     import onnx
 
     for a in node.attribute:
         if a.name == name:
+            expected = _ATTRIBUTE_TYPES.get(name)
+            if expected is not None and a.type != expected:
+                raise InputError(
+                    f"the ONNX graph is broken: node {node.name or node.op_type} has attribute '{name}' of type {onnx.AttributeProto.AttributeType.Name(a.type) if a.type in onnx.AttributeProto.AttributeType.values() else a.type}, which ONNX defines as {onnx.AttributeProto.AttributeType.Name(expected)}",
+                    "the file is damaged or was edited by hand; export it again",
+                )
             return onnx.helper.get_attribute_value(a)
     return default
 
