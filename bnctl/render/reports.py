@@ -47,8 +47,17 @@ def fold_table(report: Any):
         table.add_row(markup(entry["bn"]), "[yellow]kept[/]", markup(entry["reason"]))
     parts: list[Any] = [table] if report.folded or report.skipped else []
     parts += [Text(f"note: {plain(n)}", style="dim") for n in report.notes]
+    parts += [Text(plain(line), style="yellow") for line in int8_lines(report.folded)]
     parts.append(Text(fold_summary(report), style="bold" if report.ok else "bold red"))
     return Group(*parts)
+
+
+def int8_lines(folded: list[dict[str, Any]]) -> list[str]:
+    """One line per folded layer whose per-tensor int8 SQNR drops by more than
+    :data:`bnctl.core.int8.DROP_DB` through the fold, with the channel responsible."""
+    from ..core import int8
+
+    return [int8.advice(e["bn"], e["into"], e["int8"]) for e in folded if e.get("int8") and int8.drop_db(e["int8"]) > int8.DROP_DB]
 
 
 def recalibration_table(report: Any):

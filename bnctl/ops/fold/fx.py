@@ -154,11 +154,12 @@ def _attr_readers(graph: fx.Graph, target: str) -> int:
     return sum(len(n.users) for n in graph.nodes if n.op == "get_attr" and n.target == target)
 
 
-def _fold_pair(graph: fx.Graph, attrs: Attrs, bn: g.BNCall, layer: g.LayerCall, side: str, scale: torch.Tensor, shift: torch.Tensor) -> str | None:
+def _fold_pair(graph: fx.Graph, attrs: Attrs, bn: g.BNCall, layer: g.LayerCall, side: str, scale: torch.Tensor, shift: torch.Tensor) -> tuple[str | None, dict]:
     """Rewrite the layer's weights to include the BN, and take the BN out of the graph.
 
     A layer whose parameters other calls also read gets folded copies for this call
-    (returns a note saying so); the other calls keep the originals.
+    (the note returned says so); the other calls keep the originals. Returns that note and
+    the int8 readiness of the weight as written (:func:`bnctl.core.int8.readiness`).
     """
     w_target = layer.weight_target
     b_target = layer.bias_node.target if layer.bias_node is not None else None
@@ -181,7 +182,14 @@ def _fold_pair(graph: fx.Graph, attrs: Attrs, bn: g.BNCall, layer: g.LayerCall, 
     _point_to(graph, layer, "bias", b_target)
     bn.output.replace_all_uses_with(layer.node if side == "after" else bn.input)
     _erase_bn(graph, bn)
-    return note
+    return note, int8_of(weight, new_w.to(weight.dtype), layer.kind)
+
+
+def int8_of(before: torch.Tensor, after: torch.Tensor, kind: str) -> dict:
+    """The int8 block of a folded layer's weight (output channels on axis 1 of a transposed conv's, else 0)."""
+    from ...core.int8 import readiness
+
+    return readiness(before.detach().double().numpy(), after.detach().double().numpy(), 1 if kind == "conv_transpose" else 0)
 
 
 def _unrepresentable(attrs: Attrs, layer: g.LayerCall, side: str, scale: torch.Tensor, shift: torch.Tensor) -> str | None:
@@ -254,9 +262,20 @@ def _fold_one(graph: fx.Graph, attrs: Attrs, bn: g.BNCall) -> dict:
     lost = _unrepresentable(attrs, layer, side, scale, shift)
     if lost is not None:
         return {"bn": bn.name, "reason": lost}
-    copy_note = _fold_pair(graph, attrs, bn, layer, side, scale, shift)
+    copy_note, int8 = _fold_pair(graph, attrs, bn, layer, side, scale, shift)
     notes = [n for n in (note, copy_note) if n]
-    return {"bn": bn.name, "into": layer.name, "side": side, "note": "; ".join(notes) or None}
+    int8["range_channel_var"] = _var_at(attrs, bn, side, int8)
+    return {"bn": bn.name, "into": layer.name, "side": side, "note": "; ".join(notes) or None, "int8": int8}
+
+
+def _var_at(attrs: Attrs, bn: g.BNCall, side: str, int8: dict) -> float | None:
+    """The BN's running variance at the channel that sets the folded weight's range (a BN
+    folded after its layer scales that layer's output channels; before, its input channels)."""
+    channel = int8.get("range_channel")
+    var = attrs.get(bn.targets["running_var"]) if bn.targets.get("running_var") else None
+    if side != "after" or channel is None or var is None or channel >= var.numel():
+        return None
+    return float(var.reshape(-1)[channel])
 
 
 def propagate_shapes(graph: fx.Graph, root: nn.Module, inputs: tuple) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ...core.int8 import readiness
 from ...core.onnx import attribute, check_graph, node_name
 from . import math as fold_math
 from .onnx_graph import LAYER_KINDS, Graph, bn_params, layer_weights, narrow, write_layer
@@ -81,7 +82,8 @@ def _fold_one(graph: Graph, bn: Any, plan: bool) -> tuple[bool, dict]:
         small = narrow(graph.const[through.layer.input[1]].dtype)
         why = None if plan and not small else fold_through_view(graph, bn, through, scale, shift, write=not plan)
         if why is None:
-            return True, {"bn": name, "into": node_name(through.layer), "side": "after", "note": f"through the {through.view.op_type} between them"}
+            entry = {"bn": name, "into": node_name(through.layer), "side": "after", "note": f"through the {through.view.op_type} between them"}
+            return True, entry | ({"int8": through.int8} if through.int8 is not None else {})
         else:
             return False, {"bn": name, "reason": why}
     source, why = source_of(graph, bn, scale.size)
@@ -114,6 +116,9 @@ def _fold_one(graph: Graph, bn: Any, plan: bool) -> tuple[bool, dict]:
         return False, {"bn": name, "reason": why}
     if plan:
         return True, {"bn": name, "into": into, "side": side, "note": note}
+    int8 = readiness(np.asarray(weight, dtype=np.float64), new_w.numpy().astype(dtype), 1 if kind == "conv_transpose" else 0)
+    channel = int8["range_channel"]
+    int8["range_channel_var"] = float(graph.const[bn.input[4]].reshape(-1)[channel]) if side == "after" and channel is not None and channel < scale.size else None
     if layer.op_type == "MatMul":  # no bias input: the shift is an Add in the BN's place (or the bias Add's constant)
         graph.put(layer, 1, new_w.numpy().astype(dtype).T, f"{into}_weight")
         # after the bias Add (if any), whose constant is in the new shift: read past it
@@ -122,11 +127,11 @@ def _fold_one(graph: Graph, bn: Any, plan: bool) -> tuple[bool, dict]:
         graph.remove(bn)
         graph.insert_before(bn, add)
         graph.put(add, 1, new_b.numpy().astype(dtype), f"{name}_shift")
-        return True, {"bn": name, "into": into, "side": side, "note": note or "MatMul has no bias: the shift is an Add"}
+        return True, {"bn": name, "into": into, "side": side, "note": note or "MatMul has no bias: the shift is an Add", "int8": int8}
     write_layer(graph, layer, new_w, new_b, dtype)
     graph.remove(bn)
     if side == "after":
         graph.edit(layer, lambda n: n.output.__setitem__(0, bn.output[0]))
     else:
         graph.edit(layer, lambda n: n.input.__setitem__(0, bn.input[0]))
-    return True, {"bn": name, "into": into, "side": side, "note": note}
+    return True, {"bn": name, "into": into, "side": side, "note": note, "int8": int8}

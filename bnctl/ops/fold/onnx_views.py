@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ...core.onnx import attribute
+from ...core.int8 import readiness
 from . import math as fold_math
 from .onnx_graph import layer_weights, write_layer
 
@@ -30,6 +31,7 @@ class Through:
     layer: Any
     add: Any  # the MatMul's bias Add, or None
     view: Any
+    int8: dict | None = None  # the folded weight's int8 readiness, once written
 
 
 def linear_through_view(graph: Any, bn: Any, channels: int) -> Through | None:
@@ -87,6 +89,9 @@ def fold_through_view(graph: Any, bn: Any, through: Through, scale: np.ndarray, 
     why = fold_math.unrepresentable(new_w, new_b, dtype)
     if why is not None or not write:
         return why
+    through.int8 = readiness(np.asarray(weight, dtype=np.float64), new_w.numpy().astype(dtype), 0)
+    channel = through.int8["range_channel"]
+    through.int8["range_channel_var"] = float(graph.const[bn.input[4]].reshape(-1)[channel]) if channel is not None and channel < scale.size else None
     hint = layer.name or layer.output[0]
     if layer.op_type == "Gemm":
         write_layer(graph, layer, new_w, new_b, dtype)

@@ -53,12 +53,13 @@ def _module_candidates(model: nn.Module) -> tuple[list[tuple[str, str]], list[di
     return pairs, skipped
 
 
-def fold_identity(model: nn.Module, bn_name: str, layer_name: str, side: str = "after") -> None:
+def fold_identity(model: nn.Module, bn_name: str, layer_name: str, side: str = "after") -> dict:
     """Fold in place, keeping every module: the layer takes the BN's scale, the BN becomes
     an identity (weight 1, mean 0, var 1 - eps) whose bias holds the shift when the layer
     has no bias of its own. Works on TorchScript modules too (values only change).
 
-    Raises ValueError where the modules cannot hold the result.
+    Returns the int8 readiness of the folded weight. Raises ValueError where the modules
+    cannot hold the result.
     """
     bn = g.get_attr(model, bn_name)
     layer = g.get_attr(model, layer_name)
@@ -72,6 +73,9 @@ def fold_identity(model: nn.Module, bn_name: str, layer_name: str, side: str = "
     keep_shift = layer.bias is None
     if keep_shift and (side == "before" or bn.bias is None):
         raise ValueError(f"{layer_name} has no bias to take the shift")
+    int8 = gf.int8_of(layer.weight, new_w.to(layer.weight.dtype), kind)
+    channel = int8["range_channel"]
+    int8["range_channel_var"] = float(bn.running_var.reshape(-1)[channel]) if side == "after" and channel is not None and channel < bn.running_var.numel() else None
     with torch.no_grad():
         layer.weight.copy_(new_w)
         if not keep_shift:
@@ -79,6 +83,7 @@ def fold_identity(model: nn.Module, bn_name: str, layer_name: str, side: str = "
         for key, value in identity_bn(scale.numel(), float(bn.eps), new_b if keep_shift else None, bn.running_mean.dtype).items():
             if getattr(bn, key, None) is not None:
                 getattr(bn, key).copy_(value)
+    return int8
 
 
 def _fold_module_tree(model: nn.Module, inputs: tuple, reference: list[torch.Tensor], tolerance: float) -> tuple[nn.Module, list[dict], list[dict]]:
@@ -89,14 +94,14 @@ def _fold_module_tree(model: nn.Module, inputs: tuple, reference: list[torch.Ten
     for bn_name, layer_name in pairs:
         trial = copy.deepcopy(work)
         try:
-            fold_identity(trial, bn_name, layer_name)
+            int8 = fold_identity(trial, bn_name, layer_name)
         except ValueError as exc:
             skipped.append({"bn": bn_name, "reason": str(exc)})
             continue
         difference = verify.compare(reference, verify.run(trial, inputs))
         if difference.within(tolerance):
             work = trial
-            folded.append({"bn": bn_name, "into": layer_name, "side": "after", "note": "verified on the check inputs"})
+            folded.append({"bn": bn_name, "into": layer_name, "side": "after", "note": "verified on the check inputs", "int8": int8})
         else:
             skipped.append({"bn": bn_name, "reason": f"folding into {layer_name} changed the outputs (max abs error {difference.max_abs:.2g}, rel. error {difference.max_rel:.2g})"})
     return work, folded, skipped

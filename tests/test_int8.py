@@ -1,0 +1,112 @@
+"""int8 readiness of folded layers: every figure recomputed here, in numpy, from the weights
+as written (the folded module's, the written ONNX graph's), never taken from bnctl."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import bnctl
+
+
+def _q(w, s):
+    s = np.where(s > 0, s, 1.0)
+    return np.clip(np.round(w / s), -127, 127) * s
+
+
+def _sqnr(w, q):
+    noise = float(((w - q) ** 2).sum())
+    return None if noise == 0 else 10 * math.log10(float((w * w).sum()) / noise)
+
+
+def expected(before: np.ndarray, after: np.ndarray, axis: int = 0) -> dict:
+    """The int8 block, from the definitions: symmetric int8, scale max|w|/127 over the
+    tensor or each output channel."""
+    a, b = after.astype(np.float64), before.astype(np.float64)
+    ca = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+    cb = np.moveaxis(b, axis, 0).reshape(b.shape[axis], -1)
+    per_channel_scale = np.abs(ca).max(axis=1, keepdims=True) / 127
+
+    def median(c):
+        q = _q(c, np.abs(c).max() / 127)
+        per = [_sqnr(c[k], q[k]) for k in range(c.shape[0])]
+        return float(np.median([math.inf if v is None else v for v in per]))
+
+    return {
+        "per_tensor_sqnr_db": _sqnr(a, _q(a, np.abs(a).max() / 127)),
+        "per_channel_sqnr_db": _sqnr(ca, _q(ca, per_channel_scale)),
+        "before_per_tensor_sqnr_db": _sqnr(b, _q(b, np.abs(b).max() / 127)),
+        "median_channel_sqnr_db": median(ca),
+        "range_growth": float(np.abs(a).max() / np.abs(b).max()),
+        "range_channel": int(np.abs(ca).max(axis=1).argmax()),
+    }
+
+
+def _compare(block: dict, want: dict) -> None:
+    for key, value in want.items():
+        got = block[key]
+        if value is None or (isinstance(value, float) and math.isinf(value)):
+            assert got is None, (key, got)
+        else:
+            assert got == pytest.approx(value, abs=0.01 if key.endswith("_db") else 1e-6, rel=1e-6), (key, got, value)
+
+
+def _net(tiny_var: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.ConvTranspose2d(16, 6, 2, stride=2), nn.BatchNorm2d(6))
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    if tiny_var:
+        model[1].running_var[11] = 1e-7
+        model[1].eps = 1e-9
+    return model.eval()
+
+
+@pytest.mark.parametrize("tiny_var", [False, True])
+def test_pytorch_fold_reports_int8_readiness_of_the_written_weights(tiny_var):
+    model = _net(tiny_var)
+    before = {0: model[0].weight.detach().numpy().copy(), 3: model[3].weight.detach().numpy().copy()}
+    folded, report = bnctl.fold(model, torch.randn(1, 3, 12, 12))
+    assert report.ok and len(report.folded) == 2
+    written = {name: p.detach().numpy() for name, p in folded.named_parameters()}
+    for entry, index, axis in ((report.folded[0], 0, 0), (report.folded[1], 3, 1)):
+        after = next(v for k, v in written.items() if k.startswith(f"{index}.") and k.endswith("weight") and v.shape == before[index].shape)
+        _compare(entry["int8"], expected(before[index], after, axis))
+    from bnctl.render.reports import int8_lines
+
+    lines = int8_lines(report.folded)
+    if tiny_var:
+        assert len(lines) == 1 and "channel 11 (running_var 1e-07)" in lines[0] and "quantize per channel" in lines[0]
+    else:
+        assert lines == []
+
+
+def test_onnx_fold_reports_int8_from_the_written_graph(cli, tmp_path):
+    rng = np.random.default_rng(1)
+    var = rng.uniform(0.5, 2, 8)
+    var[3] = 1e-9
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.ones(8, np.float32), "g"), numpy_helper.from_array(np.zeros(8, np.float32), "b"),
+             numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "m"), numpy_helper.from_array(var.astype(np.float32), "v")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[3, 3]), helper.make_node("BatchNormalization", ["a", "g", "b", "m", "v"], ["y"], epsilon=1e-10)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], inits)
+    src, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), src)
+    result = cli("fold", src, "-o", out, "-f", "json")
+    assert result.exit_code == 0, result.output
+    entry = json.loads(result.stdout)["folded"][0]
+    written = onnx.load(out)
+    conv = next(n for n in written.graph.node if n.op_type == "Conv")
+    after = numpy_helper.to_array(next(t for t in written.graph.initializer if t.name == conv.input[1]))
+    _compare(entry["int8"], expected(numpy_helper.to_array(inits[0]), after))
+    assert entry["int8"]["range_channel"] == 3
+    text = cli("fold", src, "-o", tmp_path / "g.onnx")
+    assert "int8 after folding" in text.stdout and "channel 3 (running_var 1e-09)" in text.stdout
