@@ -110,3 +110,42 @@ def test_onnx_fold_reports_int8_from_the_written_graph(cli, tmp_path):
     assert entry["int8"]["range_channel"] == 3
     text = cli("fold", src, "-o", tmp_path / "g.onnx")
     assert "int8 after folding" in text.stdout and "channel 3 (running_var 1e-09)" in text.stdout
+
+
+def _onnx_conv_bn(tmp_path, var):
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.normal(size=(len(var), 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.ones(len(var), np.float32), "g"), numpy_helper.from_array(np.zeros(len(var), np.float32), "b"),
+             numpy_helper.from_array(np.zeros(len(var), np.float32), "m"), numpy_helper.from_array(np.asarray(var, np.float32), "v")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[3, 3]), helper.make_node("BatchNormalization", ["a", "g", "b", "m", "v"], ["y"], epsilon=1e-10)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, len(var), 6, 6])], inits)
+    path = tmp_path / f"m{len(var)}_{min(var):g}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
+    return path, numpy_helper.to_array(inits[0]).astype(np.float64), np.asarray(var, dtype=np.float64)
+
+
+def test_the_audit_flags_int8_fold_range_with_the_channel_and_only_there(cli, tmp_path):
+    healthy, _, _ = _onnx_conv_bn(tmp_path, [1.0, 0.5, 2.0, 1.5])
+    sick, weight, var = _onnx_conv_bn(tmp_path, [1.0, 0.5, 1e-9, 1.5, 0.8])
+    doc = json.loads(cli("audit", healthy, "-f", "json").stdout)
+    assert not any(f["check"] == "BN403" for f in doc["findings"])
+    result = cli("audit", sick, "-f", "json")
+    findings = [f for f in json.loads(result.stdout)["findings"] if f["check"] == "BN403"]
+    assert len(findings) == 1 and "channel 2 (running_var 1e-09)" in findings[0]["message"], findings
+    # the figures in the message, recomputed: the folded weight is w * 1/sqrt(var + eps) per channel
+    folded = weight * (1 / np.sqrt(var + 1e-10)).reshape(-1, 1, 1, 1)
+    want = expected(weight, folded.astype(np.float32))
+    assert f"-> {want['median_channel_sqnr_db']:.1f} dB for the median channel" in findings[0]["message"]
+
+
+def test_the_audit_flags_int8_fold_range_in_a_module(cli, tmp_path):
+    for tiny, expect in ((True, True), (False, False)):
+        model = _net(tiny)
+        path = tmp_path / f"net{tiny}.pt"
+        torch.save(model, path)
+        doc = json.loads(cli("audit", path, "--trust", "-f", "json").stdout)
+        hits = [f for f in doc["findings"] if f["check"] == "BN210"]
+        assert bool(hits) == expect, doc["findings"]
+        if expect:
+            assert hits[0]["layer"] == "1" and "channel 11" in hits[0]["message"]

@@ -52,13 +52,24 @@ def from_rows(rows: list[dict[str, Any]], onnx: bool) -> list[Raw]:
 
 
 def onnx_unfolded(model: Any) -> list[Raw]:
-    """BN402: BatchNormalization nodes that bnctl fold would fold. A damaged graph raises
-    the InputError that fold would (the file's audit fails; a gate is never green by accident)."""
+    """BN402: BatchNormalization nodes that bnctl fold would fold; BN403: those whose fold
+    would cost the weight more than :data:`bnctl.core.int8.DROP_DB` of int8 SQNR. A damaged
+    graph raises the InputError that fold would (the file's audit fails; a gate is never
+    green by accident)."""
+    from ..core import int8
     from ..ops.fold import onnx as onnx_fold
 
     _, folded, _, _ = onnx_fold.fold_model(model, plan=True)
-    return [(f["bn"], "BN402", f"foldable into {f['into']}, the layer {'before' if f['side'] == 'after' else 'after'} it: bnctl fold removes it") for f in folded]
+    found = [(f["bn"], "BN402", f"foldable into {f['into']}, the layer {'before' if f['side'] == 'after' else 'after'} it: bnctl fold removes it") for f in folded]
+    return found + int8_findings(folded, "BN403")
 
+
+def int8_findings(folded: list[dict[str, Any]], code: str) -> list[Raw]:
+    """``code`` findings for the planned folds whose int8 readiness drops by more than
+    :data:`bnctl.core.int8.DROP_DB`, worded as the fold report words them."""
+    from ..core import int8
+
+    return [(f["bn"], code, int8.advice(f["bn"], f["into"], f["int8"]).removeprefix("int8 ")) for f in folded if f.get("int8") and int8.drop_db(f["int8"]) > int8.DROP_DB]
 
 
 def onnx_findings(model: Any) -> list[dict[str, Any]]:

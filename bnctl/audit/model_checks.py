@@ -32,6 +32,23 @@ def conv_bias_before_bn(module: nn.Module) -> list[Raw]:
     return [(bn, "BN208", f"{layer} has a bias, which this BN's mean subtraction cancels") for bn, layer in conv_bias_pairs(module)]
 
 
+def int8_fold_range(module: nn.Module) -> list[Raw]:
+    """BN210: the BNs whose fold (as ``bnctl fold`` pairs them, from the traced data flow)
+    would cost the folded weight more than 6 dB of per-tensor int8 SQNR. The module is read,
+    not changed; an untraceable one gives none."""
+    from ..ops.fold import fx as gf
+    from ..ops.fold.pytorch import trace_for_fold
+    from .checks import int8_findings
+
+    try:
+        graph = trace_for_fold(module)
+    except Exception:  # noqa: BLE001 - untraceable (TorchScript, control flow): no pairs to judge
+        return []
+    with verify.eval_mode(module):
+        folded, _, _ = gf.fold_graph(graph, gf.Attrs(module))
+    return int8_findings(folded, "BN210")
+
+
 def conv_bias_pairs(module: nn.Module) -> list[tuple[str, str]]:
     """``(bn, layer)`` names: a conv/linear with a bias whose output only that BN reads."""
     try:

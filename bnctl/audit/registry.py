@@ -132,6 +132,11 @@ _CHECKS = [
           "Often a port from another framework (TensorFlow uses 1e-3) that missed some layers.",
           "A timm port whose stem uses eps=1e-3 and the rest 1e-5.",
           "Check the source model's eps per layer."),
+    Check("BN210", "int8-fold-range", "warning", "configuration",
+          "Folding a BN into its conv or linear layer would cost the folded weight more than 6 dB of per-tensor int8 SQNR (whole tensor or median channel).",
+          "Folding multiplies each output channel by gamma / sqrt(var + eps): a channel with a near-zero variance gets weights thousands of times its neighbours', and with one int8 scale per tensor every other channel rounds to a few levels (Xilinx/brevitas#388: 93.9% to 88.9% after merging BN).",
+          "A BN channel whose running_var is 1e-7 after a dead or constant feature, folded and quantized per tensor.",
+          "Quantize the folded layer per channel; or find out why that BN channel's variance is near zero (a dead filter) and fix it, or recalibrate."),
     # --- behaviour: needs --input-shape or --data -------------------------------------------
     Check("BN301", "nondeterministic-eval", "error", "behaviour",
           "Two eval-mode forward passes on the same input give different outputs.",
@@ -164,6 +169,11 @@ _CHECKS = [
           "An extra op per layer at inference; some runtimes fuse it, many do not (ConvTranspose+BN in particular).",
           "torch.onnx.export(..., do_constant_folding=False), or an exporter without BN fusion.",
           "bnctl fold model.onnx -o folded.onnx."),
+    Check("BN403", "onnx-int8-fold-range", "warning", "onnx",
+          "Folding a BatchNormalization node would cost the folded weight more than 6 dB of per-tensor int8 SQNR (whole tensor or median channel).",
+          "As BN210, on an ONNX graph: one channel's near-zero variance sets the int8 range of the whole folded weight.",
+          "A graph whose BN has one channel with running_var 1e-9, folded by bnctl fold or ONNX Runtime and quantized per tensor.",
+          "Quantize per channel (onnxruntime.quantization with per_channel=True), or fix that channel's statistics before exporting."),
 ]
 
 CHECKS: dict[str, Check] = {c.code: c for c in _CHECKS}

@@ -268,6 +268,7 @@ def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
         if module is None:  # a saved module records its mode; one built by --arch does not
             raw += model_checks.frozen_in_train_mode(runnable)
         raw += model_checks.conv_bias_before_bn(runnable)
+        raw += model_checks.int8_fold_range(runnable)
         done("configuration")
     elif onnx:
         fa.inapplicable["configuration"] = "an ONNX graph has no module tree (its BN modes are checked by BN401)"

@@ -58,6 +58,25 @@ def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list
     return new, folded, skipped, len(bns)
 
 
+def _planned_int8(graph: Graph, bn: Any, weight: np.ndarray, scale: np.ndarray, kind: str, groups: int, side: str, dtype: Any) -> dict:
+    """The int8 readiness the fold would give, without torch: the BN's scale multiplied into
+    the weight's output channels (after) or input channels (before), in float64."""
+    w = np.asarray(weight, dtype=np.float64)
+    spatial = (1,) * (w.ndim - 2)
+    if side == "after" and kind == "conv_transpose":
+        cin, cout_g = w.shape[0], w.shape[1]
+        new = (w.reshape(groups, cin // groups, cout_g, *w.shape[2:]) * scale.reshape(groups, 1, cout_g, *spatial)).reshape(w.shape)
+    elif side == "after":
+        new = w * scale.reshape(-1, *(1,) * (w.ndim - 1))
+    else:
+        cout, cin_g = w.shape[0], w.shape[1]
+        new = (w.reshape(groups, cout // groups, cin_g, *w.shape[2:]) * scale.reshape(groups, 1, cin_g, *spatial)).reshape(w.shape)
+    block = readiness(w, new.astype(dtype), 1 if kind == "conv_transpose" else 0)  # as it would be written
+    channel = block["range_channel"]
+    block["range_channel_var"] = float(graph.const[bn.input[4]].reshape(-1)[channel]) if side == "after" and channel is not None and channel < scale.size else None
+    return block
+
+
 def _fold_one(graph: Graph, bn: Any, plan: bool) -> tuple[bool, dict]:
     """Fold one BN (with ``plan``, only decide): ``(True, {"bn", "into", "side", "note"})``,
     or ``(False, {"bn", "reason"})`` with the graph unchanged."""
@@ -105,8 +124,8 @@ def _fold_one(graph: Graph, bn: Any, plan: bool) -> tuple[bool, dict]:
     into = node_name(layer)
     note = source.note() if source is not None else None
     dtype = graph.const[layer.input[1]].dtype
-    if plan and not narrow(dtype):  # float32 and wider hold any fold: no weights to compute
-        return True, {"bn": name, "into": into, "side": side, "note": note}
+    if plan and not narrow(dtype):  # float32 and wider hold any fold: the weight's int8 figures, in numpy
+        return True, {"bn": name, "into": into, "side": side, "note": note, "int8": _planned_int8(graph, bn, weight, scale, kind, groups, side, dtype)}
     import torch
 
     fn = fold_math.fold_after if side == "after" else fold_math.fold_before
@@ -115,7 +134,7 @@ def _fold_one(graph: Graph, bn: Any, plan: bool) -> tuple[bool, dict]:
     if why is not None:
         return False, {"bn": name, "reason": why}
     if plan:
-        return True, {"bn": name, "into": into, "side": side, "note": note}
+        return True, {"bn": name, "into": into, "side": side, "note": note, "int8": _planned_int8(graph, bn, weight, scale, kind, groups, side, dtype)}
     int8 = readiness(np.asarray(weight, dtype=np.float64), new_w.numpy().astype(dtype), 1 if kind == "conv_transpose" else 0)
     channel = int8["range_channel"]
     int8["range_channel_var"] = float(graph.const[bn.input[4]].reshape(-1)[channel]) if side == "after" and channel is not None and channel < scale.size else None
