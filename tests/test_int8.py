@@ -149,3 +149,56 @@ def test_the_audit_flags_int8_fold_range_in_a_module(cli, tmp_path):
         assert bool(hits) == expect, doc["findings"]
         if expect:
             assert hits[0]["layer"] == "1" and "channel 11" in hits[0]["message"]
+
+
+def _ort_sqnr(float_path, feeds, per_channel, tmp_path):
+    """The output SQNR of ONNX Runtime's own static quantization, run here: QDQ, symmetric
+    int8 weights and activations, calibrated on ``feeds``."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.left = [feeds]
+
+        def get_next(self):
+            return self.left.pop() if self.left else None
+
+    out = tmp_path / f"q{int(per_channel)}.onnx"
+    quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(float_path), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+    noise = sum(float(((r.astype(np.float64) - g) ** 2).sum()) for r, g in zip(ref, got))
+    return 10 * math.log10(sum(float((r.astype(np.float64) ** 2).sum()) for r in ref) / noise)
+
+
+@pytest.mark.parametrize("command", ["fold", "export"])
+def test_int8_check_figures_are_onnx_runtimes_own(cli, tmp_path, command):
+    from conftest import CHECKPOINTS
+
+    data = tmp_path / "data"
+    data.mkdir()
+    sample = np.random.default_rng(5).normal(size=(3, 32, 32)).astype(np.float32)
+    np.save(data / "0.npy", sample)
+    out = tmp_path / "out.onnx"
+    source = [CHECKPOINTS / "sample.onnx"] if command == "fold" else [CHECKPOINTS / "sample.pt", "--arch", "bnctl.models:sample_net"]
+    result = cli(command, *source, "--data", data, "-o", out, "--int8-check", "-f", "json")
+    assert result.exit_code == 0, result.output
+    block = json.loads(result.stdout)["int8_check"]
+    graph = onnx.load(out)
+    name = graph.graph.input[0].name
+    feeds = {name: sample[None]}
+    assert block["per_tensor_output_sqnr_db"] == pytest.approx(_ort_sqnr(out, feeds, False, tmp_path), abs=0.01)
+    assert block["per_channel_output_sqnr_db"] == pytest.approx(_ort_sqnr(out, feeds, True, tmp_path), abs=0.01)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out.onnx", "q0.onnx", "q1.onnx"]  # nothing more was written
+
+
+def test_int8_check_needs_an_onnx_output(cli, tmp_path):
+    from conftest import CHECKPOINTS
+
+    result = cli("fold", CHECKPOINTS / "sample.pt", "--arch", "bnctl.models:sample_net", "--input-shape", "1,3,32,32", "-o", tmp_path / "f.pt2", "--int8-check")
+    assert result.exit_code == 2 and "--int8-check quantizes an ONNX graph" in result.stderr
+    assert not (tmp_path / "f.pt2").exists()

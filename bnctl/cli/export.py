@@ -10,7 +10,7 @@ import typer
 
 from ..io.source import CheckInputs, ModelSource
 from .app import command, emit_report, fail
-from .options import CHECKS, MODEL, DynamicOpt, InputNamesOpt, OutputNamesOpt, PathArg, ReportFormat, ReportFormatOpt, layout
+from .options import CHECKS, MODEL, DynamicOpt, InputNamesOpt, Int8CheckOpt, OutputNamesOpt, PathArg, ReportFormat, ReportFormatOpt, layout
 
 
 @command()
@@ -29,6 +29,7 @@ def export(
         Optional[float],
         typer.Option("--tolerance", help="ONNX Runtime vs PyTorch bound: every element within |a-b| <= atol + rtol*|b|, rtol the tolerance, atol the tolerance times the largest |output| (at least 1); beyond it: exit 1, nothing written. Default: by the outputs' dtype (float32 1e-4, float16 1e-2, bfloat16 5e-2).", show_default=False),
     ] = None,
+    int8_check: Int8CheckOpt = False,
     fmt: ReportFormatOpt = ReportFormat("table"),
 ) -> None:
     """Export to ONNX ready for inference: eval, SyncBN reverted, BN folded, checked in ONNX Runtime."""
@@ -40,7 +41,7 @@ def export(
     with stages(sys.stderr.isatty()) as stage:
         report = export_file(
             source.at(path), output, inputs=inputs, stage=stage,
-            opset=opset, layout=layout(dynamic, input_names, output_names, dynamic_batch), fold=not no_fold, tolerance=tolerance,
+            opset=opset, layout=layout(dynamic, input_names, output_names, dynamic_batch), fold=not no_fold, tolerance=tolerance, int8_check=int8_check,
         )
     emit_report(report, fmt.value, export_table)
     if report.written:

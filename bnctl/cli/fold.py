@@ -12,7 +12,7 @@ import typer
 from ..io.source import CheckInputs, ModelSource
 from ..io.targets import Target
 from .app import command, emit_report, fail
-from .options import CHECKS, MODEL, DynamicOpt, InputNamesOpt, OutputNamesOpt, PathArg, ReportFormat, ReportFormatOpt, layout
+from .options import CHECKS, MODEL, DynamicOpt, InputNamesOpt, Int8CheckOpt, OutputNamesOpt, PathArg, ReportFormat, ReportFormatOpt, layout
 
 
 class FoldDtype(str, enum.Enum):
@@ -42,6 +42,7 @@ def fold(
         Optional[FoldDtype],
         typer.Option("--dtype", help="Cast the model and the check inputs to this dtype before folding (float16 or bfloat16 for deployment): a BN whose folded weights overflow it or lose its precision is kept, with the reason.", show_default=False),
     ] = None,
+    int8_check: Int8CheckOpt = False,
     fmt: ReportFormatOpt = ReportFormat("table"),
 ) -> None:
     """Fold BatchNorm into the conv/linear layers next to it, check the outputs did not change, write the model."""
@@ -51,7 +52,7 @@ def fold(
     from ..render.progress import stages
 
     with stages(sys.stderr.isatty()) as stage:
-        report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance, layout=layout(dynamic, input_names, output_names), dtype=dtype.value if dtype else None, stage=stage)
+        report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance, layout=layout(dynamic, input_names, output_names), dtype=dtype.value if dtype else None, int8_check=int8_check, stage=stage)
     emit_report(report, fmt.value, fold_table)
     if report.written:
         typer.echo(f"wrote {output} ({report.format})", err=True)

@@ -70,6 +70,10 @@ DynamicOpt = Annotated[
 
 InputNamesOpt = Annotated[Optional[str], typer.Option("--input-names", help="Names of an ONNX graph's inputs, comma-separated. Default: the parameter names of forward.", show_default=False)]
 OutputNamesOpt = Annotated[Optional[str], typer.Option("--output-names", help="Names of an ONNX graph's outputs, comma-separated. Default: output (output_0, output_1, ... for several).", show_default=False)]
+Int8CheckOpt = Annotated[
+    bool,
+    typer.Option("--int8-check", metavar="", help="Quantize the ONNX graph about to be written with ONNX Runtime's static quantizer (QDQ int8, calibrated on the check inputs), per tensor and per channel, and report each one's output SQNR against the float graph. Nothing more is written."),
+]
 
 
 def layout(dynamic: str | None, input_names: str | None, output_names: str | None, dynamic_batch: bool = False):

@@ -128,10 +128,6 @@ def run_all(graphs: Sequence[tuple[str, Any]], feeds: dict[str, np.ndarray], tim
     Runtime and ``what`` instead of the end of bnctl. A graph ONNX Runtime refuses is an
     InputError with its message.
     """
-    import json
-    import signal
-    import subprocess
-    import sys
     import tempfile
     from pathlib import Path
 
@@ -139,33 +135,62 @@ def run_all(graphs: Sequence[tuple[str, Any]], feeds: dict[str, np.ndarray], tim
 
     with tempfile.TemporaryDirectory(prefix="bnctl-ort-") as tmp:
         folder = Path(tmp)
-        for index, (_, model) in enumerate(graphs):
-            (folder / f"graph{index}.onnx").write_bytes(model.SerializeToString())
-        np.savez(folder / "feeds.npz", *feeds.values())  # arr_0, arr_1, ... (any name is safe)
-        (folder / "feeds.json").write_text(json.dumps(list(feeds)))
-        script = Path(__file__).with_name("ort_child.py")
-        try:
-            proc = subprocess.run([sys.executable, str(script), tmp], capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            names = " and ".join(what for what, _ in graphs)
-            raise InputError(f"ONNX Runtime did not finish running {names} in {timeout:g} s; it was stopped", _CRASH_TIP) from None
-        if proc.returncode == 3 and (folder / "error.txt").exists():
-            index, _, message = (folder / "error.txt").read_text().partition("\t")
-            raise InputError(f"ONNX Runtime cannot run {graphs[int(index)][0]}: {message}", "check the opset and IR version onnxruntime supports, and the input shapes")
-        if proc.returncode != 0:
-            done = sum(1 for i in range(len(graphs)) if (folder / f"outputs{i}.npz").exists())
-            what = graphs[min(done, len(graphs) - 1)][0]
-            if proc.returncode < 0:
-                cause = f"crashed ({signal.Signals(-proc.returncode).name})" if -proc.returncode in signal.valid_signals() else f"was killed (signal {-proc.returncode})"
-            else:
-                last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-                cause = f"failed ({last[0]})"
-            raise InputError(f"ONNX Runtime {cause} running {what}; nothing was written", _CRASH_TIP)
+        _child(folder, graphs, feeds, timeout)
         results = []
         for index in range(len(graphs)):
             with np.load(folder / f"outputs{index}.npz", allow_pickle=False) as data:
                 results.append([torch.from_numpy(data[f"o{k}"]) for k in range(len(data.files))])  # each a fresh array
         return results
+
+
+def quantized(model: Any, feeds: dict[str, np.ndarray], timeout: float = RUN_TIMEOUT) -> tuple[Any, Any]:
+    """``model`` quantized by ONNX Runtime's static quantizer (QDQ, symmetric int8 weights and
+    activations, calibrated on ``feeds``): ``(per tensor, per channel)`` ModelProtos, made in
+    the child process :func:`run_all` uses, with the same clean errors."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="bnctl-ort-") as tmp:
+        folder = Path(tmp)
+        _child(folder, [("the graph to quantize", model)], feeds, timeout, mode="quantize")
+        return onnx.load(folder / "per_tensor.onnx"), onnx.load(folder / "per_channel.onnx")
+
+
+def _child(folder: Any, graphs: Sequence[tuple[str, Any]], feeds: dict[str, np.ndarray], timeout: float, mode: str | None = None) -> None:
+    """Write the graphs and feeds to ``folder`` and run :mod:`bnctl.core.ort_child` on it
+    (``mode``: ``quantize``); an InputError for a refusal, a crash or a time-out."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for index, (_, model) in enumerate(graphs):
+        (folder / f"graph{index}.onnx").write_bytes(model.SerializeToString())
+    np.savez(folder / "feeds.npz", *feeds.values())  # arr_0, arr_1, ... (any name is safe)
+    (folder / "feeds.json").write_text(json.dumps(list(feeds)))
+    script = Path(__file__).with_name("ort_child.py")
+    verb = "quantizing" if mode == "quantize" else "running"
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(folder), *([mode] if mode else [])], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        names = " and ".join(what for what, _ in graphs)
+        raise InputError(f"ONNX Runtime did not finish {verb} {names} in {timeout:g} s; it was stopped", _CRASH_TIP) from None
+    if proc.returncode == 3 and (folder / "error.txt").exists():
+        index, _, message = (folder / "error.txt").read_text().partition("\t")
+        action = "quantize" if mode == "quantize" else "run"
+        raise InputError(f"ONNX Runtime cannot {action} {graphs[int(index)][0]}: {message}", "check the opset and IR version onnxruntime supports, and the input shapes")
+    if proc.returncode != 0:
+        done = sum(1 for i in range(len(graphs)) if (folder / f"outputs{i}.npz").exists())
+        what = graphs[min(done, len(graphs) - 1)][0]
+        if proc.returncode < 0:
+            cause = f"crashed ({signal.Signals(-proc.returncode).name})" if -proc.returncode in signal.valid_signals() else f"was killed (signal {-proc.returncode})"
+        else:
+            last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+            cause = f"failed ({last[0]})"
+        raise InputError(f"ONNX Runtime {cause} {verb} {what}; nothing was written", _CRASH_TIP)
 
 
 def tensor_array(tensor: Any) -> np.ndarray:

@@ -5,18 +5,25 @@ off): in the child, a crash ends the child, not bnctl. This file runs as a scrip
 only numpy and onnxruntime:
 
     python ort_child.py FOLDER
+    python ort_child.py FOLDER quantize
 
 ``FOLDER`` holds ``graph0.onnx``, ``graph1.onnx``, ..., ``feeds.npz`` (``arr_0``, ...) and
 ``feeds.json`` (their input names); the outputs of
 graph *i* go to ``outputs{i}.npz`` (``o0``, ``o1``, ... in output order). When ONNX Runtime
 refuses a graph, ``error.txt`` says which graph (its index, a tab, ONNX Runtime's message)
-and the exit status is 3.
+and the exit status is 3. With ``quantize``, ``graph0.onnx`` is quantized instead, with ONNX
+Runtime's static quantizer (QDQ, symmetric int8 weights and activations, calibrated on the
+feeds), per tensor to ``per_tensor.onnx`` and per channel to ``per_channel.onnx``.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+# run as a script, this file's folder (bnctl/core, which holds an onnx.py) comes first on
+# sys.path; ONNX Runtime's quantizer imports the real onnx package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def main(folder: Path) -> int:
@@ -51,5 +58,32 @@ def main(folder: Path) -> int:
     return 0
 
 
+def quantize(folder: Path) -> int:
+    import json
+
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    names = json.loads((folder / "feeds.json").read_text())
+    with np.load(folder / "feeds.npz", allow_pickle=False) as data:
+        feeds = {name: data[f"arr_{k}"] for k, name in enumerate(names)}
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.left = [feeds]
+
+        def get_next(self) -> dict | None:
+            return self.left.pop() if self.left else None
+
+    for per_channel, name in ((False, "per_tensor.onnx"), (True, "per_channel.onnx")):
+        try:
+            quantize_static(str(folder / "graph0.onnx"), str(folder / name), Feeds(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which words the error
+            (folder / "error.txt").write_text(f"0\t{type(exc).__name__}: {' '.join(str(exc).split())}")
+            return 3
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(quantize(Path(sys.argv[1])) if sys.argv[2:] == ["quantize"] else main(Path(sys.argv[1])))

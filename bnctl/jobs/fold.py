@@ -19,6 +19,7 @@ from ..io.source import CheckInputs, ModelSource
 from ..io.targets import Target
 from ..ops.fold import FoldReport, fold
 from ..ops.fold.report import tolerance_for
+from ..ops.int8_check import int8_check as quantize_and_compare
 
 
 def default_target(checkpoint: ckpt_mod.Checkpoint, output: Path) -> Target:
@@ -42,6 +43,7 @@ def fold_file(
     tolerance: float | None = None,
     layout: Layout = Layout(),
     dtype: str | None = None,
+    int8_check: bool = False,
     stage: Callable[[str], None] = lambda text: None,
 ) -> FoldReport:
     """Fold the model of ``source`` and write it to ``output`` if it checks out.
@@ -54,7 +56,10 @@ def fold_file(
     output leaves dynamic, and an ONNX output's names; ``report.input_dims`` lists the
     written file's inputs. ``dtype`` ("float16", "bfloat16", "float32") casts a PyTorch
     module and the check inputs first: the fold is of, and compared with, the cast model,
-    and a BN whose folded weights do not fit that dtype is kept with the reason.
+    and a BN whose folded weights do not fit that dtype is kept with the reason. With
+    ``int8_check`` (ONNX outputs), the graph about to be written is quantized by ONNX Runtime
+    and ``report.int8_check`` gives the output SQNR per tensor and per channel
+    (:mod:`bnctl.ops.int8_check`); nothing more is written.
     """
     output = Path(output)
     _atomic.refuse_overwrite(source.path, output)
@@ -62,6 +67,8 @@ def fold_file(
     opened = source.open()
     checkpoint, model = opened.checkpoint, opened.runnable("folding")
     target = to or default_target(checkpoint, output)
+    if int8_check and target != Target.ONNX:
+        raise InputError(f"--int8-check quantizes an ONNX graph with ONNX Runtime; the output is a {target.value} file", "write to a .onnx file (--to onnx), or leave out --int8-check")
     if target != Target.ONNX and (layout.input_names or layout.output_names):
         raise InputError(f"--input-names and --output-names name the inputs and outputs of an ONNX graph, not of a {target.value} file", "write to a .onnx file (--to onnx), or leave the names out")
     examples = inputs.make()
@@ -70,7 +77,7 @@ def fold_file(
             raise InputError("--dynamic, --input-names and --output-names shape what bnctl exports; an ONNX graph keeps its own inputs and outputs", "leave them out, or fold the PyTorch checkpoint")
         if dtype is not None:
             raise InputError("--dtype casts a PyTorch module; an ONNX graph keeps its own dtypes (a float16 graph folds as float16)", "leave out --dtype, or fold the PyTorch checkpoint with --dtype")
-        return _fold_onnx(checkpoint, output, target, examples, tolerance, inputs.seed)
+        return _fold_onnx(checkpoint, output, target, examples, tolerance, inputs.seed, int8_check)
     if checkpoint.format == ckpt_mod.Format.TORCHSCRIPT and target not in (Target.TORCHSCRIPT, Target.STATE_DICT):
         raise InputError(f"a TorchScript model can be written as torchscript or state-dict, not {target.value}", "use --to torchscript, or fold the original checkpoint with --arch")
     if examples is None and checkpoint.program is None:
@@ -102,10 +109,25 @@ def fold_file(
             expected = verify.reference_outputs(model, other)
         report.record(verify.compare(expected, verify.run(artifact.run, other)))
         report.inputs += f"; {verify.shapes_text(other, tuples=True)}"
+    if report.ok and int8_check:
+        graph = onnx_load(artifact.data())
+        report.int8_check = quantize_and_compare(graph, dict(zip(graph_inputs(graph), (t.detach().numpy() for t in examples))))
     if report.ok:
         writers.save(artifact, output)
         report.written = True
     return report
+
+
+def onnx_load(data: bytes):
+    import onnx
+
+    return onnx.load_from_string(data)
+
+
+def graph_inputs(graph) -> list[str]:
+    """The names of an ONNX graph's inputs that are not initializers, in order."""
+    initial = {t.name for t in graph.graph.initializer}
+    return [i.name for i in graph.graph.input if i.name not in initial]
 
 
 def _cast(model, examples: tuple, dtype: str, checkpoint: ckpt_mod.Checkpoint) -> tuple:
@@ -121,7 +143,7 @@ def _cast(model, examples: tuple, dtype: str, checkpoint: ckpt_mod.Checkpoint) -
     return copy.deepcopy(model).to(target), cast
 
 
-def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, inputs: tuple | None, tolerance: float | None, seed: int) -> FoldReport:
+def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, inputs: tuple | None, tolerance: float | None, seed: int, int8_check: bool) -> FoldReport:
     import onnx
 
     from ..core import onnx as onnx_run
@@ -156,6 +178,8 @@ def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, in
     report.input_dims = describe_onnx(new)
     report.record(verify.compare(reference, got))
     report.output, report.format = str(output), target.value
+    if report.ok and int8_check:
+        report.int8_check = quantize_and_compare(new, feeds)
     if report.ok:
         _atomic.write_bytes(output, new.SerializeToString())
         report.written = True

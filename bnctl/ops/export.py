@@ -43,6 +43,7 @@ class ExportReport(Checked):
     findings: list[dict[str, Any]] = field(default_factory=list)
     output: str | None = None
     written: bool = False
+    int8_check: dict[str, Any] | None = None  # --int8-check (ops/int8_check.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "difference"} | self.bound()
@@ -62,6 +63,7 @@ def export(
     layout: Layout = Layout(),
     fold: bool = True,
     tolerance: float | None = None,
+    int8_check: bool = False,
 ) -> tuple[Any, ExportReport]:
     """Prepare ``model`` (a copy), export it to ONNX and check it in ONNX Runtime.
 
@@ -71,7 +73,9 @@ def export(
     unless given. Returns the ONNX ``ModelProto`` and the report;
     ``report.ok`` says whether ONNX Runtime matched PyTorch within ``tolerance`` (by default
     the one of the outputs' dtype) on the inputs and, where a dim is dynamic, on inputs
-    where every dynamic dim has another size. ``model`` itself is not changed.
+    where every dynamic dim has another size. With ``int8_check``, ``report.int8_check``
+    holds the output SQNR of the graph quantized by ONNX Runtime (:mod:`.int8_check`).
+    ``model`` itself is not changed.
     """
     import onnx
 
@@ -131,4 +135,8 @@ def export(
         got = onnx_run.run(proto, {n: t.detach().numpy() for n, t in zip(graph_names, check)}, what="the exported graph")
         report.record(verify.compare(expected, got))
         report.checked_shapes.append(verify.shapes_text(check))
+    if int8_check and report.ok:
+        from .int8_check import int8_check as quantize_and_compare
+
+        report.int8_check = quantize_and_compare(proto, {n: t.detach().numpy() for n, t in zip(graph_names, inputs)})
     return proto, report

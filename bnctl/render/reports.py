@@ -48,8 +48,16 @@ def fold_table(report: Any):
     parts: list[Any] = [table] if report.folded or report.skipped else []
     parts += [Text(f"note: {plain(n)}", style="dim") for n in report.notes]
     parts += [Text(plain(line), style="yellow") for line in int8_lines(report.folded)]
+    if report.int8_check is not None:
+        parts.append(Text(plain(int8_check_text(report.int8_check))))
     parts.append(Text(fold_summary(report), style="bold" if report.ok else "bold red"))
     return Group(*parts)
+
+
+def int8_check_text(block: dict[str, Any]) -> str:
+    from ..ops.int8_check import int8_check_text as text
+
+    return text(block)
 
 
 def int8_lines(folded: list[dict[str, Any]]) -> list[str]:
@@ -129,6 +137,8 @@ def export_table(report: Any):
     summary += f"\nBound: {report.bound_text()}."
     if report.inputs:
         summary += f"\n{inputs_line(report.inputs)}; outputs: {', '.join(report.outputs)}"
+    if report.int8_check is not None:
+        parts.append(Text(plain(int8_check_text(report.int8_check))))
     parts.append(Text(summary, style="bold" if report.ok else "bold red"))
     return Group(*parts)
 

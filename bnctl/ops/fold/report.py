@@ -101,6 +101,7 @@ class FoldReport(Checked):
     output: str | None = None
     format: str | None = None
     written: bool = False
+    int8_check: dict[str, Any] | None = None  # --int8-check: ONNX Runtime's int8 quantization of the written graph (ops/int8_check.py)
     reference: list[torch.Tensor] = field(default_factory=list, repr=False)  # the original's outputs
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,4 +120,5 @@ class FoldReport(Checked):
             "output": self.output,
             "output_format": self.format,
             "written": self.written,
+            **({"int8_check": self.int8_check} if self.int8_check is not None else {}),
         }
