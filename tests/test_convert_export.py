@@ -200,11 +200,14 @@ def test_a_module_bnctl_wrote_from_an_arch_file_loads_back_from_any_folder(tmp_p
         assert shown.returncode == 0, shown.stderr
     assert [row["kind"] for row in json.loads(shown.stdout)["layers"]] == ["BatchNorm2d"]
     sys.path.insert(0, str(project))  # torch's own reader, with nets importable, ignores the record
+    earlier = sys.modules.pop("nets", None)  # another test's nets.py, imported in this process by --arch
     try:
         original, converted = torch.load(project / "sd.pt"), torch.load(elsewhere / "bn.pt", weights_only=False)
     finally:
         sys.path.remove(str(project))
         sys.modules.pop("nets", None)
+        if earlier is not None:
+            sys.modules["nets"] = earlier
     for key, value in original.items():
         torch.testing.assert_close(converted.state_dict()[key], value, rtol=0, atol=0)
     (project / "nets.py").rename(project / "moved.py")

@@ -15,6 +15,10 @@ from .app import command, emit_report, fail
 from .options import CHECKS, MODEL, DynamicOpt, InputNamesOpt, Int8CheckOpt, OutputNamesOpt, PathArg, ReportFormat, ReportFormatOpt, layout
 
 
+class Standalone(str, enum.Enum):
+    affine = "affine"
+
+
 class FoldDtype(str, enum.Enum):
     float32 = "float32"
     float16 = "float16"
@@ -43,6 +47,10 @@ def fold(
         typer.Option("--dtype", help="Cast the model and the check inputs to this dtype before folding (float16 or bfloat16 for deployment): a BN whose folded weights overflow it or lose its precision is kept, with the reason.", show_default=False),
     ] = None,
     int8_check: Int8CheckOpt = False,
+    standalone: Annotated[
+        Optional[Standalone],
+        typer.Option("--standalone", help="What becomes of a BN that folds into no layer: affine makes it a per-channel multiply-add (ONNX Mul + Add), for runtimes without a BatchNorm op. Default: it stays, with its reason.", show_default=False),
+    ] = None,
     fmt: ReportFormatOpt = ReportFormat("table"),
 ) -> None:
     """Fold BatchNorm into the conv/linear layers next to it, check the outputs did not change, write the model."""
@@ -52,7 +60,7 @@ def fold(
     from ..render.progress import stages
 
     with stages(sys.stderr.isatty()) as stage:
-        report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance, layout=layout(dynamic, input_names, output_names), dtype=dtype.value if dtype else None, int8_check=int8_check, stage=stage)
+        report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance, layout=layout(dynamic, input_names, output_names), dtype=dtype.value if dtype else None, int8_check=int8_check, standalone=standalone.value if standalone else None, stage=stage)
     emit_report(report, fmt.value, fold_table)
     if report.written:
         typer.echo(f"wrote {output} ({report.format})", err=True)

@@ -44,6 +44,7 @@ def fold_file(
     layout: Layout = Layout(),
     dtype: str | None = None,
     int8_check: bool = False,
+    standalone: str | None = None,
     stage: Callable[[str], None] = lambda text: None,
 ) -> FoldReport:
     """Fold the model of ``source`` and write it to ``output`` if it checks out.
@@ -59,7 +60,9 @@ def fold_file(
     and a BN whose folded weights do not fit that dtype is kept with the reason. With
     ``int8_check`` (ONNX outputs), the graph about to be written is quantized by ONNX Runtime
     and ``report.int8_check`` gives the output SQNR per tensor and per channel
-    (:mod:`bnctl.ops.int8_check`); nothing more is written.
+    (:mod:`bnctl.ops.int8_check`); nothing more is written. With ``standalone="affine"``,
+    every BN that folds into no layer becomes a per-channel multiply-add (ONNX Mul + Add,
+    torch.mul/torch.add in programs), verified like every fold.
     """
     output = Path(output)
     _atomic.refuse_overwrite(source.path, output)
@@ -67,6 +70,8 @@ def fold_file(
     opened = source.open()
     checkpoint, model = opened.checkpoint, opened.runnable("folding")
     target = to or default_target(checkpoint, output)
+    if standalone is not None and target == Target.STATE_DICT:
+        raise InputError("--standalone affine rewrites the model's graph; a state_dict keeps the class as it is", "write a program (.pt2, .onnx, .ts), or leave out --standalone")
     if int8_check and target != Target.ONNX:
         raise InputError(f"--int8-check quantizes an ONNX graph with ONNX Runtime; the output is a {target.value} file", "write to a .onnx file (--to onnx), or leave out --int8-check")
     if target != Target.ONNX and (layout.input_names or layout.output_names):
@@ -77,7 +82,7 @@ def fold_file(
             raise InputError("--dynamic, --input-names and --output-names shape what bnctl exports; an ONNX graph keeps its own inputs and outputs", "leave them out, or fold the PyTorch checkpoint")
         if dtype is not None:
             raise InputError("--dtype casts a PyTorch module; an ONNX graph keeps its own dtypes (a float16 graph folds as float16)", "leave out --dtype, or fold the PyTorch checkpoint with --dtype")
-        return _fold_onnx(checkpoint, output, target, examples, tolerance, inputs.seed, int8_check)
+        return _fold_onnx(checkpoint, output, target, examples, tolerance, inputs.seed, int8_check, standalone)
     if checkpoint.format == ckpt_mod.Format.TORCHSCRIPT and target not in (Target.TORCHSCRIPT, Target.STATE_DICT):
         raise InputError(f"a TorchScript model can be written as torchscript or state-dict, not {target.value}", "use --to torchscript, or fold the original checkpoint with --arch")
     if examples is None and checkpoint.program is None:
@@ -87,7 +92,7 @@ def fold_file(
     if dtype is not None:
         model, examples = _cast(model, examples, dtype, checkpoint)
     stage("tracing, pairing and folding")
-    folded, report = fold(model, examples, tolerance=tolerance, keep_modules=target == Target.STATE_DICT)
+    folded, report = fold(model, examples, tolerance=tolerance, keep_modules=target == Target.STATE_DICT, standalone=standalone)
     if dtype is not None:
         report.notes.append(f"the model and the check inputs were cast to {dtype} before folding: the outputs are compared with the {dtype} model")
     report.output, report.format = str(output), target.value
@@ -143,7 +148,7 @@ def _cast(model, examples: tuple, dtype: str, checkpoint: ckpt_mod.Checkpoint) -
     return copy.deepcopy(model).to(target), cast
 
 
-def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, inputs: tuple | None, tolerance: float | None, seed: int, int8_check: bool) -> FoldReport:
+def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, inputs: tuple | None, tolerance: float | None, seed: int, int8_check: bool, standalone: str | None) -> FoldReport:
     import onnx
 
     from ..core import onnx as onnx_run
@@ -162,7 +167,7 @@ def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, in
     except onnx.checker.ValidationError as exc:  # published IR-3 files often fail it, yet run
         valid = False
         notes.append(f"the input graph is not valid ONNX ({one_line(exc)}); folded all the same, and the folded graph checked in ONNX Runtime")
-    new, folded, skipped, count = onnx_fold.fold_model(model)
+    new, folded, skipped, count = onnx_fold.fold_model(model, standalone=standalone)
     if valid:
         onnx.checker.check_model(new)  # a valid graph stays valid: anything else is bnctl's bug
     report = FoldReport(path="onnx", folded=folded, skipped=skipped, bn_before=count, bn_after=count - len(folded))

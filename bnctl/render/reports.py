@@ -39,7 +39,8 @@ def fold_table(report: Any):
     for title in ("BatchNorm", "", "folded into / why not"):
         table.add_column(title, overflow="fold")
     for entry in report.folded:
-        where = f"{markup(entry['into'])} ({'the layer before' if entry['side'] == 'after' else 'the layer after'})"
+        side = {"after": " (the layer before)", "before": " (the layer after)", "merged": " (the BN after it)"}.get(entry["side"], "")
+        where = f"{markup(entry['into'])}{side}"
         if entry.get("note"):
             where += f" [dim]- {markup(entry['note'])}[/]"
         table.add_row(markup(entry["bn"]), "[green]folded[/]", where)

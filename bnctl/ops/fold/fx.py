@@ -213,7 +213,7 @@ def _erase_bn(graph: fx.Graph, bn: g.BNCall) -> None:
             graph.erase_node(node)
 
 
-def fold_graph(graph: fx.Graph, attrs: Attrs) -> tuple[list[dict], list[dict], int]:
+def fold_graph(graph: fx.Graph, attrs: Attrs, standalone: str | None = None) -> tuple[list[dict], list[dict], int]:
     """Fold every BN call of ``graph`` that folds exactly; the graph changes in place, new
     tensors go to ``attrs``.
 
@@ -237,11 +237,72 @@ def fold_graph(graph: fx.Graph, attrs: Attrs) -> tuple[list[dict], list[dict], i
         if len(kept) == len(pending):
             break
         pending = [node for node, _ in kept]
+    if standalone == "affine":
+        still = []
+        for node, entry in kept:
+            affine = _make_affine(graph, attrs, g.bn_call(attrs.root, node), entry["reason"])
+            if affine is not None:
+                folded.append(affine)
+            else:
+                still.append((node, entry))
+        kept = still
     skipped = [entry for _, entry in kept]
     for node in reversed(list(graph.nodes)):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
     return folded, skipped, count
+
+
+def _merge_into_next(graph: fx.Graph, attrs: Attrs, bn: g.BNCall, scale: torch.Tensor, shift: torch.Tensor) -> dict | None:
+    """Merge ``bn`` into the BN call that alone reads its output (inference mode, same
+    channels, affine parameters stored): the second takes ``scale1*scale2`` and
+    ``scale2*shift1 + shift2`` as weight and bias, mean 0 and var ``1 - eps``; ``bn`` goes.
+    None where there is no such pair."""
+    users = [u for u in bn.output.users if not g.shape_read(u)]
+    second = g.bn_call(attrs.root, users[0]) if len(users) == 1 else None
+    if second is None or second.input is not bn.output or _bn_refusal(attrs, second) or second.targets["weight"] is None or second.targets["bias"] is None:
+        return None
+    if not 0 < second.eps < 1 or "<computed>" in second.targets.values():
+        return None
+    s2, t2 = _scale_shift(attrs, second)
+    if s2.shape != scale.shape:
+        return None
+    for key, value in (("weight", scale * s2), ("bias", s2 * shift + t2), ("running_mean", torch.zeros_like(scale)), ("running_var", torch.full_like(scale, 1.0 - second.eps))):
+        like = attrs.get(second.targets[key])
+        attrs.set(second.targets[key], value.to(like.dtype), like)
+    bn.output.replace_all_uses_with(bn.input)
+    _erase_bn(graph, bn)
+    return {"bn": bn.name, "into": second.name, "side": "merged", "note": "two BNs in a row: merged into one"}
+
+
+def _make_affine(graph: fx.Graph, attrs: Attrs, bn: g.BNCall | None, reason: str) -> dict | None:
+    """Replace a BN call in inference mode by ``x * scale + shift`` (``torch.mul``/``torch.add``
+    with constants shaped ``(C, 1, ..., 1)`` for its input's rank, which lower to mul/add in
+    every exporter); None (the BN stays) where it normalizes with batch statistics or the
+    rank is unknown (:func:`propagate_shapes` with ``every_bn``)."""
+    if bn is None or _bn_refusal(attrs, bn):
+        return None
+    meta = bn.input.meta.get("tensor_meta") if isinstance(bn.input, fx.Node) else None
+    if meta is None or len(meta.shape) < 2:
+        return None
+    scale, shift = _scale_shift(attrs, bn)
+    like = attrs.get(bn.targets["running_var"])
+    shape = (-1,) + (1,) * (len(meta.shape) - 2)
+    owner = bn.name.rpartition(".")[0]
+    prefix = f"{owner}." if owner else ""
+    leaf = bn.name.rpartition(".")[2]
+    names = []
+    for part, value in (("scale", scale), ("shift", shift)):
+        target = attrs.fresh(prefix, f"{leaf}_affine_{part}")
+        attrs.set(target, value.to(like.dtype).reshape(shape), like)
+        names.append(target)
+    with graph.inserting_before(bn.node), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the tensors live in the Attrs overlay until build_module
+        scaled = graph.call_function(torch.mul, (bn.input, graph.get_attr(names[0])))
+        out = graph.call_function(torch.add, (scaled, graph.get_attr(names[1])))
+    bn.output.replace_all_uses_with(out)
+    _erase_bn(graph, bn)
+    return {"bn": bn.name, "into": "a per-channel mul + add", "side": "affine", "note": f"--standalone affine; it folds into no layer: {reason}"}
 
 
 def _fold_one(graph: fx.Graph, attrs: Attrs, bn: g.BNCall) -> dict:
@@ -258,7 +319,8 @@ def _fold_one(graph: fx.Graph, attrs: Attrs, bn: g.BNCall) -> dict:
         layer, why_before, note = _consumer(attrs, bn, channels, shift)
         side = "before"
         if layer is None:
-            return {"bn": bn.name, "reason": f"{why_after}; {why_before}"}
+            merged = _merge_into_next(graph, attrs, bn, scale, shift)
+            return merged or {"bn": bn.name, "reason": f"{why_after}; {why_before}"}
     lost = _unrepresentable(attrs, layer, side, scale, shift)
     if lost is not None:
         return {"bn": bn.name, "reason": lost}
@@ -278,9 +340,10 @@ def _var_at(attrs: Attrs, bn: g.BNCall, side: str, int8: dict) -> float | None:
     return float(var.reshape(-1)[channel])
 
 
-def propagate_shapes(graph: fx.Graph, root: nn.Module, inputs: tuple) -> None:
+def propagate_shapes(graph: fx.Graph, root: nn.Module, inputs: tuple, every_bn: bool = False) -> None:
     """Record tensor shapes on the nodes (one interpreted forward pass), but only where a
-    decision needs one: a BN next to a linear layer (is its input (N, C) or (N, C, L)?)."""
+    decision needs one: a BN next to a linear layer (is its input (N, C) or (N, C, L)?), or
+    with ``every_bn`` any BN (the rank of a BN made affine)."""
 
     def next_to_linear(node: fx.Node) -> bool:
         bn = g.bn_call(root, node)
@@ -289,7 +352,7 @@ def propagate_shapes(graph: fx.Graph, root: nn.Module, inputs: tuple) -> None:
         around = [bn.input, *bn.output.users]
         return any((layer := g.layer_call(n)) is not None and layer.kind == "linear" for n in around)
 
-    if any(next_to_linear(n) for n in graph.nodes):
+    if any((every_bn and g.bn_call(root, n) is not None) or next_to_linear(n) for n in graph.nodes):
         module = root if isinstance(root, fx.GraphModule) and root.graph is graph else fx.GraphModule(root, graph)
         ShapeProp(module).propagate(*inputs)
 
@@ -326,6 +389,12 @@ def build_module(graph: fx.Graph, attrs: Attrs, class_name: str) -> fx.GraphModu
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module") and node.target not in namespace:
             namespace[node.target] = attrs.new[node.target] if node.target in attrs.new else _own(attrs.get(node.target))
+            if node.op == "call_module":  # a module whose own tensors were replaced (a BN merged into it)
+                for target, value in attrs.new.items():
+                    if target.startswith(f"{node.target}."):
+                        owner_path, _, name = target[len(node.target) + 1:].rpartition(".")
+                        owner = namespace[node.target].get_submodule(owner_path)
+                        (owner._buffers if name in owner._buffers else owner._parameters)[name] = value
     return fx.GraphModule(namespace, graph, class_name=class_name)
 
 

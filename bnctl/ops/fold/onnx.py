@@ -16,11 +16,12 @@ import numpy as np
 from ...core.int8 import readiness
 from ...core.onnx import attribute, check_graph, node_name
 from . import math as fold_math
+from .onnx_affine import make_affine, merge_into_next
 from .onnx_graph import LAYER_KINDS, Graph, bn_params, layer_weights, narrow, write_layer
 from .onnx_sources import consumer_of, source_of
 
 
-def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list[dict], int]:
+def fold_model(model: Any, *, plan: bool = False, standalone: str | None = None) -> tuple[Any, list[dict], list[dict], int]:
     """Fold the BN nodes of an ONNX ModelProto (a copy is changed, not ``model``).
 
     A BN folds into the Conv, ConvTranspose, Gemm or MatMul before it, also through what
@@ -29,7 +30,9 @@ def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list
     constants alone are evaluated (only the nodes they need, no inputs). With ``plan``, only
     decide: which BN folds into which layer and why the others stay (no weights computed and
     no torch, except in float16/bfloat16 graphs, where whether the folded weights fit decides).
-    Time is linear in the graph's size.
+    A BN that folds into no layer but feeds another BN is merged into it (``side``
+    ``"merged"``); with ``standalone="affine"`` every BN still left in inference mode becomes a
+    per-channel Mul + Add (``side`` ``"affine"``). Time is linear in the graph's size.
     Returns the new model, the folded pairs, the skipped BNs with reasons, and the BN count.
     Raises InputError for a damaged graph.
     """
@@ -53,6 +56,15 @@ def fold_model(model: Any, *, plan: bool = False) -> tuple[Any, list[dict], list
         if plan or len(kept) == len(pending):
             break
         pending = [bn for bn, _ in kept]
+    if standalone == "affine" and not plan:
+        still = []
+        for bn, entry in kept:
+            affine = make_affine(graph, bn, entry["reason"])
+            if affine is not None:
+                folded.append(affine)
+            else:
+                still.append((bn, entry))
+        kept = still
     skipped = [entry for _, entry in kept]
     graph.prune()
     return new, folded, skipped, len(bns)
@@ -110,7 +122,8 @@ def _fold_one(graph: Graph, bn: Any, plan: bool) -> tuple[bool, dict]:
     if layer is None:
         layer, side, why = consumer_of(graph, bn, shift, why)
     if layer is None:
-        return False, {"bn": name, "reason": why}
+        merged = None if plan else merge_into_next(graph, bn)
+        return (True, merged) if merged is not None else (False, {"bn": name, "reason": why})
     weight, bias, why = layer_weights(graph, layer)
     if why is None and source is not None and source.bias is not None:  # the Add's constant is part of the layer's bias
         bias = source.bias if bias is None else np.asarray(bias, dtype=np.float64) + source.bias

@@ -41,7 +41,7 @@ def trace_for_fold(model: nn.Module, given: int | None = None) -> fx.Graph:
         return g.trace_graph(model, given)
 
 
-def fold_traced(graph: fx.Graph, model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, list[dict], list[dict], int]:
+def fold_traced(graph: fx.Graph, model: nn.Module, inputs: tuple, standalone: str | None = None) -> tuple[fx.GraphModule, list[dict], list[dict], int]:
     """Fold a traced model's graph and build the folded module; no verification.
 
     ``model`` is read, never changed: the result owns copies of what it uses.
@@ -49,8 +49,8 @@ def fold_traced(graph: fx.Graph, model: nn.Module, inputs: tuple) -> tuple[fx.Gr
     attrs = gf.Attrs(model)
     # in eval mode: the modes of the modules the graph calls decide, and their copies keep them
     with verify.eval_mode(model):
-        gf.propagate_shapes(graph, model, inputs)
-        folded, skipped, count = gf.fold_graph(graph, attrs)
+        gf.propagate_shapes(graph, model, inputs, every_bn=standalone is not None)
+        folded, skipped, count = gf.fold_graph(graph, attrs, standalone)
         result = gf.build_module(graph, attrs, type(model).__name__)
     result.training = False
     return result, folded, skipped, count
@@ -68,6 +68,7 @@ def fold(
     *,
     tolerance: float | None = None,
     keep_modules: bool = False,
+    standalone: str | None = None,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every BatchNorm of ``model`` that folds exactly; the model itself is not changed.
 
@@ -76,6 +77,9 @@ def fold(
     model against the original in eval mode, and ``report.ok`` says whether it is within
     ``tolerance`` (by default, the one of the outputs' dtype: :data:`.report.TOLERANCES`). With ``keep_modules``, no module is removed: each folded BN becomes an
     identity (see :func:`fold_identity`) so the state_dict loads into the original class.
+    With ``standalone="affine"``, every BN that folds into no layer becomes a per-channel
+    mul + add on the traced paths (fx and torch.export), and the report lists it with side
+    ``"affine"``.
     """
     exported = isinstance(model, torch.export.ExportedProgram)
     if example_inputs is None and exported and model.example_inputs is not None:
@@ -109,6 +113,8 @@ def fold(
     tolerance, source = tolerance_for(reference, tolerance)
     report = FoldReport(path=path, tolerance=tolerance, tolerance_source=source, reference=reference, notes=notes, inputs=verify.shapes_text(inputs, tuples=True))
 
+    if standalone is not None and (traced is None or keep_modules or isinstance(model, torch.jit.ScriptModule)):
+        report.notes.append(f"--standalone {standalone} rewrites traced graphs (fx, torch.export); on this path the BNs that fold into no layer stay BNs")
     if isinstance(model, torch.jit.ScriptModule) and not keep_modules:
         report.path = "torchscript"
         result, report.folded, report.skipped, report.bn_before = fold_script(original)
@@ -123,12 +129,12 @@ def fold(
     else:
         if exported:
             attrs = gf.Attrs(traced)
-            gf.propagate_shapes(traced.graph, traced, inputs)
-            report.folded, report.skipped, report.bn_before = gf.fold_graph(traced.graph, attrs)
+            gf.propagate_shapes(traced.graph, traced, inputs, every_bn=standalone is not None)
+            report.folded, report.skipped, report.bn_before = gf.fold_graph(traced.graph, attrs, standalone)
             gf.install(traced, attrs)
             result = traced
         else:
-            result, report.folded, report.skipped, report.bn_before = fold_traced(traced, model, inputs)
+            result, report.folded, report.skipped, report.bn_before = fold_traced(traced, model, inputs, standalone)
         report.bn_after = gf.count_bn(result)
     report.record(verify.compare(reference, verify.run(result, inputs)))
     return result, report
