@@ -167,6 +167,23 @@ def save_broken(model: nn.Module, out: Path, example: torch.Tensor) -> None:
     torch.jit.save(torch.jit.script(no_stats.eval()), out / "no_running_stats.torchscript.pt")
 
 
+def save_deploy(onnx_path: Path, out: Path) -> None:
+    """deploy/int8_range.onnx: sample.onnx with one channel of the stem's BN at a running
+    variance of 1e-9 (a dead filter), so that folding it gives that channel weights ~100x
+    the others' and per-tensor int8 rounds the rest away (audit BN403, fold's int8 report)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(onnx_path)
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    var = next(t for t in model.graph.initializer if t.name == bn.input[4])
+    values = numpy_helper.to_array(var).copy()
+    values[3] = 1e-9
+    var.CopyFrom(numpy_helper.from_array(values, var.name))
+    out.mkdir(exist_ok=True)
+    onnx.save(model, out / "int8_range.onnx")
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -186,6 +203,7 @@ def main() -> None:
     example = x_test[:1].clone()  # a slice would save the whole test set's storage
     save_formats(model, opt, HERE / "checkpoints", example)
     save_broken(model, HERE / "broken", example)
+    save_deploy(HERE / "checkpoints" / "sample.onnx", HERE / "deploy")
     total = sum(f.stat().st_size for f in HERE.rglob("*") if f.is_file() and f.suffix != ".py")
     print(f"samples: {total / 1e6:.2f} MB in {time.perf_counter() - start:.0f} s")
 
