@@ -50,6 +50,8 @@ demo: $(VENV)/.demo-installed
 	@$(BNCTL) fold samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 8,3,32,32 -o $(OUT)/sample_folded.pt2
 	@echo "\n\$$ bnctl fold samples/checkpoints/sample.onnx -o $(OUT)/sample_folded.onnx"
 	@$(BNCTL) fold samples/checkpoints/sample.onnx -o $(OUT)/sample_folded.onnx
+	@echo "\n\$$ bnctl fold samples/deploy/int8_range.onnx -o $(OUT)/int8_range_folded.onnx --int8-check   # one dead channel: int8 per tensor suffers"
+	@$(BNCTL) fold samples/deploy/int8_range.onnx -o $(OUT)/int8_range_folded.onnx --int8-check
 	@echo "\n\$$ bnctl convert samples/checkpoints/sample.pt --arch bnctl.models:sample_net --to groupnorm --input-shape 2,3,32,32 -o $(OUT)/sample_gn.pt"
 	@$(BNCTL) convert samples/checkpoints/sample.pt --arch bnctl.models:sample_net --to groupnorm --input-shape 2,3,32,32 -o $(OUT)/sample_gn.pt
 	@echo "\n\$$ bnctl export samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 1,3,32,32 --dynamic-batch -o $(OUT)/sample.onnx"
