@@ -259,11 +259,16 @@ def load_state_dict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]
     mismatches, when the state_dict does not fit.
     """
     expected = module.state_dict().keys()
-    names, note = fit_keys(tensors.keys(), expected, strip=strip, add=add)
+    averaged = [k for k in tensors.keys() if k.rpartition(".")[2] == "n_averaged" and k not in expected]
+    keys = [k for k in tensors.keys() if k not in averaged]
+    names, note = fit_keys(keys, expected, strip=strip, add=add)
     if note and notes is not None:
         notes.append(note)
-    own = torch_tensors(tensors)
-    state = {names[k]: own[k] for k in own}
+    if averaged and notes is not None:
+        count = _scalar(tensors[averaged[0]])
+        notes.append(f"an AveragedModel (torch.optim.swa_utils) state_dict: {averaged[0]}={count} set aside, its module's weights and buffers loaded")
+    own = torch_tensors({k: tensors[k] for k in keys} if averaged and not hasattr(tensors, "torch") else tensors)
+    state = {names[k]: own[k] for k in keys}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -284,6 +289,14 @@ def load_state_dict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]
         raise ArchError(f"the checkpoint does not fit {spec}: {mismatched[0]}{more}", "check --arch-arg (widths, number of classes)")
     module.load_state_dict(state, strict=True)
     return module
+
+
+def _scalar(value: Any) -> Any:
+    """A one-element tensor or array as a Python number (the value itself otherwise)."""
+    try:
+        return value.item() if hasattr(value, "item") else value
+    except (ValueError, RuntimeError):
+        return value
 
 
 def _listing(keys: list[str], limit: int = 5) -> str:

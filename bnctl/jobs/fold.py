@@ -93,6 +93,7 @@ def fold_file(
         model, examples = _cast(model, examples, dtype, checkpoint)
     stage("tracing, pairing and folding")
     folded, report = fold(model, examples, tolerance=tolerance, keep_modules=target == Target.STATE_DICT, standalone=standalone)
+    report.notes[:0] = opened.notes  # how the file was fitted to --arch (prefixes, AveragedModel)
     if dtype is not None:
         report.notes.append(f"the model and the check inputs were cast to {dtype} before folding: the outputs are compared with the {dtype} model")
     report.output, report.format = str(output), target.value

@@ -1,0 +1,117 @@
+"""Checkpoints as training loops leave them: torch.optim.swa_utils.AveragedModel state_dicts,
+training checkpoints with a model and an EMA entry, and averaged models whose BN statistics
+were never re-estimated. Models and files are made by torch's own code."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, update_bn
+
+import bnctl  # noqa: F401
+
+ARCH = ("--arch", "bnctl.models:sample_net")
+
+
+def _trained(seed: int = 0) -> nn.Module:
+    """The sample architecture with statistics and weights as a few training steps leave them."""
+    from bnctl.models import sample_net
+
+    torch.manual_seed(seed)
+    model = sample_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        x = torch.randn(8, 3, 32, 32)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _swa(model: nn.Module, re_estimate: bool) -> AveragedModel:
+    """An AveragedModel as the SWA recipe builds it: averaged over a few later weights; with
+    ``re_estimate``, update_bn afterwards, as it must be."""
+    swa = AveragedModel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(3):
+        loss = model(torch.randn(8, 3, 32, 32)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        swa.update_parameters(model)
+    if re_estimate:
+        update_bn([torch.randn(8, 3, 32, 32) for _ in range(4)], swa)
+    return swa
+
+
+def test_an_averaged_model_state_dict_loads_into_the_arch(cli, tmp_path):
+    from bnctl.models import sample_net
+
+    torch.manual_seed(1)
+    swa = _swa(sample_net(), re_estimate=True)
+    path = tmp_path / "swa.pt"
+    torch.save(swa.state_dict(), path)
+    assert "n_averaged" in swa.state_dict()
+    result = cli("fold", path, *ARCH, "--input-shape", "2,3,32,32", "-o", tmp_path / "f.pt2", "-f", "json")
+    assert result.exit_code == 0, result.output
+    assert any("n_averaged" in n for n in json.loads(result.stdout)["notes"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.export.load(tmp_path / "f.pt2").module()(x).numpy(), swa.module.eval()(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("re_estimate", [False, True])
+def test_an_averaged_model_whose_statistics_were_not_re_estimated_is_flagged(cli, tmp_path, re_estimate):
+    from bnctl.models import sample_net
+
+    torch.manual_seed(2)
+    swa = _swa(sample_net(), re_estimate)  # built from a fresh model: its BN buffers are 0/1
+    path = tmp_path / "swa.pt"
+    torch.save(swa.state_dict(), path)
+    doc = json.loads(cli("audit", path, "-f", "json").stdout)
+    stale = [f for f in doc["findings"] if f["check"] == "BN110"]
+    if re_estimate:
+        assert stale == []
+    else:
+        assert stale and "n_averaged=3" in stale[0]["message"] and "recalibrate" in stale[0]["message"]
+
+
+def test_every_model_entry_of_a_training_checkpoint_is_audited_and_named(cli, tmp_path):
+    model = _trained()
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.9)
+        ema.get_submodule("stem.1").running_var[0] = float("nan")  # only the EMA entry is broken
+    path = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 3, "model": model.state_dict(), "model_ema": ema.state_dict(), "optimizer": {"state": {}, "param_groups": []}}, path)
+    doc = json.loads(cli("audit", path, "-f", "json").stdout)
+    files = {f["file"] for f in doc["files"]}
+    assert files == {f"{path}[model]", f"{path}[model_ema]"}, files
+    nan = [f for f in doc["findings"] if f["check"] == "BN101"]
+    assert [f["file"] for f in nan] == [f"{path}[model_ema]"] and nan[0]["layer"] == "stem.1"
+    text = cli("audit", path)
+    assert f"{path}[model_ema]:stem.1: BN101" in text.stdout
+    # --key audits the one entry asked for
+    one = json.loads(cli("audit", path, "--key", "model", "-f", "json").stdout)
+    assert [f["file"] for f in one["files"]] == [str(path)]
+
+
+def test_an_ema_entry_with_the_model_s_own_buffers_is_flagged(cli, tmp_path):
+    model = _trained()
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.95).add_(0.01)  # the weights were averaged; the buffers were copied as they were
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict()}, path)
+    doc = json.loads(cli("audit", path, "-f", "json").stdout)
+    stale = [f for f in doc["findings"] if f["check"] == "BN110"]
+    assert len(stale) == 1 and stale[0]["file"] == f"{path}[ema]" and "the same as entry 'model'" in stale[0]["message"]
