@@ -48,6 +48,10 @@ def _swa(model: nn.Module, re_estimate: bool) -> AveragedModel:
         swa.update_parameters(model)
     if re_estimate:
         update_bn([torch.randn(8, 3, 32, 32) for _ in range(4)], swa)
+    else:  # the buffers of the step it was created, as older torch and ignite's EMA (pytorch/ignite#2590) left them
+        for m in swa.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
     return swa
 
 

@@ -87,6 +87,11 @@ _CHECKS = [
           "A layer after nearly constant channels (dead ReLUs) in a model meant for half precision.",
           "Measure: bnctl audit --arch ... --input-shape ...; keep the layer in float32 if the measured error matters, or raise eps."),
     # --- configuration: needs a module ---------------------------------------------------
+    Check("BN110", "averaged-model-stale-statistics", "error", "statistics",
+          "An averaged model (AveragedModel's n_averaged, or an ema/swa entry) whose BN statistics were not re-estimated: still at their initial values, or the model entry's own while the weights differ.",
+          "AveragedModel averages parameters only unless use_buffers=True; without a later update_bn its BN buffers are those of the step it was created (often fresh 0/1) while its weights moved for thousands of steps (pytorch/ignite#2590: F1 ~40 instead of ~60).",
+          "torch.save(swa_model.state_dict()) after the SWA loop, without torch.optim.swa_utils.update_bn(loader, swa_model).",
+          "Re-estimate them on training data: bnctl recalibrate ckpt.pt --key ema --data DIR (writes the entry back in place), or update_bn."),
     Check("BN201", "saved-in-train-mode", "error", "configuration",
           "A BN layer of a model artifact is in train mode.",
           "Inference normalizes each batch with its own statistics: single-sample outputs are wrong and depend on the batch.",

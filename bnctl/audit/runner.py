@@ -59,6 +59,14 @@ class FileAudit:
     not_run: list[dict[str, Any]] = field(default_factory=list)  # selected checks that did not run (see AuditResult)
     not_applicable: list[dict[str, Any]] = field(default_factory=list)  # selected checks that do not apply to this file
     seconds: dict[str, float] = field(default_factory=dict)  # time per check group
+    checkpoint: Any = field(default=None, repr=False)  # what was read (the entries of a training checkpoint)
+    found: list[Any] = field(default_factory=list, repr=False)  # its BN layers
+
+    def rename(self, name: str) -> None:
+        """Call this audit (and its findings' file) ``name``: ``ckpt.pt[ema]`` for an entry."""
+        self.path = name
+        for f in self.findings:
+            f.file = name
 
 
 @dataclass
@@ -206,15 +214,90 @@ def audit(
     for number, path in enumerate(files, 1):
         if stage is not None:
             stage(f"auditing {path} ({number} of {len(files)})")
-        try:
-            fa = _audit_file(model.at(path), examples)
-        except BnctlError as exc:
-            fa = FileAudit(str(path), error=exc.message)
-        fa.findings = [f for f in fa.findings if config.keeps(f)]
-        fa.not_run = _selected(fa.unable, config)
-        fa.not_applicable = _selected(fa.inapplicable, config)
-        results.append(fa)
+        for fa in _audit_entries(model.at(path), examples):
+            fa.findings = [f for f in fa.findings if config.keeps(f)]
+            fa.not_run = _selected(fa.unable, config)
+            fa.not_applicable = _selected(fa.inapplicable, config)
+            results.append(fa)
     return AuditResult(results, config, found.skipped)
+
+
+def _audit_entries(source: ModelSource, examples: tuple | None) -> list[FileAudit]:
+    """The audit of a file, and, for a training checkpoint read without ``--key``, of every
+    other entry holding the same model (an EMA or SWA copy: the one that ships), each named
+    ``file[entry]``; an averaged entry whose statistics are another entry's while its weights
+    differ gets BN110."""
+    try:
+        first = _audit_file(source, examples)
+    except BnctlError as exc:
+        return [FileAudit(str(source.path), error=exc.message)]
+    checkpoint = first.checkpoint
+    siblings = checkpoint.siblings() if checkpoint is not None and source.key is None else []
+    if not siblings:
+        return [first]
+    first.rename(f"{source.path}[{checkpoint.key}]")
+    audits = [first]
+    for entry in siblings:
+        try:
+            other = _audit_file(dataclasses.replace(source, key=entry), examples)
+        except BnctlError as exc:
+            other = FileAudit(str(source.path), error=exc.message)
+        other.rename(f"{source.path}[{entry}]")
+        audits.append(other)
+    names = [checkpoint.key, *siblings]
+    for fa, name in zip(audits, names):
+        if _averaged_name(name):
+            copied = next((other for other, n in zip(audits, names) if n != name and _same_statistics(fa.found, other.found)), None)
+            if copied is not None:
+                entry = names[audits.index(copied)]
+                fa.findings.append(Finding(fa.path, None, "BN110", f"the BN statistics of entry '{name}' are the same as entry '{entry}''s while its BN weights differ: copied, not averaged or re-estimated; "
+                                                                   f"run bnctl recalibrate {source.path} --key {name} --data DIR, or torch.optim.swa_utils.update_bn"))
+    return audits
+
+
+def _averaged_name(name: str | None) -> bool:
+    """An entry name that says its weights were averaged (ema, model_ema, swa, averaged_model)."""
+    import re
+
+    return bool(name) and re.search(r"(^|[._])(ema|swa|averaged?)([._]|$)|_ema$|^ema", str(name), re.IGNORECASE) is not None
+
+
+def _same_statistics(mine: list[Any], other: list[Any]) -> bool:
+    """Every BN of ``mine`` has bitwise the running statistics of the same-named BN of
+    ``other``, while some BN weight or bias differs."""
+    import numpy as np
+
+    theirs = {layer.name.removeprefix("module."): layer for layer in other}
+    pairs = [(layer, theirs.get(layer.name.removeprefix("module."))) for layer in mine if layer.running_mean is not None]
+    if not pairs or any(b is None or b.running_mean is None for _, b in pairs):
+        return False
+    same = all(np.array_equal(a.running_mean, b.running_mean) and np.array_equal(a.running_var, b.running_var) for a, b in pairs)
+    moved = any(not np.array_equal(a.weight, b.weight) or not np.array_equal(a.bias, b.bias) for a, b in pairs if a.weight is not None and b.weight is not None)
+    return same and moved
+
+
+def _stale_average(checkpoint: Any, found: list[Any]) -> list[tuple[str | None, str, str]]:
+    """BN110 where the file or entry says its weights were averaged (AveragedModel's
+    ``n_averaged`` above 1, or an ema/swa entry) but every BN's statistics are at their
+    initial values (mean 0, var 1)."""
+    import numpy as np
+
+    tensors = checkpoint.tensors if checkpoint is not None else None
+    count_key = next((k for k in (tensors.keys() if tensors is not None else ()) if str(k).rpartition(".")[2] == "n_averaged"), None)
+    count = None
+    if count_key is not None:
+        try:
+            count = int(np.asarray(tensors[count_key]).reshape(-1)[0])
+        except (TypeError, ValueError, IndexError):
+            count = None
+    averaged = (count is not None and count > 1) or _averaged_name(getattr(checkpoint, "key", None))
+    stats = [layer for layer in found if layer.running_mean is not None and layer.running_var is not None and layer.num_features]
+    if not averaged or not stats or not all(bool((np.asarray(l.running_mean) == 0).all() and (np.asarray(l.running_var) == 1).all()) for l in stats):
+        return []
+    why = f"n_averaged={count}" if count is not None and count > 1 else f"entry '{checkpoint.key}'"
+    key = f" --key {checkpoint.key}" if getattr(checkpoint, "key", None) else ""
+    return [(None, "BN110", f"weights averaged ({why}) but every BN's running statistics are at their initial values (mean 0, var 1): never re-estimated; "
+                            f"run bnctl recalibrate {checkpoint.path}{key} --data DIR, or torch.optim.swa_utils.update_bn")]
 
 
 def _behaviour_inputs(inputs: CheckInputs) -> tuple | None:
@@ -258,8 +341,8 @@ def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
         checkpoint, module = opened.checkpoint, opened.built
         found = layers_mod.find(checkpoint, module)
         onnx = checkpoint.format == ckpt_mod.Format.ONNX
-        fa = FileAudit(str(path), checkpoint.describe(), len(found))
-        raw = checks.from_rows(stats.rows(found), onnx)
+        fa = FileAudit(str(path), checkpoint.describe(), len(found), checkpoint=checkpoint, found=found)
+        raw = checks.from_rows(stats.rows(found), onnx) + _stale_average(checkpoint, found)
     done("statistics")
     runnable = opened.module
     if runnable is not None:

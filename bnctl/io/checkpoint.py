@@ -93,6 +93,20 @@ class Checkpoint:
         """The whole object the file held, every tensor read (for writing it back)."""
         return self.reader.materialize(self.root) if self.reader is not None else self.root
 
+    def siblings(self) -> list[str]:
+        """The other entries of a training checkpoint that hold a state_dict with this
+        entry's keys (``module.`` and an AveragedModel's ``n_averaged`` aside): the EMA or SWA
+        copies of the model, in the file's order."""
+        if self.key is None or self.tensors is None or not isinstance(self.root, Mapping):
+            return []
+        mine = _layout(self.tensors.keys())
+        out = []
+        for name in self.candidates:
+            value = _lookup(self.root, name) if name != self.key else None
+            if isinstance(value, Mapping) and _is_state_dict(value) and _layout(value.keys()) == mine:
+                out.append(name)
+        return out
+
     @property
     def content(self) -> str:
         """What the file holds: 'state_dict', 'module', 'program' or 'onnx'."""
@@ -361,6 +375,10 @@ def _interpret(path: Path, fmt: Format, obj: Any, key: str | None) -> Checkpoint
             f"choose one of: {', '.join(candidates) or 'none found'}",
         )
     return Checkpoint(path, fmt, tensors=value, key=chosen, candidates=candidates, metadata=metadata, root=obj)
+
+
+def _layout(keys: Any) -> set[str]:
+    return {str(k).removeprefix("module.") for k in keys if str(k).rpartition(".")[2] != "n_averaged"}
 
 
 def _is_state_dict(obj: Mapping) -> bool:
