@@ -65,6 +65,7 @@ TRIGGERS = {
     "unmaterialized": lambda: BNLayer(name="lazy", kind="LazyBatchNorm2d", num_features=0, materialized=False),
     "bad_tensor": lambda: layers.usable(healthy(weight=torch.ones(5))),
     "fp16_precision": lambda: healthy(running_var=torch.full((8,), 1e-6), eps=1e-6),
+    "eps_sensitive": lambda: healthy(eps=None, running_var=torch.full((8,), 1e-4)),
 }
 
 # a near miss for each flag: the same kind of change, on the healthy side of the line
@@ -82,6 +83,8 @@ NEAR_MISSES = {
     "unmaterialized": lambda: healthy(),
     "bad_tensor": lambda: layers.usable(healthy(weight=torch.ones(8))),
     "fp16_precision": lambda: healthy(running_var=torch.full((8,), 1e-3), eps=1e-5),
+    # eps unknown, variances of 0.06 and up: 1e-3 instead of 1e-5 moves outputs by < 1%
+    "eps_sensitive": lambda: healthy(eps=None, running_var=torch.full((8,), 0.06)),
 }
 
 

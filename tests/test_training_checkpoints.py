@@ -119,3 +119,30 @@ def test_an_ema_entry_with_the_model_s_own_buffers_is_flagged(cli, tmp_path):
     doc = json.loads(cli("audit", path, "-f", "json").stdout)
     stale = [f for f in doc["findings"] if f["check"] == "BN110"]
     assert len(stale) == 1 and stale[0]["file"] == f"{path}[ema]" and "the same as entry 'model'" in stale[0]["message"]
+
+
+def test_eps_sensitivity_is_the_closed_form_and_eps_silences_it(cli, tmp_path):
+    import re
+
+    bn = nn.BatchNorm2d(6)
+    var = np.array([2.0, 0.5, 1e-4, 3e-3, 0.0, 1.0])
+    with torch.no_grad():
+        bn.running_var.copy_(torch.from_numpy(var))
+        bn.running_mean.uniform_(-1, 1)
+    path = tmp_path / "ported.pt"
+    torch.save({f"bn.{k}": v for k, v in bn.state_dict().items()}, path)
+    doc = json.loads(cli("audit", path, "-f", "json").stdout)
+    found = [f for f in doc["findings"] if f["check"] == "BN111"]
+    assert len(found) == 1, doc["findings"]
+    tf = float(re.search(r"up to ([0-9.]+)% with eps 0\.001", found[0]["message"]).group(1))
+    want = np.abs(np.sqrt((var + 1e-5) / (var + 1e-3)) - 1).max() * 100  # the closed form, in numpy
+    assert tf == pytest.approx(want, abs=0.05)
+    assert "up to inf with eps 0" in found[0]["message"]  # a channel of variance 0 without eps
+    beyond = int((np.abs(np.sqrt((var + 1e-5) / (var + 1e-3)) - 1) > 0.01).sum())
+    assert f"({beyond} of 6 channels beyond 1%)" in found[0]["message"]
+    quiet = json.loads(cli("audit", path, "--eps", "1e-3", "-f", "json").stdout)
+    assert not any(f["check"] == "BN111" for f in quiet["findings"])
+    # a file that records eps (TorchScript) is never flagged
+    script = tmp_path / "bn.ts"
+    torch.jit.save(torch.jit.script(nn.Sequential(bn).eval()), script)
+    assert not any(f["check"] == "BN111" for f in json.loads(cli("audit", script, "-f", "json").stdout)["findings"])

@@ -19,6 +19,7 @@ FLAG_CODES = {
     "fp16_precision": "BN108",
     "dead_channels": "BN106",
     "bad_tensor": "BN107",
+    "eps_sensitive": "BN111",
     "train_mode": "BN201",
     "no_running_stats": "BN203",
     "momentum_zero": "BN204",

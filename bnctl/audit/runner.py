@@ -321,7 +321,6 @@ def _selected(groups: dict[str, str], config: AuditConfig) -> list[dict[str, Any
 
 
 def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
-    from ..core import layers as layers_mod
     from ..core import stats
     from ..io import checkpoint as ckpt_mod
     from . import checks
@@ -339,7 +338,7 @@ def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
     with bulk():
         opened = source.open()
         checkpoint, module = opened.checkpoint, opened.built
-        found = layers_mod.find(checkpoint, module)
+        found = opened.layers()
         onnx = checkpoint.format == ckpt_mod.Format.ONNX
         fa = FileAudit(str(path), checkpoint.describe(), len(found), checkpoint=checkpoint, found=found)
         raw = checks.from_rows(stats.rows(found), onnx) + _stale_average(checkpoint, found)

@@ -100,12 +100,14 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random check i
 
 
 def model_source(arch: str | None = None, arch_arg: list[str] | None = None, key: str | None = None, trust: bool = False,
-                 strip_prefix: str | None = None, add_prefix: str | None = None):
+                 strip_prefix: str | None = None, add_prefix: str | None = None, eps: float | None = None):
     """The model options as a :class:`~bnctl.io.source.ModelSource` (its path set by the command)."""
     from ..io.arch import parse_arch_args
     from ..io.source import ModelSource
 
-    return ModelSource(None, arch, parse_arch_args(arch_arg or []), key, trust, strip_prefix, add_prefix)
+    if eps is not None and not 0 <= eps < 1:
+        raise InputError(f"--eps {eps:g} is not a BatchNorm eps", "pass the eps the model was trained with, e.g. --eps 1e-3 (TensorFlow ports) or --eps 1e-5 (PyTorch)")
+    return ModelSource(None, arch, parse_arch_args(arch_arg or []), key, trust, strip_prefix, add_prefix, eps)
 
 
 def check_inputs(input_shape: list[str] | None = None, data: Path | None = None, seed: int = 0, preprocess: Any = None):
@@ -137,8 +139,9 @@ class OptionGroup:
 
 StripPrefixOpt = Annotated[Optional[str], typer.Option("--strip-prefix", help="Remove this prefix from every key of the state_dict before loading it into --arch (found by itself where one common prefix fits).", rich_help_panel="Model")]
 AddPrefixOpt = Annotated[Optional[str], typer.Option("--add-prefix", help="Put this prefix before every key of the state_dict before loading it into --arch.", rich_help_panel="Model")]
+EpsOpt = Annotated[Optional[float], typer.Option("--eps", help="The eps the BN layers were trained with, where the file does not record it (a state_dict): used by the statistics and their checks instead of PyTorch's default 1e-5.", rich_help_panel="Model")]
 MODEL = OptionGroup((("arch", ArchOpt, None), ("arch_arg", ArchArgOpt, None), ("key", KeyOpt, None), ("trust", TrustOpt, False),
-                     ("strip_prefix", StripPrefixOpt, None), ("add_prefix", AddPrefixOpt, None)), model_source)
+                     ("strip_prefix", StripPrefixOpt, None), ("add_prefix", AddPrefixOpt, None), ("eps", EpsOpt, None)), model_source)
 IMAGES = OptionGroup(
     (
         ("image_size", Annotated[Optional[str], typer.Option("--image-size", help="Resize images to H or H,W. Default: as they are (they must then share one size).", rich_help_panel="Data")], None),

@@ -11,6 +11,7 @@ FLAGS: dict[str, str] = {
     "fp16_risk": "statistics, the folded scale |weight|/sqrt(var+eps) or the folded shift exceed float16's range (65504): inf in half precision",
     "fp16_precision": "var+eps is float16-subnormal in some channels: potential precision loss in half precision",
     "momentum_zero": "momentum is 0: the running statistics can never change",
+    "eps_sensitive": "the file does not record eps, and another common eps (1e-3, 1e-5, 0) would change outputs by over 1%: pass the training eps with --eps",
     "train_mode": "saved in train mode: inference would use batch statistics",
     "unmaterialized": "a lazy BatchNorm that never saw an input: it has no tensors yet",
     "bad_tensor": "a tensor of the layer cannot be used (no data, sparse, complex, or the wrong shape): it is left out of the summaries",

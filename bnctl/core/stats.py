@@ -123,6 +123,11 @@ def _flags(layer: BNLayer, mean, var, weight, bias, scale, dead: int) -> list[tu
         if c and bool((mean == 0).all()) and bool((var == 1).all()):
             counter = f" although num_batches_tracked={layer.num_batches_tracked}" if layer.num_batches_tracked else ""
             found.append(("never_updated", f"running_mean all 0 and running_var all 1{counter}"))
+    if layer.eps is None and var is not None and mean is not None:
+        sensitive = {e: figures for e, figures in eps_sensitivity(var).items() if figures[0] > EPS_SENSITIVE}
+        if sensitive:
+            changes = ", ".join(f"up to {_percent(change)} with eps {e:g} ({channels} of {c} channels beyond {EPS_SENSITIVE:.0%})" for e, (change, channels) in sensitive.items())
+            found.append(("eps_sensitive", f"outputs would change by {changes} against eps {DEFAULT_EPS:g}, PyTorch's default (the file does not record eps)"))
     if dead:
         found.append(("dead_channels", f"{dead} of {c} channels have |weight| < {DEAD_WEIGHT:g}"))
     overflow, precision = _fp16_risk(layer, mean, var, weight, bias, scale)
@@ -135,6 +140,34 @@ def _flags(layer: BNLayer, mean, var, weight, bias, scale, dead: int) -> list[tu
     if layer.training:
         found.append(("train_mode", "saved in train mode"))
     return found
+
+
+#: the relative output change between two eps values beyond which a layer whose file does not record eps is flagged
+EPS_SENSITIVE = 0.01
+#: the eps values layers are commonly trained with: PyTorch's default, TensorFlow's, and none
+COMMON_EPS = (1e-3, 1e-5, 0.0)
+
+
+def eps_sensitivity(var: Any, eps: float = DEFAULT_EPS, alternatives: tuple[float, ...] = COMMON_EPS) -> dict[float, tuple[float, int]]:
+    """How much a BN's output changes if it was trained with another eps than ``eps``: for
+    each ``e`` of ``alternatives``, the largest ``|sqrt((v + eps) / (v + e)) - 1|`` over its
+    channels' variances ``v`` (inf where ``v + e`` is 0) and how many channels move beyond
+    :data:`EPS_SENSITIVE`. Empty without usable channels."""
+    v = np.clip(np.asarray(var, dtype=np.float64).reshape(-1), 0.0, None)
+    if v.size == 0 or not np.isfinite(v).all():
+        return {}
+    out = {}
+    for other in alternatives:
+        if other == eps:
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            change = np.where(v + other > 0, np.abs(np.sqrt((v + eps) / (v + other)) - 1.0), np.inf)
+        out[other] = (float(change.max()), int((change > EPS_SENSITIVE).sum()))
+    return out
+
+
+def _percent(change: float) -> str:
+    return "inf" if not np.isfinite(change) else f"{change:.3g}x" if change >= 10 else f"{change:.1%}"
 
 
 def eps_of(layer: BNLayer) -> float:

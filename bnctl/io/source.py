@@ -20,7 +20,7 @@ from ..errors import InputError, UnsafeCheckpointError
 @dataclass(frozen=True)
 class ModelSource:
     """Which model: a file, and how to open it (``--arch``, ``--arch-arg``, ``--key``, ``--trust``,
-    ``--strip-prefix``, ``--add-prefix``).
+    ``--strip-prefix``, ``--add-prefix``, ``--eps``).
 
     ``path`` may be left out where a command reads many files with the same options
     (``bnctl audit``): :meth:`at` gives the options for one file.
@@ -33,6 +33,7 @@ class ModelSource:
     trust: bool = False
     strip_prefix: str | None = None  # removed from every key of the file before it is fitted to the model
     add_prefix: str | None = None  # put before every key of the file
+    eps: float | None = None  # the training eps of layers whose file does not record it (--eps)
 
     def at(self, path: str | Path) -> ModelSource:
         """The same options for another file."""
@@ -57,7 +58,9 @@ class ModelSource:
             else:
                 built = arch_mod.load_state_dict(arch_mod.build(self.arch, self.arch_args), checkpoint.tensors, self.arch,
                                                  strip=self.strip_prefix, add=self.add_prefix, notes=notes)
-        return OpenedModel(checkpoint, built, notes, trusted=self.trust)
+        if self.eps is not None:
+            notes.append(f"--eps {self.eps:g}: the eps of every BN layer whose file does not record one")
+        return OpenedModel(checkpoint, built, notes, trusted=self.trust, eps=self.eps)
 
 
 @dataclass
@@ -69,6 +72,19 @@ class OpenedModel:
     built: Any = None  # nn.Module built by --arch
     notes: list[str] = field(default_factory=list)
     trusted: bool = False  # --trust: programs from the file may be loaded and run
+    eps: float | None = None  # --eps: for layers whose file does not record it
+
+    def layers(self) -> list[Any]:
+        """The BN layers of what was read (:func:`bnctl.core.layers.find`), with ``--eps``
+        for those whose file does not record eps."""
+        import dataclasses
+
+        from ..core import layers as layers_mod
+
+        found = layers_mod.find(self.checkpoint, self.built)
+        if self.eps is None:
+            return found
+        return [dataclasses.replace(layer, eps=self.eps) if layer.eps is None else layer for layer in found]
 
     @property
     def kind(self) -> str:

@@ -85,7 +85,7 @@ def inspect(target: str | Path | ModelSource | Any, **source: Any) -> InspectRes
         target = dataclasses.replace(target, **source)
     with bulk():
         opened = target.open()
-        found = layers_mod.find(opened.checkpoint, opened.built)
+        found = opened.layers()
         rows = stats.rows(found)
     checkpoint, module, notes = opened.checkpoint, opened.built, opened.notes
     if checkpoint.content == "state_dict" and module is None and found:
