@@ -146,3 +146,60 @@ def test_eps_sensitivity_is_the_closed_form_and_eps_silences_it(cli, tmp_path):
     script = tmp_path / "bn.ts"
     torch.jit.save(torch.jit.script(nn.Sequential(bn).eval()), script)
     assert not any(f["check"] == "BN111" for f in json.loads(cli("audit", script, "-f", "json").stdout)["findings"])
+
+
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d, as timm writes it: weight standardization by F.batch_norm on the weight."""
+
+    def __init__(self, *args, eps=1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x):
+        weight = torch.nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0, eps=self.eps).reshape_as(self.weight)
+        return torch.nn.functional.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """detectron2's FrozenBatchNorm2d: fixed buffers, identity statistics after a Caffe2 conversion."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+
+class StdNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = StdConv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.frozen = FrozenBatchNorm2d(8)
+
+    def forward(self, x):
+        return self.frozen(self.bn(self.conv(x)))
+
+
+def test_weight_standardization_and_frozen_identity_statistics_are_no_findings(cli, tmp_path):
+    torch.manual_seed(3)
+    model = StdNet().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    script, program = tmp_path / "std.ts", tmp_path / "std.pt2"
+    torch.jit.save(torch.jit.script(model), script)
+    torch.export.save(torch.export.export(model, (x,)), program)
+    for path in (script, program):
+        doc = json.loads(cli("audit", path, "-f", "json").stdout)
+        codes = {f["check"] for f in doc["findings"]}
+        assert not codes & {"BN201", "BN202", "BN203", "BN204", "BN401", "BN104"}, (path.name, doc["findings"])
+        layers = json.loads(cli("inspect", path, "-f", "json").stdout)["layers"]
+        assert "bn" in {row["name"] for row in layers} and not any(row["training"] for row in layers), layers

@@ -230,6 +230,12 @@ def from_program_json(program: Any) -> list[BNLayer]:
                 sources[entry["arg"].get("name")] = entry.get(field_name)
     state = program.tensors
     found: dict[str, BNLayer] = {}
+    producers = {}
+    for node in program.graph.get("nodes", []):
+        for out in (node.get("outputs", []) if isinstance(node, dict) else []):
+            tensor = out.get("as_tensor") if isinstance(out, dict) else None
+            if isinstance(tensor, dict):
+                producers[tensor.get("name")] = node
     for index, node in enumerate(program.graph.get("nodes", [])):
         target = str(node.get("target", "")) if isinstance(node, dict) else ""
         parts = target.split(".")
@@ -242,6 +248,9 @@ def from_program_json(program: Any) -> list[BNLayer]:
             return sources.get(tensor.get("name")) if isinstance(tensor, dict) else None
 
         names = [source(n) for n in ("weight", "bias", "running_mean", "running_var")]
+        data = args.get("input", {}).get("as_tensor") if isinstance(args.get("input"), dict) else None
+        if names[2] is None and names[3] is None and isinstance(data, dict) and _from_parameter(data.get("name"), producers, sources):
+            continue  # weight standardization (timm's StdConv2d): batch_norm of a conv's own weight, not a BN layer
         tensors = [state.get(n) if n else None for n in names]
         anchor = names[2] or names[0]
         name = anchor.rpartition(".")[0] if anchor else str(node.get("name", f"batch_norm_{index}"))
@@ -257,6 +266,26 @@ def from_program_json(program: Any) -> list[BNLayer]:
         training = bool(args.get("training", {}).get("as_bool", False))
         found[name] = program_layer(name, kind or None, tensors, eps, (momentum, averaging), training, nbt)
     return list(found.values())
+
+
+#: ops that only reshape or copy a tensor: a value seen through them is the same tensor
+_VIEW_OPS = ("view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "clone", "contiguous", "alias", "_to_copy", "permute", "transpose")
+
+
+def _from_parameter(name: Any, producers: dict, sources: dict) -> bool:
+    """Whether the program value ``name`` is a parameter or buffer seen through view-like ops
+    (a loop over one chain, never recursion)."""
+    for _ in range(len(producers) + 1):
+        if name in sources:
+            return True
+        node = producers.get(name)
+        target = str(node.get("target", "")) if isinstance(node, dict) else ""
+        parts = target.split(".")
+        if len(parts) < 4 or parts[3] not in _VIEW_OPS:
+            return False
+        first = next((i.get("arg", {}).get("as_tensor") for i in node.get("inputs", []) if isinstance(i, dict) and isinstance(i.get("arg"), dict) and "as_tensor" in i["arg"]), None)
+        name = first.get("name") if isinstance(first, dict) else None
+    return False
 
 
 def program_layer(name: str, kind: str | None, tensors: list, eps: Any, momentum: tuple, training: bool, counter_tensor: Any) -> BNLayer:

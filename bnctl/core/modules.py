@@ -122,6 +122,23 @@ _EXPORT_BN_ARGS = {
 }
 
 
+#: ops that only reshape or copy a tensor: a value seen through them is the same tensor
+_VIEW_OPS = ("view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "clone", "contiguous", "alias", "_to_copy", "permute", "transpose")
+
+
+def _from_parameter(value: Any, sources: dict) -> bool:
+    """Whether the graph value ``value`` is a parameter or buffer placeholder seen through
+    view-like ops (a loop over one chain, never recursion)."""
+    while isinstance(value, torch.fx.Node):
+        if value.op == "placeholder":
+            return value.name in sources
+        op = getattr(value.target, "_opname", None) or getattr(value.target, "__name__", str(value.target)).split(".")[0]
+        if value.op != "call_function" or op not in _VIEW_OPS or not value.args:
+            return False
+        value = value.args[0]
+    return False
+
+
 def from_program(program: Any) -> list[BNLayer]:
     """BN layers of a ``torch.export`` ExportedProgram, found as batch-norm calls in its graph.
 
@@ -147,6 +164,8 @@ def from_program(program: Any) -> list[BNLayer]:
             return sources.get(arg.name) if isinstance(arg, torch.fx.Node) else None
 
         names = [source(i) for i in range(1, 5)]  # weight, bias, running_mean, running_var
+        if names[2] is None and names[3] is None and args and _from_parameter(args[0], sources):
+            continue  # weight standardization (timm's StdConv2d): batch_norm of a conv's own weight, not a BN layer
         tensors = [state.get(n) if n else None for n in names]
         anchor = names[2] or names[0]
         name = anchor.rpartition(".")[0] if anchor else str(node.name)

@@ -120,7 +120,8 @@ def _flags(layer: BNLayer, mean, var, weight, bias, scale, dead: int) -> list[tu
         if low:
             basis = f"eps {layer.eps:g}" if layer.eps is not None else f"{DEFAULT_EPS:g} (the file does not record eps; PyTorch's default)"
             found.append(("var_below_eps", f"{low} of {c} channels have running_var < {basis}"))
-        if c and bool((mean == 0).all()) and bool((var == 1).all()):
+        frozen = "frozen" in str(layer.kind or "").lower()  # FrozenBatchNorm: identity statistics by design (detectron2's Caffe2 conversions)
+        if c and not frozen and bool((mean == 0).all()) and bool((var == 1).all()):
             counter = f" although num_batches_tracked={layer.num_batches_tracked}" if layer.num_batches_tracked else ""
             found.append(("never_updated", f"running_mean all 0 and running_var all 1{counter}"))
     if layer.eps is None and var is not None and mean is not None:
