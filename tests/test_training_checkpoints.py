@@ -203,3 +203,27 @@ def test_weight_standardization_and_frozen_identity_statistics_are_no_findings(c
         assert not codes & {"BN201", "BN202", "BN203", "BN204", "BN401", "BN104"}, (path.name, doc["findings"])
         layers = json.loads(cli("inspect", path, "-f", "json").stdout)["layers"]
         assert "bn" in {row["name"] for row in layers} and not any(row["training"] for row in layers), layers
+
+
+def test_recalibrate_key_ema_writes_the_entry_back_and_leaves_the_rest(cli, tmp_path):
+    from conftest import SAMPLES
+
+    model = _trained()
+    ema = copy.deepcopy(model)
+    for m in ema.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()  # an EMA whose statistics were never re-estimated
+    path, out = tmp_path / "ckpt.pt", tmp_path / "fixed.pt"
+    torch.save({"epoch": 7, "model": model.state_dict(), "ema": ema.state_dict()}, path)
+    result = cli("recalibrate", path, *ARCH, "--key", "ema", "--data", SAMPLES / "data", "--workers", "0", "-o", out)
+    assert result.exit_code == 0, result.output
+    before, after = torch.load(path, weights_only=True), torch.load(out, weights_only=True)
+    assert after["epoch"] == 7 and set(after) == set(before)
+    for key, value in before["model"].items():  # the other entry, bit for bit
+        assert torch.equal(after["model"][key], value), key
+    changed = [k for k in before["ema"] if not torch.equal(after["ema"][k], before["ema"][k])]
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+    audit = json.loads(cli("audit", out, "-f", "json").stdout)
+    assert not any(f["check"] in ("BN104", "BN110") for f in audit["findings"])
+    stale = json.loads(cli("audit", path, "-f", "json").stdout)
+    assert any(f["check"] == "BN110" and f["file"] == f"{path}[ema]" for f in stale["findings"])
