@@ -18,6 +18,19 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 warnings.filterwarnings("ignore")
 
 
+def module_from(folder: Path, filename: str, source: str, name: str):
+    """``source`` written to ``folder / filename`` and imported as module ``name`` (not put in
+    ``sys.modules``: bnctl's own ``--arch`` import of the same file stays independent)."""
+    import importlib.util
+
+    path = folder / filename
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def reference() -> dict[str, torch.Tensor]:
     """The sample model's state_dict, read with plain torch.load (the independent reader)."""

@@ -226,12 +226,9 @@ class EvenBatch(nn.Module):
 
 @pytest.mark.parametrize("command, suffix", [("fold", "pt2"), ("fold", "onnx"), ("export", "onnx")])
 def test_a_model_that_fixes_its_batch_is_written_with_a_static_batch_and_says_so(cli, tmp_path, command, suffix):
-    (tmp_path / "evennet.py").write_text(EVEN_BATCH)
-    import importlib.util
+    from conftest import module_from
 
-    spec = importlib.util.spec_from_file_location("evennet", tmp_path / "evennet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = module_from(tmp_path, "evennet.py", EVEN_BATCH, "evennet_reference")
     torch.manual_seed(0)
     model = module.EvenBatch()
     model.bn.running_mean.uniform_(-1, 1)

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import module_from
 
 import bnctl
 
@@ -37,12 +38,7 @@ class Unfoldable(nn.Module):
 
 @pytest.fixture
 def unfoldable(tmp_path):
-    (tmp_path / "unfoldable_nets.py").write_text(NETS)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("unfoldable_nets_reference", tmp_path / "unfoldable_nets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = module_from(tmp_path, "unfoldable_nets.py", NETS, "unfoldable_nets_reference")
     torch.manual_seed(0)
     model = module.Unfoldable()
     for bn in (model.a, model.b, model.d):

@@ -19,6 +19,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ...core import graph as g
+from .report import make_standalone
 from .math import bn_scale_shift, fold_after, fold_before, in_channels, out_channels, unrepresentable
 
 
@@ -238,14 +239,8 @@ def fold_graph(graph: fx.Graph, attrs: Attrs, standalone: str | None = None) -> 
             break
         pending = [node for node, _ in kept]
     if standalone == "affine":
-        still = []
-        for node, entry in kept:
-            affine = _make_affine(graph, attrs, g.bn_call(attrs.root, node), entry["reason"])
-            if affine is not None:
-                folded.append(affine)
-            else:
-                still.append((node, entry))
-        kept = still
+        made, kept = make_standalone(kept, lambda node, reason: _make_affine(graph, attrs, g.bn_call(attrs.root, node), reason))
+        folded += made
     skipped = [entry for _, entry in kept]
     for node in reversed(list(graph.nodes)):
         if node.op == "get_attr" and not node.users:

@@ -19,6 +19,7 @@ from . import math as fold_math
 from .onnx_affine import make_affine, merge_into_next
 from .onnx_graph import LAYER_KINDS, Graph, bn_params, layer_weights, narrow, write_layer
 from .onnx_sources import consumer_of, source_of
+from .report import make_standalone
 
 
 def fold_model(model: Any, *, plan: bool = False, standalone: str | None = None) -> tuple[Any, list[dict], list[dict], int]:
@@ -57,14 +58,8 @@ def fold_model(model: Any, *, plan: bool = False, standalone: str | None = None)
             break
         pending = [bn for bn, _ in kept]
     if standalone == "affine" and not plan:
-        still = []
-        for bn, entry in kept:
-            affine = make_affine(graph, bn, entry["reason"])
-            if affine is not None:
-                folded.append(affine)
-            else:
-                still.append((bn, entry))
-        kept = still
+        made, kept = make_standalone(kept, lambda bn, reason: make_affine(graph, bn, reason))
+        folded += made
     skipped = [entry for _, entry in kept]
     graph.prune()
     return new, folded, skipped, len(bns)

@@ -1,13 +1,15 @@
-"""What a fold did: :class:`FoldReport` (the JSON contract of ``bnctl fold --format json``)."""
+"""What a fold did: :class:`FoldReport` (the JSON contract of ``bnctl fold --format json``),
+and what every fold path shares. Imports no torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch-free to import: the ONNX fold plan (the audit) shares make_standalone
+    import torch
 
-from ...core.verify import Difference
+    from ...core.verify import Difference
 
 DEFAULT_TOLERANCE = 1e-4
 #: the default tolerance per output dtype (rtol, and atol per unit of the output's scale: :class:`Difference`)
@@ -25,6 +27,19 @@ def tolerance_for(outputs: list[Any], given: float | None = None) -> tuple[float
     floating = [n for n in names if n in TOLERANCES] or ["float32"]
     widest = max(floating, key=lambda n: TOLERANCES[n])
     return TOLERANCES[widest], f"the default for {widest} outputs"
+
+
+def make_standalone(kept: list[tuple[Any, dict]], make: Any) -> tuple[list[dict], list[tuple[Any, dict]]]:
+    """``--standalone``: ``make(item, reason)`` for each BN kept, ``(item, {"bn", "reason"})``;
+    returns the entries it made (the BNs it rewrote) and the BNs still kept."""
+    made, still = [], []
+    for item, entry in kept:
+        done = make(item, entry["reason"])
+        if done is not None:
+            made.append(done)
+        else:
+            still.append((item, entry))
+    return made, still
 
 
 @dataclass(kw_only=True)
