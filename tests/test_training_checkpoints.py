@@ -227,3 +227,23 @@ def test_recalibrate_key_ema_writes_the_entry_back_and_leaves_the_rest(cli, tmp_
     assert not any(f["check"] in ("BN104", "BN110") for f in audit["findings"])
     stale = json.loads(cli("audit", path, "-f", "json").stdout)
     assert any(f["check"] == "BN110" and f["file"] == f"{path}[ema]" for f in stale["findings"])
+
+
+def test_with_data_statistics_far_from_what_the_weights_produce_are_flagged(cli, tmp_path):
+    from conftest import CHECKPOINTS, SAMPLES
+
+    healthy = json.loads(cli("audit", CHECKPOINTS / "sample.pt", *ARCH, "--data", SAMPLES / "data", "-f", "json").stdout)
+    assert not any(f["check"] == "BN110" for f in healthy["findings"]), healthy["findings"]
+    state = torch.load(CHECKPOINTS / "sample.pt", weights_only=True)
+    for key in state:  # the trained weights with statistics that are not theirs (a model's copy, never re-estimated)
+        if key.endswith("running_mean"):
+            state[key] = torch.randn_like(state[key]) * 3
+        elif key.endswith("running_var"):
+            state[key] = torch.rand_like(state[key]) * 20 + 5
+    path = tmp_path / "copied.pt"
+    torch.save(state, path)
+    without = json.loads(cli("audit", path, *ARCH, "-f", "json").stdout)
+    assert not any(f["check"] == "BN110" for f in without["findings"])  # nothing to tell it by without data
+    doc = json.loads(cli("audit", path, *ARCH, "--data", SAMPLES / "data", "-f", "json").stdout)
+    found = [f for f in doc["findings"] if f["check"] == "BN110"]
+    assert len(found) == 1 and "samples of --data" in found[0]["message"], doc["findings"]

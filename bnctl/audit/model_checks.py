@@ -49,6 +49,41 @@ def int8_fold_range(module: nn.Module) -> list[Raw]:
     return int8_findings(folded, "BN210")
 
 
+#: BN110 on data: the median layer's mean moved by more than this many of its stored stds
+#: (averaged over channels), or its variance by more than this factor (geometric mean)
+DRIFT_SHIFT, DRIFT_RATIO = 0.5, 2.0
+
+
+def data_drift(module: nn.Module, batch: tuple) -> list[Raw]:
+    """BN110 from data: the statistics these weights produce on ``batch`` (computed as
+    ``bnctl recalibrate`` does, on a copy) against the stored ones, the figure ``bnctl diff
+    --data`` gives; flagged where the median layer is far off (:data:`DRIFT_SHIFT`,
+    :data:`DRIFT_RATIO`): statistics never re-estimated after the weights were averaged, or
+    copied from another model."""
+    import math
+    import statistics
+
+    from ..core.modules import from_module
+    from ..ops.diff import compare
+    from ..ops.recalibrate import recalibrate
+
+    stored = from_module(module, mode_known=False)
+    estimated = copy.deepcopy(module)
+    report = recalibrate(estimated, [batch])
+    reached = {c.name for c in report.layers if c.reached}
+    step = compare([l for l in stored if l.name in reached], [l for l in from_module(estimated, mode_known=False) if l.name in reached])
+    shifts = [l.mean_shift_mean for l in step.layers if l.mean_shift_mean is not None]
+    ratios = [abs(l.var_log_ratio_mean) for l in step.layers if l.var_log_ratio_mean is not None]
+    if not shifts or not ratios:
+        return []
+    shift, ratio = statistics.median(shifts), math.exp(statistics.median(ratios))
+    if shift <= DRIFT_SHIFT and ratio <= DRIFT_RATIO:
+        return []
+    return [(None, "BN110", f"on {report.samples} samples of --data, the statistics these weights produce are far from the stored ones (median layer: mean {shift:.2g} "
+                            f"stored std away, variance {ratio:.2g}x off): never re-estimated after the weights changed (averaging, copying)? "
+                            "run bnctl recalibrate with --data (--key for an entry), or torch.optim.swa_utils.update_bn; bnctl diff --data shows each layer")]
+
+
 def conv_bias_pairs(module: nn.Module) -> list[tuple[str, str]]:
     """``(bn, layer)`` names: a conv/linear with a bias whose output only that BN reads."""
     try:

@@ -210,11 +210,12 @@ def audit(
         skipped = "; ".join(f"{n} {why}" for why, n in found.skipped.items()) or "the folders are empty"
         raise InputError(f"no checkpoint files in {', '.join(map(str, paths))} ({skipped})", "name the files, or check --include/--exclude and .gitignore")
     examples = _behaviour_inputs(inputs)
+    data = dataclasses.replace(inputs, count=64).make() if inputs.data is not None else None  # BN110 on data
     results = []
     for number, path in enumerate(files, 1):
         if stage is not None:
             stage(f"auditing {path} ({number} of {len(files)})")
-        for fa in _audit_entries(model.at(path), examples):
+        for fa in _audit_entries(model.at(path), examples, data):
             fa.findings = [f for f in fa.findings if config.keeps(f)]
             fa.not_run = _selected(fa.unable, config)
             fa.not_applicable = _selected(fa.inapplicable, config)
@@ -222,13 +223,13 @@ def audit(
     return AuditResult(results, config, found.skipped)
 
 
-def _audit_entries(source: ModelSource, examples: tuple | None) -> list[FileAudit]:
+def _audit_entries(source: ModelSource, examples: tuple | None, data: tuple | None = None) -> list[FileAudit]:
     """The audit of a file, and, for a training checkpoint read without ``--key``, of every
     other entry holding the same model (an EMA or SWA copy: the one that ships), each named
     ``file[entry]``; an averaged entry whose statistics are another entry's while its weights
     differ gets BN110."""
     try:
-        first = _audit_file(source, examples)
+        first = _audit_file(source, examples, data)
     except BnctlError as exc:
         return [FileAudit(str(source.path), error=exc.message)]
     checkpoint = first.checkpoint
@@ -239,7 +240,7 @@ def _audit_entries(source: ModelSource, examples: tuple | None) -> list[FileAudi
     audits = [first]
     for entry in siblings:
         try:
-            other = _audit_file(dataclasses.replace(source, key=entry), examples)
+            other = _audit_file(dataclasses.replace(source, key=entry), examples, data)
         except BnctlError as exc:
             other = FileAudit(str(source.path), error=exc.message)
         other.rename(f"{source.path}[{entry}]")
@@ -300,6 +301,12 @@ def _stale_average(checkpoint: Any, found: list[Any]) -> list[tuple[str | None, 
                             f"run bnctl recalibrate {checkpoint.path}{key} --data DIR, or torch.optim.swa_utils.update_bn")]
 
 
+def torch_script_types() -> tuple:
+    import torch
+
+    return (torch.jit.ScriptModule,)
+
+
 def _behaviour_inputs(inputs: CheckInputs) -> tuple | None:
     """Check inputs with a batch of 2 to 4 (batch dependence needs more than one sample)."""
     shapes = [(max(2, min(4, s[0])), *s[1:]) if i == 0 else s for i, s in enumerate(inputs.shapes)]
@@ -320,7 +327,7 @@ def _selected(groups: dict[str, str], config: AuditConfig) -> list[dict[str, Any
     return out
 
 
-def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
+def _audit_file(source: ModelSource, inputs: tuple | None, data: tuple | None = None) -> FileAudit:
     from ..core import stats
     from ..io import checkpoint as ckpt_mod
     from . import checks
@@ -381,6 +388,8 @@ def _audit_file(source: ModelSource, inputs: tuple | None) -> FileAudit:
 
         verify.reference_outputs(copy.deepcopy(runnable), inputs)  # an InputError naming the shape if the model rejects it (a copy: a forward in train mode would move its statistics)
         raw += model_checks.behaviour(runnable, inputs)
+        if data is not None and not isinstance(runnable, torch_script_types()):
+            raw += model_checks.data_drift(runnable, data)
         if any(code in ("BN105", "BN108") for _, code, _ in raw):
             error = model_checks.float16_error(runnable, inputs)
             measured = f"measured on the check inputs: the model in float16 differs from float32 by {error:.2g} (relative)" if error is not None else "the model does not run in float16 here: not measured"
