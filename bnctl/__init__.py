@@ -31,6 +31,8 @@ _EXPORTS = {
     "BNLayer": ("bnctl.core.layers", "BNLayer"),
     "find_layers": ("bnctl.core.layers", "find"),
     "BnctlError": ("bnctl.errors", "BnctlError"),
+    "watch": ("bnctl.ops.watch", "watch"),
+    "Watch": ("bnctl.ops.watch", "Watch"),
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -61,7 +61,7 @@ def test_every_check_is_documented_and_codes_and_names_are_unique():
     names = [c.name for c in CHECKS.values()]
     assert len(set(names)) == len(names)
     for code, check in CHECKS.items():
-        assert code == check.code and re.fullmatch(r"BN[1-4]\d\d", code)
+        assert code == check.code and re.fullmatch(r"BN[1-5]\d\d", code)
         assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)+", check.name), check.name
         assert check.severity in SEVERITIES and check.group in GROUPS
         assert GROUPS.index(check.group) + 1 == int(code[2]), "the code's first digit is its group"

@@ -2,7 +2,8 @@
 
 Codes are a contract (CI configurations select and ignore them): a code is never reused for
 another check. Groups by the first digit: 1 statistics (any checkpoint), 2 configuration
-(needs a module), 3 behaviour (needs check inputs), 4 ONNX graphs. Imports nothing heavy.
+(needs a module), 3 behaviour (needs check inputs), 4 ONNX graphs, 5 runtime (``bnctl trace``
+watching a training script). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -168,6 +169,32 @@ _CHECKS = [
           "model.eval() is the user's only switch; a module that overrides train() and keeps its BN training is invisible to it.",
           "class Block(nn.Module): def train(self, mode=True): super().train(mode); self.bn.train()",
           "Fix the train() override so that it respects mode."),
+    # --- runtime: bnctl trace watches a training script --------------------------------------
+    Check("BN501", "train-mode-evaluation", "error", "runtime",
+          "A BN forward in train mode under torch.no_grad()/inference_mode() that updates the running statistics.",
+          "An evaluation loop without model.eval() normalizes with each validation batch's statistics and leaks them into the running statistics the model ships with.",
+          "with torch.no_grad(): for x, y in val_loader: model(x)   # model.train() is still in effect",
+          "Call model.eval() before evaluating and model.train() after."),
+    Check("BN502", "frozen-bn-statistics-move", "warning", "runtime",
+          "A BN whose affine parameters are frozen (requires_grad=False, or in no optimizer) while it runs in train mode: its statistics keep moving.",
+          "Freezing by requires_grad does not freeze running_mean/var; model.train() puts every BN back in train mode (Lightning-AI/pytorch-lightning#15062, #21531).",
+          "for p in backbone.parameters(): p.requires_grad = False; model.train()",
+          "Put the frozen BNs in eval mode after every model.train() (override train()), or convert them to FrozenBatchNorm (bnctl convert --to frozen)."),
+    Check("BN503", "too-few-values-per-channel", "warning", "runtime",
+          "A train-mode BN forward on too few values per channel to estimate statistics (a last batch of one sample: N x spatial below 3).",
+          "The batch's variance is meaningless (or zero): the output and the running statistics are noise; with one value per channel PyTorch raises.",
+          "A DataLoader without drop_last whose last batch holds 1 sample, into BatchNorm1d.",
+          "drop_last=True, a larger batch, or the BN in eval mode for that step."),
+    Check("BN504", "non-finite-running-statistics", "error", "runtime",
+          "Non-finite values entered a running statistic, or a running variance went negative, during training.",
+          "From then on every eval-mode output of the layer and of everything after it is NaN or Inf (pytorch/pytorch#90342 under AMP).",
+          "A float16 overflow in one step under autocast, or a NaN in the input data.",
+          "Find the step and layer named; skip non-finite batches, or recalibrate (bnctl recalibrate) after training."),
+    Check("BN505", "export-in-train-mode", "error", "runtime",
+          "torch.onnx.export, torch.jit.trace/script, torch.export.export or torch.save of a module whose BN layers are in train mode.",
+          "The artifact normalizes with batch statistics (ONNX training_mode, a traced train-mode graph): outputs depend on the batch.",
+          "torch.onnx.export(model, x, 'm.onnx') right after the training loop.",
+          "Call model.eval() before exporting (bnctl export does)."),
     # --- ONNX -------------------------------------------------------------------------------
     Check("BN401", "onnx-training-mode-bn", "error", "onnx",
           "A BatchNormalization node with training_mode=1 or with its running mean/var outputs used.",
@@ -188,7 +215,7 @@ _CHECKS = [
 
 CHECKS: dict[str, Check] = {c.code: c for c in _CHECKS}
 BY_NAME: dict[str, Check] = {c.name: c for c in _CHECKS}
-GROUPS = ("statistics", "configuration", "behaviour", "onnx")
+GROUPS = ("statistics", "configuration", "behaviour", "onnx", "runtime")
 
 
 def lookup(code_or_name: str) -> Check | None:

@@ -399,6 +399,7 @@ def _audit_file(source: ModelSource, inputs: tuple | None, data: tuple | None = 
         fa.inapplicable["behaviour"] = why_not
     else:
         fa.unable["behaviour"] = why_not
+    fa.inapplicable["runtime"] = "runtime checks watch a training script as it runs: bnctl trace train.py"
     fa.findings = [Finding(str(path), layer, code, message) for layer, code, message in raw]
     return fa
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from .app import app
 
 # importing a command module registers its command, in this order
-from . import inspect, fold, recalibrate, convert, export, audit, diff  # noqa: E402,F401,I001
+from . import inspect, fold, recalibrate, convert, export, audit, diff, trace  # noqa: E402,F401,I001
 
 
 def main() -> None:
