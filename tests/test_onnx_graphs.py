@@ -209,3 +209,14 @@ def test_an_attribute_of_the_wrong_type_is_a_clean_error_and_fails_the_audit(cli
     assert audit.exit_code == 2 and "attribute 'group' of type STRING, which ONNX defines as INT" in audit.stdout, audit.output
     fold = cli("fold", src, "-o", tmp_path / "f.onnx")
     assert fold.exit_code == 2 and fold.stderr.startswith("error: the ONNX graph is broken"), fold.output
+
+
+def test_a_string_that_is_not_utf8_is_a_clean_error(cli, tmp_path):
+    model = onnx.load(ROOT / "samples/checkpoints/sample.onnx")
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type = "Rqqu"
+    data = model.SerializeToString().replace(b"Rqqu", b"R\xeequ", 1)  # an op type, damaged on disk
+    src = tmp_path / "utf8.onnx"
+    src.write_bytes(data)
+    result = cli("fold", src, "-o", tmp_path / "f.onnx")
+    assert result.exit_code == 2 and "not UTF-8" in result.stderr and "internal error" not in result.output, result.output

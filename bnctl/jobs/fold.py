@@ -165,6 +165,8 @@ def _fold_onnx(checkpoint: ckpt_mod.Checkpoint, output: Path, target: Target, in
     try:
         onnx.checker.check_model(model)
         valid = True
+    except UnicodeDecodeError as exc:  # a name or string field that is not UTF-8: bytes damaged
+        raise InputError(f"the ONNX graph is broken: a string in it is not UTF-8 ({exc})", "the file is damaged or was edited by hand; export it again") from None
     except onnx.checker.ValidationError as exc:  # published IR-3 files often fail it, yet run
         valid = False
         notes.append(f"the input graph is not valid ONNX ({one_line(exc)}); folded all the same, and the folded graph checked in ONNX Runtime")
