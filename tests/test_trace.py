@@ -186,3 +186,46 @@ def test_the_library_watch_reports_on_a_model():
     with torch.no_grad():
         model(torch.randn(5, 3))
     assert len(w.events) == 1
+
+
+DDP_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from torch import nn
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers="--broadcast" in sys.argv)
+opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+batch = int(sys.argv[1])
+torch.manual_seed(1 + rank)
+for _ in range(3):
+    loss = ddp(torch.randn(batch, 3, 8, 8) + rank).square().mean()  # each rank its own data
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("args, expected, code", [
+    (["4"], {("BN506", "[rank 0]"), ("BN506", "[rank 1]"), ("BN507", "[rank 0]")}, 1),  # broadcast_buffers=False, 4 per rank
+    (["16", "--broadcast"], set(), 0),  # the clean twin: buffers synced, 16 per rank
+])
+def test_under_torchrun_rank_0_reports_every_rank_and_their_disagreement(tmp_path, args, expected, code):
+    import subprocess
+    import sys
+
+    script = tmp_path / "train_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bnctl", "trace",
+                           "-f", "json", "-o", report, script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert (proc.returncode != 0) == bool(code), proc.stderr[-3000:]
+    doc = json.loads(report.read_text())
+    found = {(f["check"], f["file"][f["file"].index("["):]) for f in doc["findings"]}
+    assert found == expected, doc["findings"]
+    assert {f["file"] for f in doc["files"]} == {f"{script}[rank 0]", f"{script}[rank 1]"}

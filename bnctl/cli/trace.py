@@ -57,8 +57,14 @@ def trace(
         config.ignore = check_selectors(_codes(ignore), "--ignore")
     if fail_on is not None:
         config.fail_on = fail_on.value
+    from ..jobs.trace import distributed_rank, gather, share
+
     run = trace_script(name, script_args, module=module is not None)
-    result = as_audit(run, config)
+    ranked = distributed_rank()
+    if ranked is not None and ranked[0] != 0:  # under torchrun: rank 0 reports for every rank
+        share(run, ranked[0])
+        raise typer.Exit(run.exit_code)
+    result = as_audit(run, config, gather(ranked[1]) if ranked is not None else None)
     sys.stdout.flush()
     if fmt.value == "text":
         from ..audit.formats import text

@@ -59,16 +59,127 @@ def trace_script(target: str, args: list[str], *, module: bool = False) -> Trace
     return TraceRun(target, seen, code)
 
 
-def as_audit(run: TraceRun, config: Any) -> Any:
-    """The run as an :class:`~bnctl.audit.runner.AuditResult`: one file (the script), one
-    finding per event, with the step and the caller's file:line in its message."""
+def _events(run: TraceRun, name: str) -> list[tuple]:
+    return [(name, e.layer, e.code, e.message + (f" [{e.where}]" if e.where else "")) for e in run.watch.events]
+
+
+def as_audit(run: TraceRun, config: Any, ranks: list[dict] | None = None) -> Any:
+    """The run as an :class:`~bnctl.audit.runner.AuditResult`: one file (the script, or one
+    per rank of a distributed run: ``train.py[rank 1]``), one finding per event with the step
+    and the caller's file:line in its message, and BN507 where the ranks' statistics differ."""
     from ..audit.runner import AuditResult, FileAudit, Finding
 
-    findings = []
-    for event in run.watch.events:
-        where = f" [{event.where}]" if event.where else ""
-        findings.append(Finding(run.target, event.layer, event.code, event.message + where))
-    fa = FileAudit(run.target, "training script", len(run.watch.layers), findings=[f for f in findings if config.keeps(f)], groups=["runtime"])
-    if run.exit_code:
-        fa.notes.append(f"the script exited with code {run.exit_code}: what ran before is reported")
-    return AuditResult([fa], config)
+    parts = [(run.target if ranks is None else f"{run.target}[rank 0]", _events(run, run.target if ranks is None else f"{run.target}[rank 0]"), len(run.watch.layers), run.exit_code)]
+    for other in ranks or []:
+        name = f"{run.target}[rank {other['rank']}]"
+        parts.append((name, [(name, *event) for event in other["events"]], other["layers"], other["exit_code"]))
+    files = []
+    for name, events, layers, code in parts:
+        findings = [Finding(*event) for event in events]
+        fa = FileAudit(name, "training script", layers, findings=[f for f in findings if config.keeps(f)], groups=["runtime"])
+        if code:
+            fa.notes.append(f"the script exited with code {code}: what ran before is reported")
+        files.append(fa)
+    if ranks:
+        disagree = [Finding(files[0].path, layer, "BN507", message) for layer, message in _disagreements(run, ranks)]
+        files[0].findings += [f for f in disagree if config.keeps(f)]
+    return AuditResult(files, config)
+
+
+# --- under torchrun: every rank watches its own process, rank 0 reports for all -------------
+
+
+def distributed_rank() -> tuple[int, int] | None:
+    """``(rank, world size)`` where torchrun started this process, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else None
+
+
+def _exchange_folder() -> Path:
+    import tempfile
+
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    return Path(tempfile.gettempdir()) / f"bnctl-trace-{run_id}-{os.environ.get('MASTER_ADDR', '')}-{os.environ.get('MASTER_PORT', '')}"
+
+
+def share(run: TraceRun, rank: int) -> None:
+    """A rank other than 0: write its events and final statistics for rank 0 (atomically)."""
+    import json
+
+    import numpy as np
+
+    from ..ops.watch import final_statistics
+
+    folder = _exchange_folder()
+    folder.mkdir(exist_ok=True)
+    stats = folder / f"rank{rank}.npz.tmp"
+    with open(stats, "wb") as f:
+        np.savez(f, **final_statistics(run.watch))
+    stats.replace(folder / f"rank{rank}.npz")
+    events = [[e.layer, e.code, e.message + (f" [{e.where}]" if e.where else "")] for e in run.watch.events]
+    doc = folder / f"rank{rank}.json.tmp"
+    doc.write_text(json.dumps({"rank": rank, "events": events, "layers": len(run.watch.layers), "exit_code": run.exit_code}))
+    doc.replace(folder / f"rank{rank}.json")
+
+
+def gather(world: int, timeout: float = 120.0) -> list[dict]:
+    """Rank 0: every other rank's events and statistics, waiting up to ``timeout`` seconds
+    for each; a rank that never reports is one entry saying so."""
+    import json
+    import time
+
+    import numpy as np
+
+    folder = _exchange_folder()
+    out = []
+    for rank in range(1, world):
+        doc, stats = folder / f"rank{rank}.json", folder / f"rank{rank}.npz"
+        deadline = time.monotonic() + timeout
+        while not doc.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not doc.exists():
+            out.append({"rank": rank, "events": [], "layers": 0, "exit_code": None, "stats": {}, "missing": True})
+            continue
+        entry = json.loads(doc.read_text())
+        with np.load(stats) as data:
+            entry["stats"] = {k: data[k] for k in data.files}
+        out.append(entry)
+        doc.unlink()
+        stats.unlink()
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+    return out
+
+
+def _disagreements(run: TraceRun, ranks: list[dict]) -> list[tuple[str, str]]:
+    """BN507: the layers whose running statistics differ between rank 0 and another rank
+    (mean in units of rank 0's std, variance relative, beyond 1e-4)."""
+    import numpy as np
+
+    from ..ops.watch import final_statistics
+
+    mine = final_statistics(run.watch)
+    found = []
+    for key in sorted(k for k in mine if k.endswith(".running_mean")):
+        layer = key[: -len(".running_mean")]
+        if layer in run.watch.synced:  # DDP broadcasts rank 0's buffers before each forward: only the last step's update differs
+            continue
+        mean0, var0 = mine[key], mine.get(f"{layer}.running_var")
+        worst = (0.0, None)
+        for other in ranks:
+            mean_r, var_r = other["stats"].get(key), other["stats"].get(f"{layer}.running_var")
+            if mean_r is None or var_r is None or var0 is None or mean_r.shape != mean0.shape:
+                continue
+            scale = np.sqrt(np.abs(var0) + 1e-5)
+            moved = max(float(np.abs(mean_r - mean0).max() / scale.min()), float((np.abs(var_r - var0) / (np.abs(var0) + 1e-5)).max()))
+            if moved > worst[0]:
+                worst = (moved, other["rank"])
+        if worst[0] > 1e-4:
+            found.append((layer, f"running statistics differ between rank 0 and rank {worst[1]} at the end (by {worst[0]:.2g} of rank 0's std or variance): "
+                                 "each rank kept its own (DDP broadcast_buffers=False?); the rank that saves decides the model"))
+    missing = [str(o["rank"]) for o in ranks if o.get("missing")]
+    if missing:
+        found.append((None, f"rank{'s' * (len(missing) > 1)} {', '.join(missing)} never reported: their statistics could not be compared"))
+    return found

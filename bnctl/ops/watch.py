@@ -13,7 +13,10 @@ torch's global step hook. The runtime checks (BN5xx, :mod:`bnctl.audit.registry`
   no optimizer's param groups (where one is seen), while its statistics move;
 - BN503: a train-mode forward on too few values per channel to estimate anything;
 - BN504: non-finite values entering a running statistic, or a running variance driven negative;
-- BN505: an export, trace or ``torch.save`` of a module with BN layers in train mode.
+- BN505: an export, trace or ``torch.save`` of a module with BN layers in train mode;
+- BN506: under torch.distributed, plain BN on a small per-rank batch where SyncBatchNorm would
+  normalize over the whole step's batch; BN507 (``bnctl trace`` under torchrun, judged by rank
+  0 on every rank's statistics): running statistics that differ across ranks at the end.
 
 Known re-estimation routines (``torch.optim.swa_utils.update_bn``, fvcore's
 ``update_bn_stats``, ``bnctl.recalibrate``) run BN in train mode under no_grad on purpose:
@@ -34,6 +37,8 @@ from typing import Any, Iterator
 
 #: fewer values per channel than this in a train-mode forward estimate nothing (BN503): one value has no variance, two normalize to +-1 whatever they are
 MIN_VALUES = 3
+#: under torch.distributed, a per-rank batch below this with plain BN is flagged (BN506)
+SYNC_BELOW = 16
 #: frames of these folders are not the user's code (the caller named in a finding is the first other)
 _LIBRARY = (str(Path(__file__).resolve().parents[1]), "/torch/", "/site-packages/", "/lib/python3", "<frozen ")
 
@@ -67,6 +72,7 @@ class Watch:
     layers: dict[int, _Layer] = field(default_factory=dict)
     optimizer_params: set[int] = field(default_factory=set)
     optimizers: int = 0
+    synced: set[str] = field(default_factory=set)  # layers whose buffers DDP broadcasts from rank 0 (broadcast_buffers=True)
     _reported: set = field(default_factory=set)
     _names: dict[int, str] = field(default_factory=dict)
     _local: threading.local = field(default_factory=threading.local)
@@ -93,16 +99,21 @@ class Watch:
             return self._names[id(module)]
         import torch
 
-        frame, root = sys._getframe(1), None
+        frame, root, synced = sys._getframe(1), None, False
         while frame is not None:
             owner = frame.f_locals.get("self")
             if isinstance(owner, torch.nn.Module) and owner is not module:
                 root = owner
+                # DDP that broadcasts rank 0's buffers before every forward: ranks differ by the last step only
+                synced = synced or (type(owner).__name__ == "DistributedDataParallel" and bool(getattr(owner, "broadcast_buffers", False)))
             frame = frame.f_back
         if root is not None:
             for name, sub in root.named_modules():
                 self._names.setdefault(id(sub), name)
-        return self._names.get(id(module), type(module).__name__)
+        name = self._names.get(id(module), type(module).__name__)
+        if synced:
+            self.synced.add(name)
+        return name
 
     def _reestimating(self) -> bool:
         return getattr(self._local, "reestimating", 0) > 0
@@ -129,6 +140,11 @@ class Watch:
             weight = getattr(module, "weight", None)
             if weight is not None and not weight.requires_grad:
                 self._event("BN502", layer.name, f"weight and bias have requires_grad=False, but the layer is in train mode: its statistics keep moving (step {layer.calls}); call .eval() on it after model.train()", layer.calls)
+        if grad and isinstance(x, torch.Tensor) and x.dim() >= 2 and type(module).__name__ != "SyncBatchNorm":
+            world = _world_size()
+            if world > 1 and x.shape[0] < SYNC_BELOW:
+                self._event("BN506", layer.name, f"a plain {type(module).__name__} under torch.distributed (world size {world}) normalizes each rank's batch of {x.shape[0]} alone: "
+                                                 f"SyncBatchNorm would use the {x.shape[0] * world} samples of the step (torch.nn.SyncBatchNorm.convert_sync_batchnorm, or bnctl convert --to syncbn)", layer.calls)
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] > 0:
             values = x.numel() // x.shape[1]
             if values < MIN_VALUES:
@@ -192,6 +208,25 @@ class Watch:
             weight = getattr(layer.module, "weight", None)
             if self.optimizers and layer.train_updates and weight is not None and weight.requires_grad and id(weight) not in self.optimizer_params:
                 self._event("BN502", layer.name, f"weight and bias are in no optimizer's param groups, but the layer ran in train mode {layer.train_updates} times: its statistics keep moving while its parameters do not", None)
+
+
+def _world_size() -> int:
+    """The torch.distributed world size, 1 where no process group is up."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def final_statistics(w: Watch) -> dict[str, Any]:
+    """Each watched BN's running mean and variance as the run left them, as numpy arrays
+    (``name.running_mean``, ``name.running_var``): what the ranks of a distributed run compare."""
+    out = {}
+    for layer in w.layers.values():
+        for key in ("running_mean", "running_var"):
+            value = getattr(layer.module, key, None)
+            if value is not None:
+                out[f"{layer.name}.{key}"] = value.detach().float().cpu().numpy()
+    return out
 
 
 def caller() -> str | None:
