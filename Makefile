@@ -56,6 +56,8 @@ demo: $(VENV)/.demo-installed
 	@$(BNCTL) convert samples/checkpoints/sample.pt --arch bnctl.models:sample_net --to groupnorm --input-shape 2,3,32,32 -o $(OUT)/sample_gn.pt
 	@echo "\n\$$ bnctl export samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 1,3,32,32 --dynamic-batch -o $(OUT)/sample.onnx"
 	@$(BNCTL) export samples/checkpoints/sample.pt --arch bnctl.models:sample_net --input-shape 1,3,32,32 --dynamic-batch -o $(OUT)/sample.onnx
+	@echo "\n\$$ bnctl trace samples/train_forgot_eval.py --epochs 1   # exit 1: BN bugs caught as the script runs"
+	@$(BNCTL) trace samples/train_forgot_eval.py --epochs 1 || true
 
 test: $(VENV)/.test-installed
 	BNCTL_REQUIRE_CORPUS=1 $(PY) -m pytest -q

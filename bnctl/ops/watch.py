@@ -119,9 +119,12 @@ class Watch:
         return getattr(self._local, "reestimating", 0) > 0
 
     def before(self, module: Any, args: tuple) -> None:
-        """A BN module is about to run."""
+        """A BN module is about to run (not watched while torch.jit traces or torch.compile
+        compiles: the export is what BN505 judges, and a compiled graph runs unwatched)."""
         import torch
 
+        if _inside_tracer():
+            return
         if not module.training or not getattr(module, "track_running_stats", False) or getattr(module, "running_mean", None) is None:
             if module.training:
                 self._layer(module).calls += 1
@@ -155,7 +158,7 @@ class Watch:
         """A BN module ran: fold whether its statistics are still finite into a device flag."""
         import torch
 
-        if not module.training or getattr(module, "running_var", None) is None or self._reestimating():
+        if not module.training or getattr(module, "running_var", None) is None or self._reestimating() or _inside_tracer():
             return
         layer = self._layer(module)
         with torch.no_grad():
@@ -208,6 +211,14 @@ class Watch:
             weight = getattr(layer.module, "weight", None)
             if self.optimizers and layer.train_updates and weight is not None and weight.requires_grad and id(weight) not in self.optimizer_params:
                 self._event("BN502", layer.name, f"weight and bias are in no optimizer's param groups, but the layer ran in train mode {layer.train_updates} times: its statistics keep moving while its parameters do not", None)
+
+
+def _inside_tracer() -> bool:
+    """Whether torch.jit is tracing or torch.compile compiling the current call."""
+    import torch
+
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(torch.jit.is_tracing() or (compiling is not None and compiling()))
 
 
 def _world_size() -> int:
