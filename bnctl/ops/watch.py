@@ -40,7 +40,7 @@ MIN_VALUES = 3
 #: under torch.distributed, a per-rank batch below this with plain BN is flagged (BN506)
 SYNC_BELOW = 16
 #: frames of these folders are not the user's code (the caller named in a finding is the first other)
-_LIBRARY = (str(Path(__file__).resolve().parents[1]), "/torch/", "/site-packages/", "/lib/python3", "<frozen ")
+_LIBRARY = (str(Path(__file__).resolve().parents[1]), "/torch/", "/site-packages/", "/lib/python3", "<frozen ", "<string>", "<eval_with_key>")
 
 
 @dataclass
