@@ -229,3 +229,30 @@ def test_under_torchrun_rank_0_reports_every_rank_and_their_disagreement(tmp_pat
     found = {(f["check"], f["file"][f["file"].index("["):]) for f in doc["findings"]}
     assert found == expected, doc["findings"]
     assert {f["file"] for f in doc["files"]} == {f"{script}[rank 0]", f"{script}[rank 1]"}
+
+
+def test_watching_reads_nothing_back_from_the_device_while_the_loop_runs(monkeypatch):
+    # what would synchronise with a GPU each step: reading a tensor's value on the host.
+    # Recorded from bnctl's watch while the loop runs; the one read is at the end (finish).
+    import sys as _sys
+
+    reads = []
+    for name in ("item", "__bool__", "__int__", "__float__", "tolist", "numpy", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            if "bnctl/ops/watch.py" in _sys._getframe(1).f_code.co_filename:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with bnctl.watch() as w:
+        for _ in range(5):
+            loss = model(torch.randn(4, 3, 8, 8)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        during = list(reads)
+    assert during == [] and w.layers  # read only by finish(), after the loop

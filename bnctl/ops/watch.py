@@ -163,7 +163,7 @@ class Watch:
         layer = self._layer(module)
         with torch.no_grad():
             bad = ~(torch.isfinite(module.running_mean).all() & torch.isfinite(module.running_var).all()) | (module.running_var < 0).any()
-            step = torch.tensor(layer.calls, device=bad.device)
+            step = torch.full((), layer.calls, dtype=torch.long, device=bad.device)  # a fill on the device: no host-to-device copy
             if layer.first_bad is None:
                 layer.first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
             layer.first_bad = torch.where((layer.first_bad < 0) & bad, step, layer.first_bad)
