@@ -31,7 +31,6 @@ def expected(before: np.ndarray, after: np.ndarray, axis: int = 0) -> dict:
     tensor or each output channel."""
     a, b = after.astype(np.float64), before.astype(np.float64)
     ca = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
-    cb = np.moveaxis(b, axis, 0).reshape(b.shape[axis], -1)
     per_channel_scale = np.abs(ca).max(axis=1, keepdims=True) / 127
 
     def median(c):

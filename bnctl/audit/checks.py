@@ -57,7 +57,6 @@ def onnx_unfolded(model: Any) -> list[Raw]:
     would cost the weight more than :data:`bnctl.core.int8.DROP_DB` of int8 SQNR. A damaged
     graph raises the InputError that fold would (the file's audit fails; a gate is never
     green by accident)."""
-    from ..core import int8
     from ..ops.fold import onnx as onnx_fold
 
     _, folded, _, _ = onnx_fold.fold_model(model, plan=True)
