@@ -181,6 +181,7 @@ def test_the_library_watch_reports_on_a_model():
         with torch.no_grad():
             model(torch.randn(5, 3))
     assert [(e.code, e.layer, e.step) for e in w.events] == [("BN501", "1", 1)]
+    assert w.report().startswith("1: BN501 train-mode forward") and w.to_dict()["events"][0]["code"] == "BN501"
     assert w.events[0].where.endswith("test_trace.py:" + str(w.events[0].where.rsplit(":", 1)[1]))
     # nothing stays installed afterwards
     with torch.no_grad():

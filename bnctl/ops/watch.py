@@ -197,6 +197,19 @@ class Watch:
 
     # --- at the end ---------------------------------------------------------------------
 
+    def report(self) -> str:
+        """The events as text, one line each (``bnctl trace`` renders them in audit's formats,
+        with severities): ``layer: CODE message [file:line]`` and a summary line."""
+        self.finish()
+        lines = [f"{e.layer or '(model)'}: {e.code} {e.message}" + (f" [{e.where}]" if e.where else "") for e in self.events]
+        lines.append(f"{len(self.events)} finding{'s' * (len(self.events) != 1)} in {len(self.layers)} BatchNorm layers watched.")
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"events": [{"code", "layer", "message", "step", "where"}], "layers"}``."""
+        self.finish()
+        return {"events": [dict(e.__dict__) for e in self.events], "layers": len(self.layers)}
+
     def finish(self) -> None:
         """Read the device flags (one synchronisation) and judge what needs the whole run."""
         if self._finished:
