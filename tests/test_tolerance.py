@@ -93,7 +93,7 @@ def test_the_bound_is_allclose_with_atol_scaled_to_the_output(tmp_path):
 
 def test_comparing_large_outputs_makes_no_float64_copy_of_them():
     # a 1x16x2048x2048 float32 output is 268 MB; float64 copies of both, their difference and
-    # its ratio would add well over 1 GB. Peak memory, not time: measured in a fresh process.
+    # its ratio would add well over 1 GB. Peak memory, not time: measured in a fresh process. Chunks cost ~150 MB here; one float64 copy of the output would be 536 MB.
     import subprocess
     import sys
 
@@ -109,4 +109,4 @@ def test_comparing_large_outputs_makes_no_float64_copy_of_them():
         "print((after - before) // 1024)\n"
     )
     added_mb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
-    assert added_mb < 150, added_mb
+    assert added_mb < 400, added_mb  # one float64 copy of the output alone would be 536 MB
