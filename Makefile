@@ -60,6 +60,7 @@ demo: $(VENV)/.demo-installed
 	@$(BNCTL) trace samples/train_forgot_eval.py --epochs 1 || true
 
 test: $(VENV)/.test-installed
+	$(PY) -m ruff check bnctl tests benchmarks samples
 	BNCTL_REQUIRE_CORPUS=1 $(PY) -m pytest -q
 
 bench: $(VENV)/.test-installed
