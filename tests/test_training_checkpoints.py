@@ -247,3 +247,14 @@ def test_with_data_statistics_far_from_what_the_weights_produce_are_flagged(cli,
     doc = json.loads(cli("audit", path, *ARCH, "--data", SAMPLES / "data", "-f", "json").stdout)
     found = [f for f in doc["findings"] if f["check"] == "BN110"]
     assert len(found) == 1 and "samples of --data" in found[0]["message"], doc["findings"]
+
+
+def test_a_program_with_a_static_batch_is_not_batch_dependent(cli, tmp_path):
+    # torch.export fixed the batch at 2: single samples are refused by its guard, which says
+    # nothing about batch dependence (BN302 compares a batch with its samples one by one)
+    model = StdNet().eval()
+    path = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 8, 8),)), path)
+    doc = json.loads(cli("audit", path, "--trust", "--input-shape", "2,3,8,8", "-f", "json").stdout)
+    assert not any(f["check"] == "BN302" for f in doc["findings"]), doc["findings"]
+    assert "behaviour" in doc["files"][0]["checks"]
