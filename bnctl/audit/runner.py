@@ -260,7 +260,7 @@ def _averaged_name(name: str | None) -> bool:
     """An entry name that says its weights were averaged (ema, model_ema, swa, averaged_model)."""
     import re
 
-    return bool(name) and re.search(r"(^|[._])(ema|swa|averaged?)([._]|$)|_ema$|^ema", str(name), re.IGNORECASE) is not None
+    return bool(name) and re.search(r"(^|[._])(ema|swa|averaged?)([._]|$)", str(name), re.IGNORECASE) is not None
 
 
 def _same_statistics(mine: list[Any], other: list[Any]) -> bool:
@@ -299,12 +299,6 @@ def _stale_average(checkpoint: Any, found: list[Any]) -> list[tuple[str | None, 
     key = f" --key {checkpoint.key}" if getattr(checkpoint, "key", None) else ""
     return [(None, "BN110", f"weights averaged ({why}) but every BN's running statistics are at their initial values (mean 0, var 1): never re-estimated; "
                             f"run bnctl recalibrate {checkpoint.path}{key} --data DIR, or torch.optim.swa_utils.update_bn")]
-
-
-def torch_script_types() -> tuple:
-    import torch
-
-    return (torch.jit.ScriptModule,)
 
 
 def _behaviour_inputs(inputs: CheckInputs) -> tuple | None:
@@ -388,7 +382,9 @@ def _audit_file(source: ModelSource, inputs: tuple | None, data: tuple | None = 
 
         verify.reference_outputs(copy.deepcopy(runnable), inputs)  # an InputError naming the shape if the model rejects it (a copy: a forward in train mode would move its statistics)
         raw += model_checks.behaviour(runnable, inputs)
-        if data is not None and not isinstance(runnable, torch_script_types()):
+        import torch
+
+        if data is not None and not isinstance(runnable, torch.jit.ScriptModule):
             raw += model_checks.data_drift(runnable, data)
         if any(code in ("BN105", "BN108") for _, code, _ in raw):
             error = model_checks.float16_error(runnable, inputs)

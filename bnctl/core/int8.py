@@ -65,14 +65,17 @@ def median_channel_sqnr_db(weight: Any, axis: int) -> float:
     return float(np.median(per)) if per.size else math.inf
 
 
-def readiness(before: Any, after: Any, axis: int) -> dict[str, Any]:
+def readiness(before: Any, after: Any, axis: int, running_var: Any = None) -> dict[str, Any]:
     """The ``int8`` block of a folded layer: per-tensor and per-channel SQNR of the folded
     weight ``after``, per-tensor SQNR of the weight ``before`` the fold, how much the fold
     grew the range (max|after| / max|before|), and the output channel (along ``axis``) whose
-    largest |weight| sets the per-tensor range."""
+    largest |weight| sets the per-tensor range, with the BN's ``running_var`` there where
+    it is given (a BN folded after its layer: its channels are the layer's outputs)."""
     b, a = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
     per_channel_max = np.abs(np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)).max(axis=1) if a.size else np.zeros(0)
     largest_before = float(np.abs(b).max()) if b.size else 0.0
+    channel = int(np.argmax(per_channel_max)) if per_channel_max.size else None
+    var = None if running_var is None else np.asarray(running_var, dtype=np.float64).reshape(-1)
     return {
         "per_tensor_sqnr_db": _finite(sqnr_db(a)),
         "per_channel_sqnr_db": _finite(sqnr_db(a, axis)),
@@ -80,7 +83,8 @@ def readiness(before: Any, after: Any, axis: int) -> dict[str, Any]:
         "median_channel_sqnr_db": _finite(median_channel_sqnr_db(a, axis)),
         "before_median_channel_sqnr_db": _finite(median_channel_sqnr_db(b, axis)),
         "range_growth": float(np.abs(a).max()) / largest_before if largest_before > 0 else None,
-        "range_channel": int(np.argmax(per_channel_max)) if per_channel_max.size else None,
+        "range_channel": channel,
+        "range_channel_var": float(var[channel]) if var is not None and channel is not None and channel < var.size else None,
     }
 
 

@@ -269,7 +269,7 @@ def from_program_json(program: Any) -> list[BNLayer]:
 
 
 #: ops that only reshape or copy a tensor: a value seen through them is the same tensor
-_VIEW_OPS = ("view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "clone", "contiguous", "alias", "_to_copy", "permute", "transpose")
+VIEW_OPS = ("view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "clone", "contiguous", "alias", "_to_copy", "permute", "transpose")
 
 
 def _from_parameter(name: Any, producers: dict, sources: dict) -> bool:
@@ -281,7 +281,7 @@ def _from_parameter(name: Any, producers: dict, sources: dict) -> bool:
         node = producers.get(name)
         target = str(node.get("target", "")) if isinstance(node, dict) else ""
         parts = target.split(".")
-        if len(parts) < 4 or parts[3] not in _VIEW_OPS:
+        if len(parts) < 4 or parts[3] not in VIEW_OPS:
             return False
         first = next((i.get("arg", {}).get("as_tensor") for i in node.get("inputs", []) if isinstance(i, dict) and isinstance(i.get("arg"), dict) and "as_tensor" in i["arg"]), None)
         name = first.get("name") if isinstance(first, dict) else None

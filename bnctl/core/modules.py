@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import BNLayer, counter, momentum_kind, program_layer
+from .layers import VIEW_OPS, BNLayer, counter, momentum_kind, program_layer
 
 #: Class names of the BatchNorm modules torch ships (also what TorchScript keeps as original_name).
 BATCHNORM_CLASSES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
@@ -122,10 +122,6 @@ _EXPORT_BN_ARGS = {
 }
 
 
-#: ops that only reshape or copy a tensor: a value seen through them is the same tensor
-_VIEW_OPS = ("view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "clone", "contiguous", "alias", "_to_copy", "permute", "transpose")
-
-
 def _from_parameter(value: Any, sources: dict) -> bool:
     """Whether the graph value ``value`` is a parameter or buffer placeholder seen through
     view-like ops (a loop over one chain, never recursion)."""
@@ -133,7 +129,7 @@ def _from_parameter(value: Any, sources: dict) -> bool:
         if value.op == "placeholder":
             return value.name in sources
         op = getattr(value.target, "_opname", None) or getattr(value.target, "__name__", str(value.target)).split(".")[0]
-        if value.op != "call_function" or op not in _VIEW_OPS or not value.args:
+        if value.op != "call_function" or op not in VIEW_OPS or not value.args:
             return False
         value = value.args[0]
     return False

@@ -78,14 +78,19 @@ def check_graph(model: Any) -> None:
         raise InputError(f"the ONNX graph uses opset {opset}; ONNX Runtime runs opset 7 and later", "convert it with onnx.version_converter, or export it again")
 
 
+def graph_inputs(model: Any) -> list[Any]:
+    """The graph's inputs a caller feeds: its ``graph.input`` entries that are not initializers, in order."""
+    initializers = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
 def input_feeds(model: Any, shapes: Sequence[Sequence[int]] | None, seed: int = 0, notes: list[str] | None = None) -> dict[str, np.ndarray]:
     """Random inputs for the graph: its static shapes, or ``shapes`` (one per input). A
     symbolic first dim (the batch) alone is taken as 1, said in ``notes``."""
     from onnx import helper
 
     check_graph(model)
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
+    inputs = graph_inputs(model)
     rng = np.random.default_rng(seed)
     feeds = {}
     for index, value in enumerate(inputs):

@@ -136,7 +136,7 @@ def _onnx(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> Artifa
 
     data, _ = onnx_bytes(model, inputs, layout=layout)
     proto = _load_onnx(data)
-    names = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    names = [i.name for i in onnx_run.graph_inputs(proto)]
 
     def run(*args: torch.Tensor) -> list[torch.Tensor]:
         return onnx_run.run(proto, {n: a.detach().numpy() for n, a in zip(names, args)}, what=f"the ONNX graph for {dest.name}")

@@ -116,24 +116,16 @@ def fold_file(
         report.record(verify.compare(expected, verify.run(artifact.run, other)))
         report.inputs += f"; {verify.shapes_text(other, tuples=True)}"
     if report.ok and int8_check:
-        graph = onnx_load(artifact.data())
-        report.int8_check = quantize_and_compare(graph, dict(zip(graph_inputs(graph), (t.detach().numpy() for t in examples))))
+        import onnx
+
+        from ..core.onnx import graph_inputs
+
+        graph = onnx.load_from_string(artifact.data())
+        report.int8_check = quantize_and_compare(graph, {i.name: t.detach().numpy() for i, t in zip(graph_inputs(graph), examples)})
     if report.ok:
         writers.save(artifact, output)
         report.written = True
     return report
-
-
-def onnx_load(data: bytes):
-    import onnx
-
-    return onnx.load_from_string(data)
-
-
-def graph_inputs(graph) -> list[str]:
-    """The names of an ONNX graph's inputs that are not initializers, in order."""
-    initial = {t.name for t in graph.graph.initializer}
-    return [i.name for i in graph.graph.input if i.name not in initial]
 
 
 def _cast(model, examples: tuple, dtype: str, checkpoint: ckpt_mod.Checkpoint) -> tuple:

@@ -35,7 +35,7 @@ def trace_script(target: str, args: list[str], *, module: bool = False) -> Trace
     if not module and not Path(target).is_file():
         raise InputError(f"{target}: no such script", "pass the training script as python would run it: bnctl trace train.py --its-args (or -m package.module)")
     saved_argv, saved_path = sys.argv[:], sys.path[:]
-    sys.argv = [target if not module else target, *args]
+    sys.argv = [target, *args]
     sys.path.insert(0, os.getcwd() if module else str(Path(target).resolve().parent))
     code = 0
     try:

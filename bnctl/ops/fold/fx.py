@@ -183,14 +183,17 @@ def _fold_pair(graph: fx.Graph, attrs: Attrs, bn: g.BNCall, layer: g.LayerCall, 
     _point_to(graph, layer, "bias", b_target)
     bn.output.replace_all_uses_with(layer.node if side == "after" else bn.input)
     _erase_bn(graph, bn)
-    return note, int8_of(weight, new_w.to(weight.dtype), layer.kind)
+    var = attrs.get(bn.targets["running_var"]) if side == "after" and bn.targets.get("running_var") else None
+    return note, int8_of(weight, new_w.to(weight.dtype), layer.kind, var)
 
 
-def int8_of(before: torch.Tensor, after: torch.Tensor, kind: str) -> dict:
-    """The int8 block of a folded layer's weight (output channels on axis 1 of a transposed conv's, else 0)."""
+def int8_of(before: torch.Tensor, after: torch.Tensor, kind: str, running_var: torch.Tensor | None = None) -> dict:
+    """The int8 block of a folded layer's weight (output channels on axis 1 of a transposed
+    conv's, else 0), with the BN's ``running_var`` where its channels are the outputs."""
     from ...core.int8 import readiness
 
-    return readiness(before.detach().double().numpy(), after.detach().double().numpy(), 1 if kind == "conv_transpose" else 0)
+    var = None if running_var is None else running_var.detach().double().numpy()
+    return readiness(before.detach().double().numpy(), after.detach().double().numpy(), 1 if kind == "conv_transpose" else 0, var)
 
 
 def _unrepresentable(attrs: Attrs, layer: g.LayerCall, side: str, scale: torch.Tensor, shift: torch.Tensor) -> str | None:
@@ -321,18 +324,7 @@ def _fold_one(graph: fx.Graph, attrs: Attrs, bn: g.BNCall) -> dict:
         return {"bn": bn.name, "reason": lost}
     copy_note, int8 = _fold_pair(graph, attrs, bn, layer, side, scale, shift)
     notes = [n for n in (note, copy_note) if n]
-    int8["range_channel_var"] = _var_at(attrs, bn, side, int8)
     return {"bn": bn.name, "into": layer.name, "side": side, "note": "; ".join(notes) or None, "int8": int8}
-
-
-def _var_at(attrs: Attrs, bn: g.BNCall, side: str, int8: dict) -> float | None:
-    """The BN's running variance at the channel that sets the folded weight's range (a BN
-    folded after its layer scales that layer's output channels; before, its input channels)."""
-    channel = int8.get("range_channel")
-    var = attrs.get(bn.targets["running_var"]) if bn.targets.get("running_var") else None
-    if side != "after" or channel is None or var is None or channel >= var.numel():
-        return None
-    return float(var.reshape(-1)[channel])
 
 
 def propagate_shapes(graph: fx.Graph, root: nn.Module, inputs: tuple, every_bn: bool = False) -> None:

@@ -78,10 +78,8 @@ def _planned_int8(graph: Graph, bn: Any, weight: np.ndarray, scale: np.ndarray, 
     else:
         cout, cin_g = w.shape[0], w.shape[1]
         new = (w.reshape(groups, cout // groups, cin_g, *w.shape[2:]) * scale.reshape(groups, 1, cin_g, *spatial)).reshape(w.shape)
-    block = readiness(w, new.astype(dtype), 1 if kind == "conv_transpose" else 0)  # as it would be written
-    channel = block["range_channel"]
-    block["range_channel_var"] = float(graph.const[bn.input[4]].reshape(-1)[channel]) if side == "after" and channel is not None and channel < scale.size else None
-    return block
+    var = graph.const[bn.input[4]] if side == "after" else None
+    return readiness(w, new.astype(dtype), 1 if kind == "conv_transpose" else 0, var)  # as it would be written
 
 
 def _fold_one(graph: Graph, bn: Any, plan: bool) -> tuple[bool, dict]:
@@ -143,9 +141,7 @@ def _fold_one(graph: Graph, bn: Any, plan: bool) -> tuple[bool, dict]:
         return False, {"bn": name, "reason": why}
     if plan:
         return True, {"bn": name, "into": into, "side": side, "note": note, "int8": _planned_int8(graph, bn, weight, scale, kind, groups, side, dtype)}
-    int8 = readiness(np.asarray(weight, dtype=np.float64), new_w.numpy().astype(dtype), 1 if kind == "conv_transpose" else 0)
-    channel = int8["range_channel"]
-    int8["range_channel_var"] = float(graph.const[bn.input[4]].reshape(-1)[channel]) if side == "after" and channel is not None and channel < scale.size else None
+    int8 = readiness(np.asarray(weight, dtype=np.float64), new_w.numpy().astype(dtype), 1 if kind == "conv_transpose" else 0, graph.const[bn.input[4]] if side == "after" else None)
     if layer.op_type == "MatMul":  # no bias input: the shift is an Add in the BN's place (or the bias Add's constant)
         graph.put(layer, 1, new_w.numpy().astype(dtype).T, f"{into}_weight")
         # after the bias Add (if any), whose constant is in the new shift: read past it

@@ -89,9 +89,7 @@ def fold_through_view(graph: Any, bn: Any, through: Through, scale: np.ndarray, 
     why = fold_math.unrepresentable(new_w, new_b, dtype)
     if why is not None or not write:
         return why
-    through.int8 = readiness(np.asarray(weight, dtype=np.float64), new_w.numpy().astype(dtype), 0)
-    channel = through.int8["range_channel"]
-    through.int8["range_channel_var"] = float(graph.const[bn.input[4]].reshape(-1)[channel]) if channel is not None and channel < scale.size else None
+    through.int8 = readiness(np.asarray(weight, dtype=np.float64), new_w.numpy().astype(dtype), 0, graph.const[bn.input[4]])
     hint = layer.name or layer.output[0]
     if layer.op_type == "Gemm":
         write_layer(graph, layer, new_w, new_b, dtype)

@@ -73,9 +73,7 @@ def fold_identity(model: nn.Module, bn_name: str, layer_name: str, side: str = "
     keep_shift = layer.bias is None
     if keep_shift and (side == "before" or bn.bias is None):
         raise ValueError(f"{layer_name} has no bias to take the shift")
-    int8 = gf.int8_of(layer.weight, new_w.to(layer.weight.dtype), kind)
-    channel = int8["range_channel"]
-    int8["range_channel_var"] = float(bn.running_var.reshape(-1)[channel]) if side == "after" and channel is not None and channel < bn.running_var.numel() else None
+    int8 = gf.int8_of(layer.weight, new_w.to(layer.weight.dtype), kind, bn.running_var if side == "after" else None)
     with torch.no_grad():
         layer.weight.copy_(new_w)
         if not keep_shift:
