@@ -128,6 +128,18 @@ def test_onnx_graphs_of_other_exporters_inspect_audit_and_fold(cli, tmp_path, pa
     for size in (shape, second) if dynamic else (shape,):
         x = rng.uniform(-1, 1, size=size).astype(np.float32)
         _close(_ort(written, {name: x}), _ort(model, {name: x}))
+    for entry in report["folded"]:  # int8 readiness of every folded layer, from the written weights
+        block = entry["int8"]
+        assert block["range_growth"] > 0 and 0 <= block["range_channel"]
+        assert block["per_channel_sqnr_db"] is None or block["per_tensor_sqnr_db"] is None or block["per_channel_sqnr_db"] >= block["per_tensor_sqnr_db"] - 1.0
+    if report["skipped"]:  # what folds into no layer becomes a per-channel Mul + Add
+        affine = tmp_path / "affine.onnx"
+        result = cli("fold", path, "--input-shape", ",".join(map(str, shape)), "-o", affine, "--standalone", "affine", "-f", "json")
+        _clean(result)
+        assert result.exit_code == 0, result.output
+        assert not any(n.op_type == "BatchNormalization" for n in onnx.load(affine).graph.node)
+        x = rng.uniform(-1, 1, size=shape).astype(np.float32)
+        _close(_ort(affine, {name: x}), _ort(model, {name: x}))
 
 
 # --- torch files: legacy format, saved on CUDA, 3-D, with architectures from the packages ---
@@ -254,6 +266,32 @@ def test_a_legacy_tf_ported_efficientnet_lite_through_every_command(cli, tmp_pat
     batches = [np.stack(samples)]  # one batch: the statistics do not depend on which samples share a batch
     model = _model(archs.efficientnet_lite0, state)
     _check_recalibrated(_state(tmp_path / "r.pt"), _population_as_recalibrated(model, batches), model)
+
+
+def test_trace_names_the_layers_of_a_third_party_model_trained_without_eval(cli, tmp_path, arch_path):
+    shipped(*EFFICIENTNET)
+    script = tmp_path / "finetune.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(CORPUS)!r})\n"
+        "import archs\n"
+        "model = archs.efficientnet_lite0()\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.001)\n"
+        "model.train()\n"
+        "for _ in range(2):\n"
+        "    loss = model(torch.randn(4, 3, 64, 64)).square().mean()\n"
+        "    opt.zero_grad(); loss.backward(); opt.step()\n"
+        "with torch.no_grad():\n"
+        "    model(torch.randn(4, 3, 64, 64))  # validation without model.eval()\n"
+    )
+    result = cli("trace", "-f", "json", script)
+    doc = json.loads(result.stdout[result.stdout.index("{"):])
+    named = {f["layer"] for f in doc["findings"] if f["check"] == "BN501"}
+    import archs
+
+    bns = {n for n, m in archs.efficientnet_lite0().named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len(bns) == 49 and named == bns, sorted(named ^ bns)[:5]
+    assert result.exit_code == 1
 
 
 def test_a_crnn_training_checkpoint_saved_on_cuda_folds_on_the_cpu(cli, tmp_path, arch_path):
