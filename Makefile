@@ -61,6 +61,7 @@ demo: $(VENV)/.demo-installed
 
 test: $(VENV)/.test-installed
 	$(PY) -m ruff check bnctl tests benchmarks samples
+	$(PY) -m ruff format --check bnctl tests benchmarks samples
 	BNCTL_REQUIRE_CORPUS=1 $(PY) -m pytest -q
 
 bench: $(VENV)/.test-installed

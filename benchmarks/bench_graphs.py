@@ -56,9 +56,13 @@ def main() -> None:
             audit = _seconds([*bnctl, "audit", str(src)])
             rewrite = _seconds([sys.executable, "-c", f"import onnx; from bnctl.ops.fold.onnx import fold_model; fold_model(onnx.load({str(src)!r}))"])
             fold = _seconds([*bnctl, "fold", str(src), "-o", str(Path(tmp) / "folded.onnx")])
-            ort = _seconds([sys.executable, "-c", "import onnxruntime as ort; o = ort.SessionOptions(); "
-                            "o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC; "
-                            f"o.optimized_model_filepath = {str(Path(tmp) / 'ort.onnx')!r}; ort.InferenceSession({str(src)!r}, o)"])
+            ort = _seconds(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import onnxruntime as ort; o = ort.SessionOptions(); o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC; o.optimized_model_filepath = {str(Path(tmp) / 'ort.onnx')!r}; ort.InferenceSession({str(src)!r}, o)",
+                ]
+            )
             rows.append((nodes, audit, rewrite, fold, ort))
     print(f"{'nodes':>7s} {'audit s':>8s} {'us/node':>8s} {'fold_model s':>13s} {'us/node':>8s} {'bnctl fold s':>13s} {'us/node':>8s} {'ORT basic opt s':>16s} {'fold / ORT':>11s}")
     for nodes, audit, rewrite, fold, ort in rows:

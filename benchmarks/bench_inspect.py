@@ -93,8 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         pt, safe = build(Path(tmp), args.size_gb, args.layers)
-        print(f"built {pt.stat().st_size / 1e9:.2f} GB torch file and {safe.stat().st_size / 1e9:.2f} GB safetensors "
-              f"with {args.layers} BN layers in {time.perf_counter() - t0:.1f} s; page cache warmed\n")
+        print(f"built {pt.stat().st_size / 1e9:.2f} GB torch file and {safe.stat().st_size / 1e9:.2f} GB safetensors with {args.layers} BN layers in {time.perf_counter() - t0:.1f} s; page cache warmed\n")
         warm(pt)
         warm(safe)
         results = {}
@@ -109,8 +108,7 @@ def main() -> None:
         added = peak - floor
         print(f"{label:40s} {t:8.3f} {t / full_t:11.3f} {peak / 1e6:12.0f} {added / 1e6:17.1f} {added / full_added:11.4f}")
     print(f"\nwhole command `bnctl inspect big.pt --format json` (process start and imports included): {cli_seconds:.2f} s")
-    print("read s: time of the read alone, imports excluded; added by read: peak RSS minus the RSS after imports. "
-          "One run, warm page cache.")
+    print("read s: time of the read alone, imports excluded; added by read: peak RSS minus the RSS after imports. One run, warm page cache.")
 
 
 if __name__ == "__main__":

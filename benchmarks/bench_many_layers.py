@@ -71,9 +71,16 @@ def main() -> None:
         }
         if args.torch_zip:
             pt = Path(tmp) / "many.pt"
-            subprocess.run([py, "-c", f"import torch; from safetensors.torch import load_file; sd = load_file({str(path)!r}); "
-                            f"sd.update({{k.rpartition('.')[0] + '.num_batches_tracked': torch.tensor(10) for k in list(sd) if k.endswith('.weight')}}); "
-                            f"torch.save(sd, {str(pt)!r})"], check=True)
+            subprocess.run(
+                [
+                    py,
+                    "-c",
+                    f"import torch; from safetensors.torch import load_file; sd = load_file({str(path)!r}); "
+                    f"sd.update({{k.rpartition('.')[0] + '.num_batches_tracked': torch.tensor(10) for k in list(sd) if k.endswith('.weight')}}); "
+                    f"torch.save(sd, {str(pt)!r})",
+                ],
+                check=True,
+            )
             runs["torch.load (torch zip)"] = [py, "-c", f"import torch; torch.load({str(pt)!r}, weights_only=True)"]
             runs["bnctl inspect (torch zip)"] = [bnctl, "inspect", str(pt)]
         results = {label: timed(cmd) for label, cmd in runs.items()}

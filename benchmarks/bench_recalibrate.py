@@ -39,35 +39,50 @@ print(json.dumps({{"seconds": time.perf_counter() - start}}))
 """
 
 METHODS = {
-    "bare train-mode forward": ("", """
+    "bare train-mode forward": (
+        "",
+        """
 def run(bs):
     model.train()
     with torch.no_grad():
         for b in bs:
             model(b)
-"""),
-    "update_bn": ("", """
+""",
+    ),
+    "update_bn": (
+        "",
+        """
 from torch.optim.swa_utils import update_bn
 def run(bs):
     update_bn(bs, model)
-"""),
-    "bnctl.recalibrate (library)": ("", """
+""",
+    ),
+    "bnctl.recalibrate (library)": (
+        "",
+        """
 from bnctl import recalibrate
 def run(bs):
     recalibrate(model, bs)
-"""),
-    "bnctl.recalibrate + channels_last": ("", """
+""",
+    ),
+    "bnctl.recalibrate + channels_last": (
+        "",
+        """
 from bnctl import recalibrate
 model = model.to(memory_format=torch.channels_last)
 def run(bs):
     recalibrate(model, [b.contiguous(memory_format=torch.channels_last) for b in bs])
-"""),
-    "bnctl recalibrate (CLI settings)": ("from bnctl.jobs.recalibrate import tune_allocator; tune_allocator()", """
+""",
+    ),
+    "bnctl recalibrate (CLI settings)": (
+        "from bnctl.jobs.recalibrate import tune_allocator; tune_allocator()",
+        """
 from bnctl import recalibrate
 model = model.to(memory_format=torch.channels_last)
 def run(bs):
     recalibrate(model, [b.contiguous(memory_format=torch.channels_last) for b in bs])
-"""),
+""",
+    ),
 }
 
 

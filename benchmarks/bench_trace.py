@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SCRIPT = '''
+SCRIPT = """
 import sys, time, torch
 from bnctl.models import sample_net
 torch.manual_seed(0)
@@ -41,7 +41,7 @@ for step in range(steps):
         with torch.no_grad():
             model(data[0])
 print(f"loop {time.perf_counter() - start:.3f}")
-'''
+"""
 
 
 def run(argv: list[str]) -> tuple[float, float]:

@@ -36,8 +36,7 @@ def chain(blocks: int, channels: int = 4, size: int = 4, seed: int = 0) -> onnx.
         nodes.append(helper.make_node("Add", [f"{p}.conv", f"{p}.b_r"], [f"{p}.biased"]))
         nodes.append(helper.make_node("Identity", [f"{p}.biased"], [f"{p}.pre_bn"]))
         params = []
-        for k, value in (("weight", rng.uniform(0.5, 1.5, channels)), ("bias", rng.normal(size=channels) * 0.1),
-                         ("running_mean", rng.normal(size=channels) * 0.1), ("running_var", rng.uniform(0.5, 2.0, channels))):
+        for k, value in (("weight", rng.uniform(0.5, 1.5, channels)), ("bias", rng.normal(size=channels) * 0.1), ("running_mean", rng.normal(size=channels) * 0.1), ("running_var", rng.uniform(0.5, 2.0, channels))):
             raw = const(f"{p}.bn.{k}.raw", value.astype(np.float64 if k == "running_var" else np.float32))
             if k == "running_var":  # a Cast of a float64 constant, as tf2onnx writes some
                 nodes.append(helper.make_node("Cast", [raw], [f"{p}.bn.{k}"], to=TensorProto.FLOAT))
@@ -54,6 +53,5 @@ def chain(blocks: int, channels: int = 4, size: int = 4, seed: int = 0) -> onnx.
             nodes.append(helper.make_node("MatMul", [f"{p}.sm", x], [f"{p}.att"]))
             x = f"{p}.att"
     nodes.append(helper.make_node("Identity", [x], ["y"]))
-    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, size, size])], inits)
+    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, size, size])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7, producer_name="bnctl-deep-graphs")

@@ -40,7 +40,6 @@ class MissingExtraError(BnctlError):
         )
 
 
-
 def one_line(exc: BaseException, *, last: bool = False, limit: int = 300) -> str:
     """One line of ``exc``'s message for the user: the first non-empty one, or the last
     (TorchScript puts the cause last); the exception type's name when it has none."""

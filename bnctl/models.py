@@ -35,8 +35,7 @@ class BasicBlock(nn.Module):
 class SampleNet(nn.Module):
     """A ResNet-style classifier for small RGB images (32x32 in samples/)."""
 
-    def __init__(self, num_classes: int = 4, widths: tuple[int, ...] = (16, 32, 48), hidden: int = 32,
-                 dropout: float = 0.2, track_running_stats: bool = True):
+    def __init__(self, num_classes: int = 4, widths: tuple[int, ...] = (16, 32, 48), hidden: int = 32, dropout: float = 0.2, track_running_stats: bool = True):
         super().__init__()
         w0 = widths[0]
         self.stem = nn.Sequential(
@@ -64,7 +63,6 @@ class SampleNet(nn.Module):
         return self.head(self.pool(self.layers(self.stem(x))))
 
 
-def sample_net(num_classes: int = 4, widths: tuple[int, ...] = (16, 32, 48), hidden: int = 32,
-               track_running_stats: bool = True) -> SampleNet:
+def sample_net(num_classes: int = 4, widths: tuple[int, ...] = (16, 32, 48), hidden: int = 32, track_running_stats: bool = True) -> SampleNet:
     """The samples/ architecture (``--arch bnctl.models:sample_net``)."""
     return SampleNet(num_classes=num_classes, widths=tuple(widths), hidden=hidden, track_running_stats=track_running_stats)

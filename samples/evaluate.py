@@ -1,6 +1,6 @@
 """Accuracy of a sample-model checkpoint on a sample image folder (labels from subfolder names).
 
-    python samples/evaluate.py samples/checkpoints/sample.pt samples/data_shifted
+python samples/evaluate.py samples/checkpoints/sample.pt samples/data_shifted
 """
 
 from __future__ import annotations

@@ -134,8 +134,7 @@ def save_formats(model: nn.Module, opt, out: Path, example: torch.Tensor) -> Non
     )
     torch.jit.save(torch.jit.script(model), out / "sample.torchscript.pt")
     torch.export.save(torch.export.export(model, (example,)), out / "sample.pt2")
-    torch.onnx.export(model, (example,), str(out / "sample.onnx"), dynamo=True, optimize=False,
-                      input_names=["image"], output_names=["logits"], external_data=False)
+    torch.onnx.export(model, (example,), str(out / "sample.onnx"), dynamo=True, optimize=False, input_names=["image"], output_names=["logits"], external_data=False)
     torch.save(model, out / "sample.module.pt")
     converted = {k: (torch.zeros_like(v) if k.endswith("num_batches_tracked") else v) for k, v in state.items()}
     torch.save(converted, out / "converted_zero_counter.pt")
@@ -198,8 +197,7 @@ def main() -> None:
     opt = train(model, to_tensor(train_images), train_labels)
     x_test = to_tensor(test_images)
     x_shift = to_tensor([shift(i) for i in test_images])
-    print(f"held-out accuracy: {accuracy(model, x_test, test_labels):.3f} (data/), "
-          f"{accuracy(model, x_shift, test_labels):.3f} (data_shifted/)")
+    print(f"held-out accuracy: {accuracy(model, x_test, test_labels):.3f} (data/), {accuracy(model, x_shift, test_labels):.3f} (data_shifted/)")
     example = x_test[:1].clone()  # a slice would save the whole test set's storage
     save_formats(model, opt, HERE / "checkpoints", example)
     save_broken(model, HERE / "broken", example)

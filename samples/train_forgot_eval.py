@@ -39,7 +39,7 @@ def main() -> None:
     for epoch in range(args.epochs):
         model.train()
         for start in range(0, len(images), 32):
-            loss = torch.nn.functional.cross_entropy(model(images[start:start + 32]), labels[start:start + 32])
+            loss = torch.nn.functional.cross_entropy(model(images[start : start + 32]), labels[start : start + 32])
             opt.zero_grad()
             loss.backward()
             opt.step()

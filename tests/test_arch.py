@@ -20,10 +20,7 @@ def test_module_spec_with_literal_args():
 
 def test_file_spec(tmp_path):
     (tmp_path / "helper.py").write_text("WIDTH = 5\n")
-    (tmp_path / "net.py").write_text(
-        "import torch.nn as nn\nfrom helper import WIDTH\n"
-        "def make(width=WIDTH):\n    return nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width))\n"
-    )
+    (tmp_path / "net.py").write_text("import torch.nn as nn\nfrom helper import WIDTH\ndef make(width=WIDTH):\n    return nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width))\n")
     model = arch.build(f"{tmp_path / 'net.py'}:make", {"width": 7})
     assert model[1].num_features == 7
 

@@ -123,11 +123,16 @@ def test_statistics_checks_fire_on_built_state_dicts(tmp_path):
 
 
 def test_configuration_checks_fire_on_saved_modules(tmp_path):
-    net = trained_bn(nn.Sequential(
-        nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4),  # BN208: conv bias before BN
-        nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4, momentum=0.0),  # BN204
-        nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4, momentum=None, eps=1e-3),  # BN205, BN209
-    ))
+    net = trained_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, bias=True),
+            nn.BatchNorm2d(4),  # BN208: conv bias before BN
+            nn.Conv2d(4, 4, 1, bias=False),
+            nn.BatchNorm2d(4, momentum=0.0),  # BN204
+            nn.Conv2d(4, 4, 1, bias=False),
+            nn.BatchNorm2d(4, momentum=None, eps=1e-3),  # BN205, BN209
+        )
+    )
     net.eval()
     net[1].train()  # BN201 for one layer, BN202 mixed modes
     found = codes_by_layer(audit([save_script(net, tmp_path / "net.ts")]))
@@ -330,8 +335,11 @@ def _onnx_bn_stats_from(tmp_path, how: str):
     nodes, inputs = [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])]
     for name, value in (("scale", np.ones(c)), ("bias", np.zeros(c)), ("mean", np.full(c, 0.5)), ("var", np.full(c, 2.0))):
         if how == "computed":
-            nodes += [helper.make_node("Constant", [], [f"{name}_c"], value=numpy_helper.from_array(value.astype(np.float64), f"{name}_t")),
-                      helper.make_node("Identity", [f"{name}_c"], [f"{name}_i"]), helper.make_node("Cast", [f"{name}_i"], [name], to=TensorProto.FLOAT)]
+            nodes += [
+                helper.make_node("Constant", [], [f"{name}_c"], value=numpy_helper.from_array(value.astype(np.float64), f"{name}_t")),
+                helper.make_node("Identity", [f"{name}_c"], [f"{name}_i"]),
+                helper.make_node("Cast", [f"{name}_i"], [name], to=TensorProto.FLOAT),
+            ]
         else:
             inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [c]))
     nodes += [helper.make_node("Conv", ["x", "w"], ["y"]), helper.make_node("BatchNormalization", ["y", "scale", "bias", "mean", "var"], ["z"], name="bn")]

@@ -15,8 +15,7 @@ import pytest
 from conftest import BROKEN, CHECKPOINTS, GOLDEN, ROOT
 
 UPDATE = os.environ.get("BNCTL_UPDATE_GOLDEN") == "1"
-CONTRACT = {"name", "kind", "num_features", "eps", "momentum", "num_batches_tracked",
-            "mean_absmax", "var_min", "var_max", "weight_absmin", "flags"}
+CONTRACT = {"name", "kind", "num_features", "eps", "momentum", "num_batches_tracked", "mean_absmax", "var_min", "var_max", "weight_absmin", "flags"}
 
 
 def _relative(path: Path) -> str:
@@ -135,8 +134,7 @@ def test_key_and_notes(cli):
 
 
 def test_arch_arg_through_cli(cli):
-    result = cli("inspect", CHECKPOINTS / "sample.safetensors", "--arch", "bnctl.models:sample_net",
-                 "--arch-arg", "widths=(16, 32, 48)", "-f", "json")
+    result = cli("inspect", CHECKPOINTS / "sample.safetensors", "--arch", "bnctl.models:sample_net", "--arch-arg", "widths=(16, 32, 48)", "-f", "json")
     assert result.exit_code == 0, result.stderr
     assert {l["kind"] for l in json.loads(result.stdout)["layers"]} == {"BatchNorm1d", "BatchNorm2d"}
 
@@ -177,8 +175,7 @@ def test_bad_input(cli, tmp_path, case):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bnctl", "--debug", "inspect", str(tmp_path / "missing.pt")],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "bnctl", "--debug", "inspect", str(tmp_path / "missing.pt")], capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "InputError" in proc.stderr
 
 
@@ -221,15 +218,19 @@ def test_unknown_format_is_a_usage_error(cli):
 
 @pytest.mark.parametrize(
     "args,expected",
-    [(["--help"], "inspect"), (["inspect", "--help"], "inspect"), (["fold", "--help"], "--tolerance"), (["audit", "--help"], "--fail-on"), (["audit", "--list"], "BN304"), (["convert", "--help"], "groupnorm"), (["export", "--help"], "--dynamic-batch"), (["recalibrate", "--help"], "--until-stable")],
+    [
+        (["--help"], "inspect"),
+        (["inspect", "--help"], "inspect"),
+        (["fold", "--help"], "--tolerance"),
+        (["audit", "--help"], "--fail-on"),
+        (["audit", "--list"], "BN304"),
+        (["convert", "--help"], "groupnorm"),
+        (["export", "--help"], "--dynamic-batch"),
+        (["recalibrate", "--help"], "--until-stable"),
+    ],
 )
 def test_help_imports_neither_torch_nor_pandas(args, expected):
-    code = (
-        "import sys\nfrom bnctl.cli import app\n"
-        f"try:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
-        "heavy = [m for m in ('torch', 'pandas', 'numpy') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-    )
+    code = f"import sys\nfrom bnctl.cli import app\ntry:\n    app({args!r})\nexcept SystemExit:\n    pass\nheavy = [m for m in ('torch', 'pandas', 'numpy') if m in sys.modules]\nassert not heavy, heavy\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert expected in proc.stdout

@@ -285,7 +285,7 @@ def test_trace_names_the_layers_of_a_third_party_model_trained_without_eval(cli,
         "    model(torch.randn(4, 3, 64, 64))  # validation without model.eval()\n"
     )
     result = cli("trace", "-f", "json", script)
-    doc = json.loads(result.stdout[result.stdout.index("{"):])
+    doc = json.loads(result.stdout[result.stdout.index("{") :])
     named = {f["layer"] for f in doc["findings"] if f["check"] == "BN501"}
     import archs
 

@@ -21,9 +21,15 @@ def _two_state_dicts(tmp_path, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = {}
     for name, c in (("x.bn", 6), ("y.bn", 4)):
-        a.update({f"{name}.weight": torch.rand(c, generator=g) + 0.5, f"{name}.bias": torch.randn(c, generator=g),
-                  f"{name}.running_mean": torch.randn(c, generator=g), f"{name}.running_var": torch.rand(c, generator=g) + 0.2,
-                  f"{name}.num_batches_tracked": torch.tensor(100)})
+        a.update(
+            {
+                f"{name}.weight": torch.rand(c, generator=g) + 0.5,
+                f"{name}.bias": torch.randn(c, generator=g),
+                f"{name}.running_mean": torch.randn(c, generator=g),
+                f"{name}.running_var": torch.rand(c, generator=g) + 0.2,
+                f"{name}.num_batches_tracked": torch.tensor(100),
+            }
+        )
     b = {k: (v + 0.1 * torch.randn(v.shape, generator=g)).abs() if k.endswith("running_var") else v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 50 for k, v in a.items()}
     torch.save(a, tmp_path / "a.pt")
     torch.save(b, tmp_path / "b.pt")
@@ -159,8 +165,11 @@ def test_a_sequence_gives_a_trend_and_every_format_and_the_plot(cli, tmp_path):
 
 
 def test_bad_input_is_one_error(cli, tmp_path):
-    for args, words in (((CHECKPOINTS / "sample.pt",), "two or more"), ((CHECKPOINTS / "sample.pt", CHECKPOINTS / "sample.onnx", "--data", SAMPLES / "data"), "one checkpoint"),
-                        ((CHECKPOINTS / "sample.pt", CHECKPOINTS / "sample.pt", "--key", "a", "--key", "b", "--key", "c"), "given 3 times")):
+    for args, words in (
+        ((CHECKPOINTS / "sample.pt",), "two or more"),
+        ((CHECKPOINTS / "sample.pt", CHECKPOINTS / "sample.onnx", "--data", SAMPLES / "data"), "one checkpoint"),
+        ((CHECKPOINTS / "sample.pt", CHECKPOINTS / "sample.pt", "--key", "a", "--key", "b", "--key", "c"), "given 3 times"),
+    ):
         result = cli("diff", *args)
         assert result.exit_code == 2 and result.stderr.startswith("error: ") and words in result.stderr, result.stderr
 

@@ -53,8 +53,7 @@ def _rows_by_bnctl(path, key=None) -> str:
 
 def _edge_cases() -> dict[str, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    base = {"bn.weight": torch.rand(6, generator=g), "bn.bias": torch.randn(6, generator=g), "bn.running_mean": torch.randn(6, generator=g),
-            "bn.running_var": torch.rand(6, generator=g) + 0.1, "bn.num_batches_tracked": torch.tensor(12)}
+    base = {"bn.weight": torch.rand(6, generator=g), "bn.bias": torch.randn(6, generator=g), "bn.running_mean": torch.randn(6, generator=g), "bn.running_var": torch.rand(6, generator=g) + 0.1, "bn.num_batches_tracked": torch.tensor(12)}
     storage = torch.arange(40, dtype=torch.float32) / 7
     return {
         "float64": {k: v.double() if v.is_floating_point() else v for k, v in base.items()},
@@ -89,4 +88,3 @@ def test_edge_cases_read_the_same_by_bnctl_and_by_torch(tmp_path, case, fmt):
     ours, theirs = _rows_by_bnctl(path), _rows_by_torch(path)
     assert ours == theirs
     assert json.loads(ours)  # something was read
-

@@ -39,7 +39,8 @@ def test_device_cuda_without_cuda_is_a_clean_error(cli, tmp_path):
 def test_piped_reports_are_never_hard_wrapped(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bnctl", "export", str(CHECKPOINTS / "sample.pt"), *ARCH, "--input-shape", "1,3,32,32", "--dynamic-batch", "-o", str(tmp_path / "m.onnx")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     summary = next(line for line in proc.stdout.splitlines() if line.startswith("Exported with"))
@@ -100,11 +101,7 @@ def test_recalibrate_takes_a_dataloader_of_inputs_and_labels_as_update_bn_does()
 
 
 def test_a_module_converted_from_a_file_arch_loads_back_where_the_file_is_importable(tmp_path):
-    (tmp_path / "nets.py").write_text(
-        "from torch import nn\n\n"
-        "def factory(width=4):\n"
-        "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width), nn.ReLU())\n"
-    )
+    (tmp_path / "nets.py").write_text("from torch import nn\n\ndef factory(width=4):\n    return nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width), nn.ReLU())\n")
     code = "import torch, nets\ntorch.save(nets.factory().state_dict(), 'w.pt')\n"
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
     # like the console script: the working folder is not on sys.path

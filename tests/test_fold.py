@@ -91,8 +91,13 @@ def test_conv_transpose_grouped_folds(dims):
 
 def test_depthwise_conv_and_linear_fold():
     model = nn.Sequential(
-        nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5), nn.BatchNorm1d(5),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+        nn.BatchNorm1d(5),
     )
     _, report = check(model, torch.randn(3, 4, 8, 8))
     assert folded_bns(report) == {"1", "6"}

@@ -185,7 +185,10 @@ def test_onnx_conv_transpose_gemm_and_bn_before_conv_fold(cli, tmp_path):
         _init("pad.weight", rng.normal(size=(5, 5, 3, 3))),
         _init("fc.weight", rng.normal(size=(7, 5))),
         _init("fc.bias", rng.normal(size=7)),
-        *_bn_inits("bn1", 6, rng), *_bn_inits("bn2", 6, rng), *_bn_inits("bn3", 5, rng), *_bn_inits("bn4", 7, rng),
+        *_bn_inits("bn1", 6, rng),
+        *_bn_inits("bn2", 6, rng),
+        *_bn_inits("bn3", 5, rng),
+        *_bn_inits("bn4", 7, rng),
     ]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 6])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)

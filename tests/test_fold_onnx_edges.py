@@ -56,7 +56,9 @@ def _conv_net(rng, dtype=np.float32):
         _init("c2.bias", rng.normal(size=8), dtype),
         _init("fc.weight", rng.normal(size=(5, 8)), dtype),
         _init("fc.bias", rng.normal(size=5), dtype),
-        *_bn_inits("bn1", 6, rng, dtype), *_bn_inits("bn2", 8, rng, dtype), *_bn_inits("bn3", 5, rng, dtype),
+        *_bn_inits("bn1", 6, rng, dtype),
+        *_bn_inits("bn2", 8, rng, dtype),
+        *_bn_inits("bn3", 5, rng, dtype),
     ]
     return nodes, inits
 
@@ -233,9 +235,12 @@ def _fp16_model(rng, overflow: bool = False):
         # values near 1e-3) and bn2 subtracts the conv's bias as its mean: finite
         values = {i.name: numpy_helper.to_array(i) for i in inits}
         changed = {
-            "bn1.weight": np.full(6, 1e-3), "bn1.bias": np.full(6, 1e-3),
-            "bn2.running_var": np.full(8, 1e-6), "bn2.weight": np.full(8, 300.0),
-            "bn2.running_mean": values["c2.bias"], "c2.weight": np.full((8, 6, 3, 3), 8.0),
+            "bn1.weight": np.full(6, 1e-3),
+            "bn1.bias": np.full(6, 1e-3),
+            "bn2.running_var": np.full(8, 1e-6),
+            "bn2.weight": np.full(8, 300.0),
+            "bn2.running_mean": values["c2.bias"],
+            "c2.weight": np.full((8, 6, 3, 3), 8.0),
         }
         for init in inits:
             if init.name in changed:

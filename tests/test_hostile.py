@@ -101,8 +101,7 @@ def test_torchscript_setstate_runs_only_with_trust(cli, tmp_path):
 @pytest.mark.parametrize("member", ["data.pkl", "constants.pkl"])
 def test_torchscript_pickle_with_a_foreign_global_is_refused(cli, tmp_path, member):
     marker = tmp_path / "pwned"
-    path = _copy_zip(CHECKPOINTS / "sample.torchscript.pt", tmp_path / "evil.pt",
-                     lambda name, data: pickle.dumps(_Payload(marker), protocol=2) if name.endswith("/" + member) else data)
+    path = _copy_zip(CHECKPOINTS / "sample.torchscript.pt", tmp_path / "evil.pt", lambda name, data: pickle.dumps(_Payload(marker), protocol=2) if name.endswith("/" + member) else data)
     _assert_clean_error(cli("inspect", path), "posix.system", "--trust")
     assert not marker.exists()
 

@@ -92,9 +92,13 @@ def test_onnx_fold_reports_int8_from_the_written_graph(cli, tmp_path):
     rng = np.random.default_rng(1)
     var = rng.uniform(0.5, 2, 8)
     var[3] = 1e-9
-    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(np.ones(8, np.float32), "g"), numpy_helper.from_array(np.zeros(8, np.float32), "b"),
-             numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "m"), numpy_helper.from_array(var.astype(np.float32), "v")]
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.ones(8, np.float32), "g"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "b"),
+        numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "m"),
+        numpy_helper.from_array(var.astype(np.float32), "v"),
+    ]
     nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[3, 3]), helper.make_node("BatchNormalization", ["a", "g", "b", "m", "v"], ["y"], epsilon=1e-10)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], inits)
     src, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
@@ -113,12 +117,15 @@ def test_onnx_fold_reports_int8_from_the_written_graph(cli, tmp_path):
 
 def _onnx_conv_bn(tmp_path, var):
     rng = np.random.default_rng(2)
-    inits = [numpy_helper.from_array(rng.normal(size=(len(var), 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(np.ones(len(var), np.float32), "g"), numpy_helper.from_array(np.zeros(len(var), np.float32), "b"),
-             numpy_helper.from_array(np.zeros(len(var), np.float32), "m"), numpy_helper.from_array(np.asarray(var, np.float32), "v")]
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(len(var), 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.ones(len(var), np.float32), "g"),
+        numpy_helper.from_array(np.zeros(len(var), np.float32), "b"),
+        numpy_helper.from_array(np.zeros(len(var), np.float32), "m"),
+        numpy_helper.from_array(np.asarray(var, np.float32), "v"),
+    ]
     nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[3, 3]), helper.make_node("BatchNormalization", ["a", "g", "b", "m", "v"], ["y"], epsilon=1e-10)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, len(var), 6, 6])], inits)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, len(var), 6, 6])], inits)
     path = tmp_path / f"m{len(var)}_{min(var):g}.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
     return path, numpy_helper.to_array(inits[0]).astype(np.float64), np.asarray(var, dtype=np.float64)
@@ -164,8 +171,7 @@ def _ort_sqnr(float_path, feeds, per_channel, tmp_path):
             return self.left.pop() if self.left else None
 
     out = tmp_path / f"q{int(per_channel)}.onnx"
-    quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     ref = ort.InferenceSession(str(float_path), options, providers=["CPUExecutionProvider"]).run(None, feeds)

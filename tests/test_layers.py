@@ -39,7 +39,11 @@ def zoo():
 def test_module_tree_kinds_and_attributes():
     found = {l.name: l for l in modules.from_module(zoo().eval())}
     assert {n: l.kind for n, l in found.items()} == {
-        "0": "BatchNorm1d", "1": "BatchNorm2d", "2": "BatchNorm3d", "3": "SyncBatchNorm", "4": "FrozenBatchNorm2d",
+        "0": "BatchNorm1d",
+        "1": "BatchNorm2d",
+        "2": "BatchNorm3d",
+        "3": "SyncBatchNorm",
+        "4": "FrozenBatchNorm2d",
     }
     assert found["0"].averaging == "cumulative" and found["0"].momentum is None
     assert found["2"].momentum == 0.0 and found["2"].averaging == "ema"
@@ -93,15 +97,13 @@ def _onnx_bn(training_mode: int | None, outputs: int = 1):
     from onnx import TensorProto, helper, numpy_helper
 
     c = 3
-    inits = [numpy_helper.from_array(np.full(c, v, np.float32), name) for name, v in
-             (("bn.weight", 2.0), ("bn.bias", 0.5), ("bn.running_mean", 0.1), ("bn.running_var", 4.0))]
+    inits = [numpy_helper.from_array(np.full(c, v, np.float32), name) for name, v in (("bn.weight", 2.0), ("bn.bias", 0.5), ("bn.running_mean", 0.1), ("bn.running_var", 4.0))]
     attrs = {"epsilon": 1e-3, "momentum": 0.8}
     if training_mode is not None:
         attrs["training_mode"] = training_mode
     outs = ["y", "m", "v"][:outputs]
     node = helper.make_node("BatchNormalization", ["x", *[i.name for i in inits]], outs, name="bn_node", **attrs)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 2, 2])],
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 2, 2])], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
 
 
@@ -117,9 +119,13 @@ def test_onnx_attributes_and_training_mode():
 def test_state_dict_grouping_ignores_non_bn_tensors():
     state = {
         "conv.weight": torch.zeros(4, 3, 1, 1),
-        "ln.weight": torch.ones(4), "ln.bias": torch.zeros(4),
-        "bn.weight": torch.ones(4), "bn.bias": torch.zeros(4),
-        "bn.running_mean": torch.zeros(4), "bn.running_var": torch.ones(4), "bn.num_batches_tracked": torch.tensor(7),
+        "ln.weight": torch.ones(4),
+        "ln.bias": torch.zeros(4),
+        "bn.weight": torch.ones(4),
+        "bn.bias": torch.zeros(4),
+        "bn.running_mean": torch.zeros(4),
+        "bn.running_var": torch.ones(4),
+        "bn.num_batches_tracked": torch.tensor(7),
     }
     (layer,) = layers.from_state_dict(state)
     assert (layer.name, layer.kind, layer.eps, layer.num_batches_tracked) == ("bn", None, None, 7)

@@ -32,16 +32,14 @@ def _c(name, value, dtype=np.float32):
 
 
 def _bn_params(rng, c, prefix="bn"):
-    return [_c(f"{prefix}.weight", rng.uniform(0.5, 1.5, c)), _c(f"{prefix}.bias", rng.normal(size=c)),
-            _c(f"{prefix}.running_mean", rng.normal(size=c)), _c(f"{prefix}.running_var", rng.uniform(0.3, 2, c))]
+    return [_c(f"{prefix}.weight", rng.uniform(0.5, 1.5, c)), _c(f"{prefix}.bias", rng.normal(size=c)), _c(f"{prefix}.running_mean", rng.normal(size=c)), _c(f"{prefix}.running_var", rng.uniform(0.3, 2, c))]
 
 
 BN_INPUTS = ["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"]
 
 
 def _model(nodes, inits, x_shape, y_shape, opset=13):
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
 
 
@@ -77,8 +75,7 @@ def test_a_deep_graph_is_audited_and_folded_without_recursion(cli, tmp_path):
 
 def test_a_bn_after_identity_folds_into_the_conv(tmp_path):
     rng = np.random.default_rng(1)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[3, 3]), helper.make_node("Identity", ["a"], ["b"]),
-             helper.make_node("BatchNormalization", ["b", *BN_INPUTS], ["y"])]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[3, 3]), helper.make_node("Identity", ["a"], ["b"]), helper.make_node("BatchNormalization", ["b", *BN_INPUTS], ["y"])]
     model = _model(nodes, [_c("w", rng.normal(size=(5, 3, 3, 3))), *_bn_params(rng, 5)], [1, 3, 8, 8], [1, 5, 6, 6])
     new, folded, _ = _fold_and_check(model, rng.normal(size=(1, 3, 8, 8)).astype(np.float32), 1)
     assert folded[0]["into"] == "w" or folded[0]["into"].startswith("Conv") or folded[0]["into"]
@@ -89,9 +86,7 @@ def test_a_bn_after_identity_folds_into_the_conv(tmp_path):
 def test_a_bn_after_conv_transpose_and_a_bias_add_folds(op, const_shape):
     rng = np.random.default_rng(2)
     bias = rng.normal(size=const_shape if const_shape else ())
-    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b0"], ["a"], kernel_shape=[2, 2], strides=[2, 2]),
-             helper.make_node(op, ["a", "bias"], ["b"]),
-             helper.make_node("BatchNormalization", ["b", *BN_INPUTS], ["y"])]
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b0"], ["a"], kernel_shape=[2, 2], strides=[2, 2]), helper.make_node(op, ["a", "bias"], ["b"]), helper.make_node("BatchNormalization", ["b", *BN_INPUTS], ["y"])]
     inits = [_c("w", rng.normal(size=(3, 4, 2, 2))), _c("b0", rng.normal(size=4)), _c("bias", bias), *_bn_params(rng, 4)]
     model = _model(nodes, inits, [2, 3, 5, 5], [2, 4, 10, 10])
     new, folded, _ = _fold_and_check(model, rng.normal(size=(2, 3, 5, 5)).astype(np.float32), 1)
@@ -102,8 +97,7 @@ def test_a_bn_after_conv_transpose_and_a_bias_add_folds(op, const_shape):
 def test_a_constant_minus_the_conv_or_a_full_map_add_is_not_a_bias():
     rng = np.random.default_rng(3)
     for op, inputs, const in (("Sub", ["bias", "a"], rng.normal(size=(4, 1, 1))), ("Add", ["a", "bias"], rng.normal(size=(1, 4, 6, 6)))):
-        nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[3, 3]), helper.make_node(op, inputs, ["b"]),
-                 helper.make_node("BatchNormalization", ["b", *BN_INPUTS], ["y"])]
+        nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[3, 3]), helper.make_node(op, inputs, ["b"]), helper.make_node("BatchNormalization", ["b", *BN_INPUTS], ["y"])]
         model = _model(nodes, [_c("w", rng.normal(size=(4, 3, 3, 3))), _c("bias", const), *_bn_params(rng, 4)], [1, 3, 8, 8], [1, 4, 6, 6])
         new, folded, skipped, _ = onnx_fold.fold_model(model)
         assert folded == [] and f"comes from {op}" in skipped[0]["reason"]
@@ -114,9 +108,7 @@ def test_a_constant_minus_the_conv_or_a_full_map_add_is_not_a_bias():
 def test_gemm_and_matmul_with_a_bias_add_and_a_same_type_cast_fold():
     rng = np.random.default_rng(4)
     for layer in ("Gemm", "MatMul"):
-        nodes = [helper.make_node(layer, ["x", "w"], ["a"]), helper.make_node("Add", ["bias", "a"], ["b"]),
-                 helper.make_node("Cast", ["b"], ["c"], to=TensorProto.FLOAT),
-                 helper.make_node("BatchNormalization", ["c", *BN_INPUTS], ["y"])]
+        nodes = [helper.make_node(layer, ["x", "w"], ["a"]), helper.make_node("Add", ["bias", "a"], ["b"]), helper.make_node("Cast", ["b"], ["c"], to=TensorProto.FLOAT), helper.make_node("BatchNormalization", ["c", *BN_INPUTS], ["y"])]
         inits = [_c("w", rng.normal(size=(6, 5))), _c("bias", rng.normal(size=5)), *_bn_params(rng, 5)]
         model = _model(nodes, inits, [3, 6], [3, 5])
         new, folded, _ = _fold_and_check(model, rng.normal(size=(3, 6)).astype(np.float32), 1)
@@ -125,8 +117,12 @@ def test_gemm_and_matmul_with_a_bias_add_and_a_same_type_cast_fold():
 
 def test_a_cast_to_another_type_keeps_the_bn_with_its_reason():
     rng = np.random.default_rng(5)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[1, 1]), helper.make_node("Cast", ["a"], ["b"], to=TensorProto.DOUBLE),
-             helper.make_node("Cast", ["b"], ["c"], to=TensorProto.FLOAT), helper.make_node("BatchNormalization", ["c", *BN_INPUTS], ["y"])]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[1, 1]),
+        helper.make_node("Cast", ["a"], ["b"], to=TensorProto.DOUBLE),
+        helper.make_node("Cast", ["b"], ["c"], to=TensorProto.FLOAT),
+        helper.make_node("BatchNormalization", ["c", *BN_INPUTS], ["y"]),
+    ]
     model = _model(nodes, [_c("w", rng.normal(size=(4, 3, 1, 1))), *_bn_params(rng, 4)], [1, 3, 4, 4], [1, 4, 4, 4])
     _, folded, skipped, _ = onnx_fold.fold_model(model)
     assert folded == [] and "Cast to another type" in skipped[0]["reason"]
@@ -145,8 +141,7 @@ def test_bn_parameters_behind_reshape_unsqueeze_and_cast_fold():
         elif k == "var":
             nodes += [helper.make_node("Squeeze", [f"{k}.raw", "axes"], [f"{k}.sq"]), helper.make_node("Cast", [f"{k}.sq"], [k], to=TensorProto.FLOAT)]
         else:
-            nodes += [helper.make_node("Squeeze", [f"{k}.raw", "axes"], [f"{k}.sq"]), helper.make_node("Unsqueeze", [f"{k}.sq", "axes"], [f"{k}.un"]),
-                      helper.make_node("Squeeze", [f"{k}.un", "axes"], [k])]
+            nodes += [helper.make_node("Squeeze", [f"{k}.raw", "axes"], [f"{k}.sq"]), helper.make_node("Unsqueeze", [f"{k}.sq", "axes"], [f"{k}.un"]), helper.make_node("Squeeze", [f"{k}.un", "axes"], [k])]
         params.append(k)
     nodes.append(helper.make_node("BatchNormalization", ["a", *params], ["y"]))
     model = _model(nodes, inits, [1, 3, 8, 8], [1, c, 6, 6])
@@ -187,10 +182,12 @@ def test_a_damaged_graph_is_one_clean_error_in_every_command(cli, tmp_path, kind
 def test_consecutive_bns_before_a_conv_both_fold():
     # BN -> BN -> Conv (no padding): the second folds into the conv, then the first does too
     rng = np.random.default_rng(7)
-    nodes = [helper.make_node("Relu", ["x"], ["r"]),
-             helper.make_node("BatchNormalization", ["r", *[f"a.{k}" for k in ("weight", "bias", "running_mean", "running_var")]], ["b1"]),
-             helper.make_node("BatchNormalization", ["b1", *BN_INPUTS], ["b2"]),
-             helper.make_node("Conv", ["b2", "w"], ["y"], kernel_shape=[1, 1])]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("BatchNormalization", ["r", *[f"a.{k}" for k in ("weight", "bias", "running_mean", "running_var")]], ["b1"]),
+        helper.make_node("BatchNormalization", ["b1", *BN_INPUTS], ["b2"]),
+        helper.make_node("Conv", ["b2", "w"], ["y"], kernel_shape=[1, 1]),
+    ]
     inits = [_c("w", rng.normal(size=(5, 4, 1, 1))), *_bn_params(rng, 4, "a"), *_bn_params(rng, 4)]
     model = _model(nodes, inits, [1, 4, 6, 6], [1, 5, 6, 6])
     new, folded, _ = _fold_and_check(model, rng.normal(size=(1, 4, 6, 6)).astype(np.float32), 2)

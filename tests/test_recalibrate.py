@@ -322,10 +322,14 @@ def test_torchrun_two_processes_give_the_single_process_statistics(tmp_path):
         port = str(sock.getsockname()[1])
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", port, "-m", "bnctl", "recalibrate", *common, "-o", str(double)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    report = json.loads(two.stdout[two.stdout.index("{"):])
+    report = json.loads(two.stdout[two.stdout.index("{") :])
     assert report["world_size"] == 2 and report["samples"] == 160
     a, b = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
     for key in a:

@@ -60,8 +60,7 @@ def _ort(path, feeds):
 def test_export_names_dtypes_and_one_symbol_per_dynamic_dim(cli, tmp_path, two_inputs):
     arch, weights, model = two_inputs
     out = tmp_path / "m.onnx"
-    result = cli("export", weights, "--arch", arch, "--input-shape", "1,3,16,16", "--input-shape", "1,5:int64",
-                 "--dynamic", "0,2,3", "--output-names", "logits", "-o", out, "-f", "json")
+    result = cli("export", weights, "--arch", arch, "--input-shape", "1,3,16,16", "--input-shape", "1,5:int64", "--dynamic", "0,2,3", "--output-names", "logits", "-o", out, "-f", "json")
     assert result.exit_code == 0, result.output
     graph = onnx.load(out).graph
     inputs = {i.name: ([d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim], i.type.tensor_type.elem_type) for i in graph.input}
@@ -193,8 +192,7 @@ def test_bad_names_are_one_error_and_nothing_is_written(cli, tmp_path, two_input
 def test_fold_to_onnx_takes_names_and_a_pt2_refuses_them(cli, tmp_path, two_inputs):
     arch, weights, model = two_inputs
     out = tmp_path / "f.onnx"
-    result = cli("fold", weights, "--arch", arch, "--input-shape", "2,3,16,16", "--input-shape", "2,5:int64",
-                 "--input-names", "pixels,ids", "--output-names", "scores", "-o", out)
+    result = cli("fold", weights, "--arch", arch, "--input-shape", "2,3,16,16", "--input-shape", "2,5:int64", "--input-names", "pixels,ids", "--output-names", "scores", "-o", out)
     assert result.exit_code == 0, result.output
     graph = onnx.load(out).graph
     assert [i.name for i in graph.input] == ["pixels", "ids"] and [o.name for o in graph.output] == ["scores"]

@@ -16,9 +16,19 @@ from conftest import BROKEN, CHECKPOINTS
 def healthy(c: int = 8, **overrides) -> BNLayer:
     g = torch.Generator().manual_seed(0)
     fields = dict(
-        name="bn", kind="BatchNorm2d", num_features=c, eps=1e-5, momentum=0.1, averaging="ema", training=False,
-        track_running_stats=True, weight=torch.rand(c, generator=g) + 0.5, bias=torch.randn(c, generator=g),
-        running_mean=torch.randn(c, generator=g), running_var=torch.rand(c, generator=g) + 0.1, num_batches_tracked=100,
+        name="bn",
+        kind="BatchNorm2d",
+        num_features=c,
+        eps=1e-5,
+        momentum=0.1,
+        averaging="ema",
+        training=False,
+        track_running_stats=True,
+        weight=torch.rand(c, generator=g) + 0.5,
+        bias=torch.randn(c, generator=g),
+        running_mean=torch.randn(c, generator=g),
+        running_var=torch.rand(c, generator=g) + 0.1,
+        num_batches_tracked=100,
     )
     fields.update(overrides)
     return BNLayer(**fields)

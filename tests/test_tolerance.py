@@ -38,8 +38,7 @@ def _sigmoid_head(rng) -> onnx.ModelProto:
         numpy_helper.from_array(np.full(c, 1e4 + 11, np.float32), "mean"),
         numpy_helper.from_array(np.ones(c, np.float32), "var"),
     ]
-    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 16, 16])], inits)
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 16, 16])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 

@@ -29,14 +29,16 @@ def step(x):
 
 SCRIPTS = {
     # evaluation inside no_grad without model.eval(): the validation batches leak into the statistics
-    "eval_without_eval": ("""
+    "eval_without_eval": (
+        """
 for epoch in range(2):
     model.train()
     for _ in range(3):
         step(torch.randn(4, 3, 8, 8))
     with torch.no_grad():
         model(torch.randn(4, 3, 8, 8))
-""", """
+""",
+        """
 for epoch in range(2):
     model.train()
     for _ in range(3):
@@ -44,57 +46,73 @@ for epoch in range(2):
     model.eval()
     with torch.no_grad():
         model(torch.randn(4, 3, 8, 8))
-""", {("BN501", "1"), ("BN501", "5")}),
+""",
+        {("BN501", "1"), ("BN501", "5")},
+    ),
     # "frozen" by requires_grad, but model.train() keeps the BN's statistics moving
-    "frozen_by_requires_grad": ("""
+    "frozen_by_requires_grad": (
+        """
 for p in model[1].parameters():
     p.requires_grad = False
 model.train()
 for _ in range(3):
     step(torch.randn(4, 3, 8, 8))
-""", """
+""",
+        """
 for p in model[1].parameters():
     p.requires_grad = False
 model.train()
 model[1].eval()
 for _ in range(3):
     step(torch.randn(4, 3, 8, 8))
-""", {("BN502", "1")}),
+""",
+        {("BN502", "1")},
+    ),
     # a BN whose parameters no optimizer updates, trained in train mode all the same
-    "not_in_the_optimizer": ("""
+    "not_in_the_optimizer": (
+        """
 opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("5.")], lr=0.01)
 model.train()
 for _ in range(3):
     step(torch.randn(4, 3, 8, 8))
-""", """
+""",
+        """
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 model.train()
 for _ in range(3):
     step(torch.randn(4, 3, 8, 8))
-""", {("BN502", "5")}),
+""",
+        {("BN502", "5")},
+    ),
     # the last batch of a dataset of 9 in batches of 4 holds one sample: BatchNorm1d sees 1 value
-    "last_batch_of_one": ("""
+    "last_batch_of_one": (
+        """
 data = torch.randn(9, 3, 8, 8)
 model.train()
 loader = torch.utils.data.DataLoader(data, batch_size=4)
 for x in loader:
     step(x)
-""", """
+""",
+        """
 data = torch.randn(9, 3, 8, 8)
 model.train()
 loader = torch.utils.data.DataLoader(data, batch_size=4, drop_last=True)
 for x in loader:
     step(x)
-""", {("BN503", "5")}),
+""",
+        {("BN503", "5")},
+    ),
     # a NaN batch at step 3 poisons the running statistics
-    "nan_into_statistics": ("""
+    "nan_into_statistics": (
+        """
 model.train()
 for i in range(5):
     x = torch.randn(4, 3, 8, 8)
     if i == 2:
         x[0, 0, 0, 0] = float("nan")
     step(x)
-""", """
+""",
+        """
 model.train()
 for i in range(5):
     x = torch.randn(4, 3, 8, 8)
@@ -102,20 +120,27 @@ for i in range(5):
         x[0, 0, 0, 0] = float("nan")
     if torch.isfinite(x).all():
         step(x)
-""", {("BN504", "1"), ("BN504", "5")}),
+""",
+        {("BN504", "1"), ("BN504", "5")},
+    ),
     # traced for deployment straight after training, still in train mode
-    "export_in_train_mode": ("""
+    "export_in_train_mode": (
+        """
 model.train()
 step(torch.randn(4, 3, 8, 8))
 torch.jit.trace(model, torch.randn(4, 3, 8, 8), check_trace=False)
-""", """
+""",
+        """
 model.train()
 step(torch.randn(4, 3, 8, 8))
 model.eval()
 torch.jit.trace(model, torch.randn(4, 3, 8, 8), check_trace=False)
-""", {("BN505", "1")}),
+""",
+        {("BN505", "1")},
+    ),
     # SWA: update_bn re-estimates the statistics in train mode under no_grad, on purpose
-    "swa_update_bn": ("""
+    "swa_update_bn": (
+        """
 from torch.optim.swa_utils import AveragedModel, update_bn
 swa = AveragedModel(model)
 model.train()
@@ -124,7 +149,8 @@ for _ in range(3):
     swa.update_parameters(model)
 with torch.no_grad():
     swa.module(torch.randn(4, 3, 8, 8))   # and then an evaluation without eval()
-""", """
+""",
+        """
 from torch.optim.swa_utils import AveragedModel, update_bn
 swa = AveragedModel(model)
 model.train()
@@ -135,7 +161,9 @@ update_bn([torch.randn(4, 3, 8, 8) for _ in range(3)], swa)
 swa.eval()
 with torch.no_grad():
     swa(torch.randn(4, 3, 8, 8))
-""", {("BN501", "1"), ("BN501", "5")}),
+""",
+        {("BN501", "1"), ("BN501", "5")},
+    ),
 }
 
 
@@ -149,14 +177,14 @@ def _script(tmp_path, name, body):
 def test_each_bug_is_found_and_its_clean_twin_is_silent(cli, tmp_path, name):
     buggy, clean, expected = SCRIPTS[name]
     result = cli("trace", "-f", "json", _script(tmp_path, name, buggy), "--epochs", "1")
-    doc = json.loads(result.stdout[result.stdout.index("{"):])
+    doc = json.loads(result.stdout[result.stdout.index("{") :])
     found = {(f["check"], f["layer"]) for f in doc["findings"]}
     assert found == expected, (found, doc["findings"])
     script_failed = name == "last_batch_of_one"  # BatchNorm1d raises on one value per channel
     assert result.exit_code == (1 if script_failed else (1 if any(c in ("BN501", "BN504", "BN505") for c, _ in expected) else 0)), result.output
     twin = cli("trace", "-f", "json", _script(tmp_path, f"{name}_clean", clean))
     assert twin.exit_code == 0, twin.output
-    assert json.loads(twin.stdout[twin.stdout.index("{"):])["findings"] == []
+    assert json.loads(twin.stdout[twin.stdout.index("{") :])["findings"] == []
     assert "trained []" in twin.stdout
 
 
@@ -212,10 +240,13 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("args, expected, code", [
-    (["4"], {("BN506", "[rank 0]"), ("BN506", "[rank 1]"), ("BN507", "[rank 0]")}, 1),  # broadcast_buffers=False, 4 per rank
-    (["16", "--broadcast"], set(), 0),  # the clean twin: buffers synced, 16 per rank
-])
+@pytest.mark.parametrize(
+    "args, expected, code",
+    [
+        (["4"], {("BN506", "[rank 0]"), ("BN506", "[rank 1]"), ("BN507", "[rank 0]")}, 1),  # broadcast_buffers=False, 4 per rank
+        (["16", "--broadcast"], set(), 0),  # the clean twin: buffers synced, 16 per rank
+    ],
+)
 def test_under_torchrun_rank_0_reports_every_rank_and_their_disagreement(tmp_path, args, expected, code):
     import subprocess
     import sys
@@ -223,11 +254,10 @@ def test_under_torchrun_rank_0_reports_every_rank_and_their_disagreement(tmp_pat
     script = tmp_path / "train_ddp.py"
     script.write_text(DDP_SCRIPT)
     report = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bnctl", "trace",
-                           "-f", "json", "-o", report, script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bnctl", "trace", "-f", "json", "-o", report, script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert (proc.returncode != 0) == bool(code), proc.stderr[-3000:]
     doc = json.loads(report.read_text())
-    found = {(f["check"], f["file"][f["file"].index("["):]) for f in doc["findings"]}
+    found = {(f["check"], f["file"][f["file"].index("[") :]) for f in doc["findings"]}
     assert found == expected, doc["findings"]
     assert {f["file"] for f in doc["files"]} == {f"{script}[rank 0]", f"{script}[rank 1]"}
 

@@ -79,9 +79,15 @@ def data_drift(module: nn.Module, batch: tuple) -> list[Raw]:
     shift, ratio = statistics.median(shifts), math.exp(statistics.median(ratios))
     if shift <= DRIFT_SHIFT and ratio <= DRIFT_RATIO:
         return []
-    return [(None, "BN110", f"on {report.samples} samples of --data, the statistics these weights produce are far from the stored ones (median layer: mean {shift:.2g} "
-                            f"stored std away, variance {ratio:.2g}x off): never re-estimated after the weights changed (averaging, copying)? "
-                            "run bnctl recalibrate with --data (--key for an entry), or torch.optim.swa_utils.update_bn; bnctl diff --data shows each layer")]
+    return [
+        (
+            None,
+            "BN110",
+            f"on {report.samples} samples of --data, the statistics these weights produce are far from the stored ones (median layer: mean {shift:.2g} "
+            f"stored std away, variance {ratio:.2g}x off): never re-estimated after the weights changed (averaging, copying)? "
+            "run bnctl recalibrate with --data (--key for an entry), or torch.optim.swa_utils.update_bn; bnctl diff --data shows each layer",
+        )
+    ]
 
 
 def conv_bias_pairs(module: nn.Module) -> list[tuple[str, str]]:

@@ -21,7 +21,6 @@ else:  # pragma: no cover - Python 3.10
 from .registry import CHECKS, SEVERITIES, check_selectors, matches
 
 
-
 @dataclass
 class Finding:
     """One finding: where (file, layer or None for the whole model), which check, what exactly."""
@@ -169,7 +168,9 @@ class AuditResult:
         return {
             "findings": [f.to_dict() for f in self.findings],
             "summary": self.summary(),
-            "files": [{"file": fa.path, "format": fa.description, "layers": fa.layers, "checks": fa.groups, "seconds": fa.seconds, "notes": fa.notes, "error": fa.error, "not_run": fa.not_run, "not_applicable": fa.not_applicable} for fa in self.files],
+            "files": [
+                {"file": fa.path, "format": fa.description, "layers": fa.layers, "checks": fa.groups, "seconds": fa.seconds, "notes": fa.notes, "error": fa.error, "not_run": fa.not_run, "not_applicable": fa.not_applicable} for fa in self.files
+            ],
             "not_run": self.not_run,
             "not_applicable": self.not_applicable,
             "skipped": self.skipped,
@@ -251,8 +252,15 @@ def _audit_entries(source: ModelSource, examples: tuple | None, data: tuple | No
             copied = next((other for other, n in zip(audits, names) if n != name and _same_statistics(fa.found, other.found)), None)
             if copied is not None:
                 entry = names[audits.index(copied)]
-                fa.findings.append(Finding(fa.path, None, "BN110", f"the BN statistics of entry '{name}' are the same as entry '{entry}''s while its BN weights differ: copied, not averaged or re-estimated; "
-                                                                   f"run bnctl recalibrate {source.path} --key {name} --data DIR, or torch.optim.swa_utils.update_bn"))
+                fa.findings.append(
+                    Finding(
+                        fa.path,
+                        None,
+                        "BN110",
+                        f"the BN statistics of entry '{name}' are the same as entry '{entry}''s while its BN weights differ: copied, not averaged or re-estimated; "
+                        f"run bnctl recalibrate {source.path} --key {name} --data DIR, or torch.optim.swa_utils.update_bn",
+                    )
+                )
     return audits
 
 
@@ -297,8 +305,7 @@ def _stale_average(checkpoint: Any, found: list[Any]) -> list[tuple[str | None, 
         return []
     why = f"n_averaged={count}" if count is not None and count > 1 else f"entry '{checkpoint.key}'"
     key = f" --key {checkpoint.key}" if getattr(checkpoint, "key", None) else ""
-    return [(None, "BN110", f"weights averaged ({why}) but every BN's running statistics are at their initial values (mean 0, var 1): never re-estimated; "
-                            f"run bnctl recalibrate {checkpoint.path}{key} --data DIR, or torch.optim.swa_utils.update_bn")]
+    return [(None, "BN110", f"weights averaged ({why}) but every BN's running statistics are at their initial values (mean 0, var 1): never re-estimated; run bnctl recalibrate {checkpoint.path}{key} --data DIR, or torch.optim.swa_utils.update_bn")]
 
 
 def _behaviour_inputs(inputs: CheckInputs) -> tuple | None:

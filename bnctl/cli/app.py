@@ -88,7 +88,9 @@ def takes_debug(command):
     command runs, so the errors of its options show their traceback too."""
     signature = inspect.signature(command)
     option = inspect.Parameter(
-        "debug_", inspect.Parameter.KEYWORD_ONLY, default=False,
+        "debug_",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=False,
         annotation=Annotated[bool, typer.Option("--debug", metavar="", help=_DEBUG_HELP, show_default=False)],
     )
 

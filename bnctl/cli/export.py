@@ -27,7 +27,11 @@ def export(
     no_fold: Annotated[bool, typer.Option("--no-fold", metavar="", help="Keep the BatchNorm nodes.")] = False,
     tolerance: Annotated[
         Optional[float],
-        typer.Option("--tolerance", help="ONNX Runtime vs PyTorch bound: every element within |a-b| <= atol + rtol*|b|, rtol the tolerance, atol the tolerance times the largest |output| (at least 1); beyond it: exit 1, nothing written. Default: by the outputs' dtype (float32 1e-4, float16 1e-2, bfloat16 5e-2).", show_default=False),
+        typer.Option(
+            "--tolerance",
+            help="ONNX Runtime vs PyTorch bound: every element within |a-b| <= atol + rtol*|b|, rtol the tolerance, atol the tolerance times the largest |output| (at least 1); beyond it: exit 1, nothing written. Default: by the outputs' dtype (float32 1e-4, float16 1e-2, bfloat16 5e-2).",
+            show_default=False,
+        ),
     ] = None,
     int8_check: Int8CheckOpt = False,
     fmt: ReportFormatOpt = ReportFormat("table"),
@@ -40,11 +44,22 @@ def export(
 
     with stages(sys.stderr.isatty()) as stage:
         report = export_file(
-            source.at(path), output, inputs=inputs, stage=stage,
-            opset=opset, layout=layout(dynamic, input_names, output_names, dynamic_batch), fold=not no_fold, tolerance=tolerance, int8_check=int8_check,
+            source.at(path),
+            output,
+            inputs=inputs,
+            stage=stage,
+            opset=opset,
+            layout=layout(dynamic, input_names, output_names, dynamic_batch),
+            fold=not no_fold,
+            tolerance=tolerance,
+            int8_check=int8_check,
         )
     emit_report(report, fmt.value, export_table)
     if report.written:
         typer.echo(f"wrote {output}", err=True)
     if not report.ok:
-        fail(f"ONNX Runtime differs from PyTorch by {report.errors_text()}, beyond the tolerance {report.tolerance:g} ({report.tolerance_source}): {report.bound_text()}; nothing written", "check the operators listed above, or raise --tolerance if that difference is acceptable", 1)
+        fail(
+            f"ONNX Runtime differs from PyTorch by {report.errors_text()}, beyond the tolerance {report.tolerance:g} ({report.tolerance_source}): {report.bound_text()}; nothing written",
+            "check the operators listed above, or raise --tolerance if that difference is acceptable",
+            1,
+        )

@@ -37,7 +37,11 @@ def fold(
     ] = None,
     tolerance: Annotated[
         Optional[float],
-        typer.Option("--tolerance", help="Output change allowed: every element within |a-b| <= atol + rtol*|b|, rtol the tolerance, atol the tolerance times the largest |output| (at least 1); beyond it: exit 1, nothing written. Default: by the outputs' dtype (float32 1e-4, float16 1e-2, bfloat16 5e-2).", show_default=False),
+        typer.Option(
+            "--tolerance",
+            help="Output change allowed: every element within |a-b| <= atol + rtol*|b|, rtol the tolerance, atol the tolerance times the largest |output| (at least 1); beyond it: exit 1, nothing written. Default: by the outputs' dtype (float32 1e-4, float16 1e-2, bfloat16 5e-2).",
+            show_default=False,
+        ),
     ] = None,
     dynamic: DynamicOpt = None,
     input_names: InputNamesOpt = None,
@@ -60,7 +64,18 @@ def fold(
     from ..render.progress import stages
 
     with stages(sys.stderr.isatty()) as stage:
-        report = fold_file(source.at(path), output, inputs=inputs, to=to, tolerance=tolerance, layout=layout(dynamic, input_names, output_names), dtype=dtype.value if dtype else None, int8_check=int8_check, standalone=standalone.value if standalone else None, stage=stage)
+        report = fold_file(
+            source.at(path),
+            output,
+            inputs=inputs,
+            to=to,
+            tolerance=tolerance,
+            layout=layout(dynamic, input_names, output_names),
+            dtype=dtype.value if dtype else None,
+            int8_check=int8_check,
+            standalone=standalone.value if standalone else None,
+            stage=stage,
+        )
     emit_report(report, fmt.value, fold_table)
     if report.written:
         typer.echo(f"wrote {output} ({report.format})", err=True)

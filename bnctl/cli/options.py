@@ -45,14 +45,20 @@ KeyOpt = Annotated[
 ]
 TrustOpt = Annotated[
     bool,
-    typer.Option("--trust", metavar="", help="Load and run what the file holds as code: pickled modules, TorchScript (torch.jit.load), .pt2 programs. Without it bnctl reads their tensors only and runs nothing from the file.", rich_help_panel="Model"),
+    typer.Option(
+        "--trust", metavar="", help="Load and run what the file holds as code: pickled modules, TorchScript (torch.jit.load), .pt2 programs. Without it bnctl reads their tensors only and runs nothing from the file.", rich_help_panel="Model"
+    ),
 ]
 
 # --- which check inputs -----------------------------------------------------------------
 
 InputShapeOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--input-shape", help="Shape of a random check input, e.g. 1,3,224,224, with :int64 (or :int32, :bool, :float16, :bfloat16) for another dtype, e.g. 1,26:int64 (integers are 0 or 1). Repeat once per model input.", rich_help_panel="Check inputs"),
+    typer.Option(
+        "--input-shape",
+        help="Shape of a random check input, e.g. 1,3,224,224, with :int64 (or :int32, :bool, :float16, :bfloat16) for another dtype, e.g. 1,26:int64 (integers are 0 or 1). Repeat once per model input.",
+        rich_help_panel="Check inputs",
+    ),
 ]
 DataOpt = Annotated[
     Optional[Path],
@@ -72,7 +78,11 @@ InputNamesOpt = Annotated[Optional[str], typer.Option("--input-names", help="Nam
 OutputNamesOpt = Annotated[Optional[str], typer.Option("--output-names", help="Names of an ONNX graph's outputs, comma-separated. Default: output (output_0, output_1, ... for several).", show_default=False)]
 Int8CheckOpt = Annotated[
     bool,
-    typer.Option("--int8-check", metavar="", help="Quantize the ONNX graph about to be written with ONNX Runtime's static quantizer (QDQ int8, calibrated on the check inputs), per tensor and per channel, and report each one's output SQNR against the float graph. Nothing more is written."),
+    typer.Option(
+        "--int8-check",
+        metavar="",
+        help="Quantize the ONNX graph about to be written with ONNX Runtime's static quantizer (QDQ int8, calibrated on the check inputs), per tensor and per channel, and report each one's output SQNR against the float graph. Nothing more is written.",
+    ),
 ]
 
 
@@ -99,8 +109,7 @@ def split_names(text: str | None, option: str) -> list[str] | None:
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random check inputs.", rich_help_panel="Check inputs")]
 
 
-def model_source(arch: str | None = None, arch_arg: list[str] | None = None, key: str | None = None, trust: bool = False,
-                 strip_prefix: str | None = None, add_prefix: str | None = None, eps: float | None = None):
+def model_source(arch: str | None = None, arch_arg: list[str] | None = None, key: str | None = None, trust: bool = False, strip_prefix: str | None = None, add_prefix: str | None = None, eps: float | None = None):
     """The model options as a :class:`~bnctl.io.source.ModelSource` (its path set by the command)."""
     from ..io.arch import parse_arch_args
     from ..io.source import ModelSource
@@ -139,9 +148,10 @@ class OptionGroup:
 
 StripPrefixOpt = Annotated[Optional[str], typer.Option("--strip-prefix", help="Remove this prefix from every key of the state_dict before loading it into --arch (found by itself where one common prefix fits).", rich_help_panel="Model")]
 AddPrefixOpt = Annotated[Optional[str], typer.Option("--add-prefix", help="Put this prefix before every key of the state_dict before loading it into --arch.", rich_help_panel="Model")]
-EpsOpt = Annotated[Optional[float], typer.Option("--eps", help="The eps the BN layers were trained with, where the file does not record it (a state_dict): used by the statistics and their checks instead of PyTorch's default 1e-5.", rich_help_panel="Model")]
-MODEL = OptionGroup((("arch", ArchOpt, None), ("arch_arg", ArchArgOpt, None), ("key", KeyOpt, None), ("trust", TrustOpt, False),
-                     ("strip_prefix", StripPrefixOpt, None), ("add_prefix", AddPrefixOpt, None), ("eps", EpsOpt, None)), model_source)
+EpsOpt = Annotated[
+    Optional[float], typer.Option("--eps", help="The eps the BN layers were trained with, where the file does not record it (a state_dict): used by the statistics and their checks instead of PyTorch's default 1e-5.", rich_help_panel="Model")
+]
+MODEL = OptionGroup((("arch", ArchOpt, None), ("arch_arg", ArchArgOpt, None), ("key", KeyOpt, None), ("trust", TrustOpt, False), ("strip_prefix", StripPrefixOpt, None), ("add_prefix", AddPrefixOpt, None), ("eps", EpsOpt, None)), model_source)
 IMAGES = OptionGroup(
     (
         ("image_size", Annotated[Optional[str], typer.Option("--image-size", help="Resize images to H or H,W. Default: as they are (they must then share one size).", rich_help_panel="Data")], None),

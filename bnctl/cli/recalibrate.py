@@ -32,7 +32,14 @@ def recalibrate(
     workers: Annotated[int, typer.Option("--workers", help="Processes decoding samples.", rich_help_panel="Data")] = 2,
     device: Annotated[Device, typer.Option("--device", help="Where the forward passes run.")] = Device("cpu"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample order and --max-samples subset.")] = 0,
-    forward: Annotated[Optional[str], typer.Option("--forward", help="pkg.mod:fn or file.py:fn: how a batch of samples is fed to the model (returns a tensor, a tuple of arguments or a dict of keyword arguments). Default: a tensor as the one argument, a tuple as the arguments, a dict as keyword arguments.", rich_help_panel="Data")] = None,
+    forward: Annotated[
+        Optional[str],
+        typer.Option(
+            "--forward",
+            help="pkg.mod:fn or file.py:fn: how a batch of samples is fed to the model (returns a tensor, a tuple of arguments or a dict of keyword arguments). Default: a tensor as the one argument, a tuple as the arguments, a dict as keyword arguments.",
+            rich_help_panel="Data",
+        ),
+    ] = None,
     until_stable: Annotated[Optional[float], typer.Option("--until-stable", help="Stop once no layer's estimate moved more than this over 3 batches (one process only).")] = None,
     fmt: ReportFormatOpt = ReportFormat("table"),
 ) -> None:
@@ -44,9 +51,17 @@ def recalibrate(
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with sample_progress(enabled=rank0 and sys.stderr.isatty()) as progress:
         report = recalibrate_file(
-            source.at(path), output, inputs=CheckInputs(data=data, seed=seed, preprocess=preprocess),
-            batch_size=batch_size, max_samples=max_samples, workers=workers, device=device.value,
-            until_stable=until_stable, on_batch=progress.advance, on_start=progress.start, input_fn=resolve_transform(forward),
+            source.at(path),
+            output,
+            inputs=CheckInputs(data=data, seed=seed, preprocess=preprocess),
+            batch_size=batch_size,
+            max_samples=max_samples,
+            workers=workers,
+            device=device.value,
+            until_stable=until_stable,
+            on_batch=progress.advance,
+            on_start=progress.start,
+            input_fn=resolve_transform(forward),
         )
     if not rank0:
         return

@@ -102,8 +102,7 @@ def drop_db(block: dict[str, Any]) -> float:
             return 0.0
         return math.inf if before is None else before - after
 
-    return max(drop(block.get("before_per_tensor_sqnr_db"), block.get("per_tensor_sqnr_db")),
-               drop(block.get("before_median_channel_sqnr_db"), block.get("median_channel_sqnr_db")))
+    return max(drop(block.get("before_per_tensor_sqnr_db"), block.get("per_tensor_sqnr_db")), drop(block.get("before_median_channel_sqnr_db"), block.get("median_channel_sqnr_db")))
 
 
 def advice(bn: str, into: str, block: dict[str, Any]) -> str:

@@ -103,8 +103,7 @@ def usable(layer: BNLayer) -> BNLayer:
         return layer
     shape = (layer.num_features,)
     if not layer.problems and all(  # the common case, kept short: dense numpy arrays of the right shape
-        type(t) is np.ndarray and t.shape == shape and t.dtype.kind in "fiu"
-        for t in (layer.weight, layer.bias, layer.running_mean, layer.running_var)
+        type(t) is np.ndarray and t.shape == shape and t.dtype.kind in "fiu" for t in (layer.weight, layer.bias, layer.running_mean, layer.running_var)
     ):
         return layer
     problems = list(layer.problems)
@@ -213,8 +212,7 @@ def from_onnx(model: Any) -> list[BNLayer]:
 
 
 #: aten batch-norm ops of exported programs; those without a ``training`` argument are eval-only
-EXPORT_BN_OPS = ("batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
-                 "_native_batch_norm_legit_no_training", "cudnn_batch_norm", "miopen_batch_norm")
+EXPORT_BN_OPS = ("batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training", "cudnn_batch_norm", "miopen_batch_norm")
 
 
 def from_program_json(program: Any) -> list[BNLayer]:
@@ -232,7 +230,7 @@ def from_program_json(program: Any) -> list[BNLayer]:
     found: dict[str, BNLayer] = {}
     producers = {}
     for node in program.graph.get("nodes", []):
-        for out in (node.get("outputs", []) if isinstance(node, dict) else []):
+        for out in node.get("outputs", []) if isinstance(node, dict) else []:
             tensor = out.get("as_tensor") if isinstance(out, dict) else None
             if isinstance(tensor, dict):
                 producers[tensor.get("name")] = node

@@ -11,8 +11,7 @@ from ..errors import InputError
 
 
 #: the attributes bnctl reads, and the type ONNX defines for each (AttributeProto's numbers)
-_ATTRIBUTE_TYPES = {"epsilon": 1, "momentum": 1, "alpha": 1, "beta": 1, "training_mode": 2, "group": 2, "transA": 2, "transB": 2,
-                    "to": 2, "allowzero": 2, "auto_pad": 3, "pads": 7, "perm": 7, "axes": 7, "kernel_shape": 7, "strides": 7}
+_ATTRIBUTE_TYPES = {"epsilon": 1, "momentum": 1, "alpha": 1, "beta": 1, "training_mode": 2, "group": 2, "transA": 2, "transB": 2, "to": 2, "allowzero": 2, "auto_pad": 3, "pads": 7, "perm": 7, "axes": 7, "kernel_shape": 7, "strides": 7}
 
 
 def attribute(node: Any, name: str, default: Any = None) -> Any:

@@ -77,8 +77,16 @@ def quantize(folder: Path) -> int:
 
     for per_channel, name in ((False, "per_tensor.onnx"), (True, "per_channel.onnx")):
         try:
-            quantize_static(str(folder / "graph0.onnx"), str(folder / name), Feeds(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+            quantize_static(
+                str(folder / "graph0.onnx"),
+                str(folder / name),
+                Feeds(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            )
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which words the error
             (folder / "error.txt").write_text(f"0\t{type(exc).__name__}: {' '.join(str(exc).split())}")
             return 3

@@ -24,10 +24,27 @@ FP16_MIN_NORMAL = 2.0**-14
 
 #: Column order of the table. The first ones are the JSON contract (ARCHITECTURE.md).
 COLUMNS = (
-    "name", "kind", "num_features", "eps", "momentum", "averaging", "training",
-    "num_batches_tracked", "mean_absmax", "var_min", "var_max", "weight_absmin",
-    "mean_min", "mean_max", "var_median", "weight_absmax", "bias_absmax", "scale_max",
-    "dead_channels", "flags", "details",
+    "name",
+    "kind",
+    "num_features",
+    "eps",
+    "momentum",
+    "averaging",
+    "training",
+    "num_batches_tracked",
+    "mean_absmax",
+    "var_min",
+    "var_max",
+    "weight_absmin",
+    "mean_min",
+    "mean_max",
+    "var_median",
+    "weight_absmax",
+    "bias_absmax",
+    "scale_max",
+    "dead_channels",
+    "flags",
+    "details",
 )
 
 
@@ -104,9 +121,7 @@ def _flags(layer: BNLayer, mean, var, weight, bias, scale, dead: int) -> list[tu
     if layer.problems:
         found.append(("bad_tensor", "; ".join(layer.problems)))
     c = layer.num_features
-    bad = [f"{n}: {int((~np.isfinite(t)).sum())} of {t.size}" for n, t in
-           (("running_mean", mean), ("running_var", var), ("weight", weight), ("bias", bias))
-           if t is not None and not bool(np.isfinite(t).all())]
+    bad = [f"{n}: {int((~np.isfinite(t)).sum())} of {t.size}" for n, t in (("running_mean", mean), ("running_var", var), ("weight", weight), ("bias", bias)) if t is not None and not bool(np.isfinite(t).all())]
     if bad:
         found.append(("nonfinite", "non-finite values in " + ", ".join(bad)))
     if var is None or mean is None:
@@ -241,15 +256,27 @@ def _rows_together(group: list[BNLayer]) -> list[dict[str, Any] | None]:
         finite = np.isfinite(mean).all(1) & np.isfinite(var).all(1) & np.isfinite(weight).all(1) & np.isfinite(bias).all(1)
         shift = np.abs(bias - mean * scale).max(1)
         suspicious = (
-            ~finite | (var < eps).any(1) | ((mean == 0).all(1) & (var == 1).all(1)) | (np.abs(weight) < DEAD_WEIGHT).any(1)
-            | (np.abs(mean).max(1) > FP16_MAX) | (var.max(1) > FP16_MAX) | (scale.max(1) > FP16_MAX) | (shift > FP16_MAX)
+            ~finite
+            | (var < eps).any(1)
+            | ((mean == 0).all(1) & (var == 1).all(1))
+            | (np.abs(weight) < DEAD_WEIGHT).any(1)
+            | (np.abs(mean).max(1) > FP16_MAX)
+            | (var.max(1) > FP16_MAX)
+            | (scale.max(1) > FP16_MAX)
+            | (shift > FP16_MAX)
             | (var + eps < FP16_MIN_NORMAL).any(1)
         )
         columns = {
-            "mean_absmax": np.abs(mean).max(1), "var_min": var.min(1), "var_max": var.max(1),
-            "weight_absmin": np.abs(weight).min(1), "mean_min": mean.min(1), "mean_max": mean.max(1),
+            "mean_absmax": np.abs(mean).max(1),
+            "var_min": var.min(1),
+            "var_max": var.max(1),
+            "weight_absmin": np.abs(weight).min(1),
+            "mean_min": mean.min(1),
+            "mean_max": mean.max(1),
             "var_median": np.partition(var, (c - 1) // 2, axis=1)[:, (c - 1) // 2],
-            "weight_absmax": np.abs(weight).max(1), "bias_absmax": np.abs(bias).max(1), "scale_max": scale.max(1),
+            "weight_absmax": np.abs(weight).max(1),
+            "bias_absmax": np.abs(bias).max(1),
+            "scale_max": scale.max(1),
         }
     values = {k: v.tolist() for k, v in columns.items()}
     result: list[dict[str, Any] | None] = []
@@ -258,8 +285,13 @@ def _rows_together(group: list[BNLayer]) -> list[dict[str, Any] | None]:
             result.append(None)
             continue
         row: dict[str, Any] = {
-            "name": layer.name, "kind": layer.kind, "num_features": layer.num_features, "eps": layer.eps,
-            "momentum": layer.momentum, "averaging": layer.averaging, "training": layer.training,
+            "name": layer.name,
+            "kind": layer.kind,
+            "num_features": layer.num_features,
+            "eps": layer.eps,
+            "momentum": layer.momentum,
+            "averaging": layer.averaging,
+            "training": layer.training,
             "num_batches_tracked": layer.num_batches_tracked,
         }
         row.update({name: column[k] for name, column in values.items()})

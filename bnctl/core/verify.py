@@ -114,11 +114,11 @@ def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> Dif
             continue
         largest = 0.0
         for start in range(0, r.numel(), _CHUNK):
-            largest = max(largest, float(r[start:start + _CHUNK].to(torch.float64).abs().nan_to_num(0.0, posinf=0.0).max()))
+            largest = max(largest, float(r[start : start + _CHUNK].to(torch.float64).abs().nan_to_num(0.0, posinf=0.0).max()))
         scale = max(largest, 1.0)
         worst = ratio = 0.0
         for start in range(0, r.numel(), _CHUNK):
-            a, b = r[start:start + _CHUNK].to(torch.float64), g[start:start + _CHUNK].to(torch.float64)
+            a, b = r[start : start + _CHUNK].to(torch.float64), g[start : start + _CHUNK].to(torch.float64)
             if not torch.equal(torch.isnan(a), torch.isnan(b)):
                 return APART
             err = (a - b).abs().nan_to_num(0.0, posinf=float("inf"))

@@ -185,8 +185,7 @@ def build(spec: str, args: Mapping[str, Any] | None = None) -> torch.nn.Module:
         module = factory(**dict(args or {}))
     except Exception as exc:  # noqa: BLE001 - the user's factory failing with these arguments
         given = ", ".join(f"{k}={v!r}" for k, v in (args or {}).items()) or "no arguments"
-        raise ArchError(f"--arch {spec!r} failed with {given}: {type(exc).__name__}: {str(exc)[:200]}",
-                        "check the --arch-arg values (a value that is not a Python literal is passed as a string)") from exc
+        raise ArchError(f"--arch {spec!r} failed with {given}: {type(exc).__name__}: {str(exc)[:200]}", "check the --arch-arg values (a value that is not a Python literal is passed as a string)") from exc
     import torch
 
     if not isinstance(module, torch.nn.Module):
@@ -206,7 +205,7 @@ def fit_keys(keys: Iterable[str], expected: Iterable[str], *, strip: str | None 
     what is missing and unexpected.
     """
     keys, expected = list(keys), set(expected)
-    given = {k: (k[len(strip):] if strip and k.startswith(strip) else k) for k in keys}
+    given = {k: (k[len(strip) :] if strip and k.startswith(strip) else k) for k in keys}
     given = {k: (add or "") + v for k, v in given.items()}
     told = [f"stripped '{strip}'"] if strip else []
     told += [f"added '{add}'"] if add else []
@@ -219,7 +218,7 @@ def fit_keys(keys: Iterable[str], expected: Iterable[str], *, strip: str | None 
         prefix = next((p for p in WRAPPER_PREFIXES if all(v.startswith(p) for v in wrapped.values()) and not all(e.startswith(p) for e in expected)), None)
         if prefix is None:
             break
-        wrapped = {k: v[len(prefix):] for k, v in wrapped.items()}
+        wrapped = {k: v[len(prefix) :] for k, v in wrapped.items()}
         stripped.append(prefix)
     if set(wrapped.values()) == expected:
         return wrapped, note(f"stripped '{''.join(stripped)}'")
@@ -227,7 +226,7 @@ def fit_keys(keys: Iterable[str], expected: Iterable[str], *, strip: str | None 
     for n in range(1, min(4, len(first))):
         prefix = ".".join(first[:n]) + "."
         if all(v.startswith(prefix) for v in given.values()):
-            candidate = {k: v[len(prefix):] for k, v in given.items()}
+            candidate = {k: v[len(prefix) :] for k, v in given.items()}
             if set(candidate.values()) == expected:
                 return candidate, note(f"stripped '{prefix}'")
     first = next(iter(expected)).split(".")
@@ -250,8 +249,7 @@ def torch_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
     return {k: own(k) if own is not None else (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in tensors.items()}
 
 
-def load_state_dict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], spec: str = "the architecture", *,
-                    strip: str | None = None, add: str | None = None, notes: list[str] | None = None) -> torch.nn.Module:
+def load_state_dict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], spec: str = "the architecture", *, strip: str | None = None, add: str | None = None, notes: list[str] | None = None) -> torch.nn.Module:
     """Load ``tensors`` into ``module`` strictly, after fitting their key prefixes
     (:func:`fit_keys`; the prefix used is appended to ``notes``).
 
@@ -282,8 +280,7 @@ def load_state_dict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]
             "check --arch and --arch-arg, pick another entry of the checkpoint with --key, or fit the names with --strip-prefix/--add-prefix",
         )
     own = module.state_dict()
-    mismatched = [f"{k} is {list(state[k].shape)} in the checkpoint, {list(own[k].shape)} in the model"
-                  for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+    mismatched = [f"{k} is {list(state[k].shape)} in the checkpoint, {list(own[k].shape)} in the model" for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
     if mismatched:
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
         raise ArchError(f"the checkpoint does not fit {spec}: {mismatched[0]}{more}", "check --arch-arg (widths, number of classes)")

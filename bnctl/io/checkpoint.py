@@ -58,10 +58,7 @@ STATE_DICT_KEYS = (
     "ema_state_dict",
 )
 
-SUPPORTED = (
-    "torch state_dict or training checkpoint (.pt .pth .bin .ckpt), safetensors, "
-    "TorchScript, torch.export (.pt2), ONNX"
-)
+SUPPORTED = "torch state_dict or training checkpoint (.pt .pth .bin .ckpt), safetensors, TorchScript, torch.export (.pt2), ONNX"
 
 
 @dataclass
@@ -194,9 +191,7 @@ def _zip_format(path: Path) -> Format:
     names = open_zip(path).namelist()
     if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
         return Format.TORCHSCRIPT
-    if any(n.endswith("/archive_format") for n in names) or any(
-        "/models/" in n and n.endswith(".json") for n in names
-    ):
+    if any(n.endswith("/archive_format") for n in names) or any("/models/" in n and n.endswith(".json") for n in names):
         return Format.EXPORT
     if any(n.endswith("data.pkl") for n in names):
         return Format.TORCH
@@ -396,9 +391,7 @@ def _is_state_dict(obj: Mapping) -> bool:
 
 def _candidate_entries(obj: Mapping) -> Iterator[str]:
     for k, v in obj.items():
-        if _is_module(v) or (isinstance(v, Mapping) and (_is_state_dict(v) or any(
-            isinstance(inner, Mapping) and _is_state_dict(inner) for inner in v.values()
-        ))):
+        if _is_module(v) or (isinstance(v, Mapping) and (_is_state_dict(v) or any(isinstance(inner, Mapping) and _is_state_dict(inner) for inner in v.values()))):
             yield str(k)
 
 

@@ -22,10 +22,21 @@ from ..errors import InputError
 
 #: safetensors dtype -> (numpy dtype of the bytes, torch dtype to view them as, or None)
 DTYPES = {
-    "F64": ("<f8", None), "F32": ("<f4", None), "F16": ("<f2", None), "BF16": ("<u2", "bfloat16"),
-    "I64": ("<i8", None), "I32": ("<i4", None), "I16": ("<i2", None), "I8": ("i1", None),
-    "U8": ("u1", None), "U16": ("<u2", None), "U32": ("<u4", None), "U64": ("<u8", None), "BOOL": ("?", None),
-    "F8_E4M3": ("u1", "float8_e4m3fn"), "F8_E5M2": ("u1", "float8_e5m2"),
+    "F64": ("<f8", None),
+    "F32": ("<f4", None),
+    "F16": ("<f2", None),
+    "BF16": ("<u2", "bfloat16"),
+    "I64": ("<i8", None),
+    "I32": ("<i4", None),
+    "I16": ("<i2", None),
+    "I8": ("i1", None),
+    "U8": ("u1", None),
+    "U16": ("<u2", None),
+    "U32": ("<u4", None),
+    "U64": ("<u8", None),
+    "BOOL": ("?", None),
+    "F8_E4M3": ("u1", "float8_e4m3fn"),
+    "F8_E5M2": ("u1", "float8_e5m2"),
 }
 #: the largest header bnctl reads: safetensors' own reader refuses more (its MAX_HEADER_SIZE);
 #: a file with 200,000 BN layers has one of about 70 MB

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from ..errors import InputError, one_line
 
+
 @dataclass(frozen=True)
 class Layout:
     """How a written ``.pt2`` or ONNX file lays out its inputs and outputs: which input dims

@@ -56,8 +56,7 @@ class ModelSource:
             if checkpoint.tensors is None:
                 notes.append(f"--arch ignored: {checkpoint.path.name} holds a {checkpoint.content}, not a state_dict")
             else:
-                built = arch_mod.load_state_dict(arch_mod.build(self.arch, self.arch_args), checkpoint.tensors, self.arch,
-                                                 strip=self.strip_prefix, add=self.add_prefix, notes=notes)
+                built = arch_mod.load_state_dict(arch_mod.build(self.arch, self.arch_args), checkpoint.tensors, self.arch, strip=self.strip_prefix, add=self.add_prefix, notes=notes)
         if self.eps is not None:
             notes.append(f"--eps {self.eps:g}: the eps of every BN layer whose file does not record one")
         return OpenedModel(checkpoint, built, notes, trusted=self.trust, eps=self.eps)

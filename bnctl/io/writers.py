@@ -107,6 +107,7 @@ def _torchscript(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             scripted = torch.jit.trace(model, inputs, check_trace=False)
+
     def data() -> bytes:
         buffer = io.BytesIO()
         torch.jit.save(scripted, buffer)
@@ -238,8 +239,7 @@ def onnx_bytes(
     first = re.sub(r"\x1b\[[0-9;]*m", "", one_line(exc) if isinstance(exc, BaseException) else str(exc)) if exc is not None else "unknown error"
     raise InputError(
         f"the model does not export to ONNX{f' (operator {op})' if op else ''}{f' at opset {opset}' if opset else ''}: {first[:300]}",
-        "try another --opset (the torch.export-based exporter writes 18 and later), or leave --opset out" if opset and not op
-        else "replace or register that operator (torch.onnx custom symbolic / onnxscript), or export another part of the model",
+        "try another --opset (the torch.export-based exporter writes 18 and later), or leave --opset out" if opset and not op else "replace or register that operator (torch.onnx custom symbolic / onnxscript), or export another part of the model",
     )
 
 

@@ -34,7 +34,9 @@ class FixReport:
             "fixed": [{"check": c, "layer": l, "change": m} for c, l, m in self.repairs.fixed],
             "unfixed": [{"check": c, "layer": l, "reason": m} for c, l, m in self.repairs.unfixed],
             "not_fixable": sorted({f.code for f in self.before.findings if f.code not in FIXABLE}),
-            "output": self.output, "written": self.written, "max_abs_error": self.max_abs_error,
+            "output": self.output,
+            "written": self.written,
+            "max_abs_error": self.max_abs_error,
             "after": self.after.to_dict() if self.after is not None else None,
         }
 

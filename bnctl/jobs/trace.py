@@ -177,8 +177,9 @@ def _disagreements(run: TraceRun, ranks: list[dict]) -> list[tuple[str, str]]:
             if moved > worst[0]:
                 worst = (moved, other["rank"])
         if worst[0] > 1e-4:
-            found.append((layer, f"running statistics differ between rank 0 and rank {worst[1]} at the end (by {worst[0]:.2g} of rank 0's std or variance): "
-                                 "each rank kept its own (DDP broadcast_buffers=False?); the rank that saves decides the model"))
+            found.append(
+                (layer, f"running statistics differ between rank 0 and rank {worst[1]} at the end (by {worst[0]:.2g} of rank 0's std or variance): each rank kept its own (DDP broadcast_buffers=False?); the rank that saves decides the model")
+            )
     missing = [str(o["rank"]) for o in ranks if o.get("missing")]
     if missing:
         found.append((None, f"rank{'s' * (len(missing) > 1)} {', '.join(missing)} never reported: their statistics could not be compared"))

@@ -269,15 +269,21 @@ def to_groupnorm(model: nn.Module, groups: int = 32, inputs: tuple | None = None
         c = m.num_features
         g = next((d for d in range(min(groups, c), 0, -1) if c % d == 0 and (c // d) * positions >= 2), None)
         if g is None:
-            raise InputError(f"{name}: a GroupNorm over {c} channel(s) x {positions} position(s) has one value per group, which normalizes to 0 and erases the input",
-                             "keep this layer a BatchNorm (convert another model part), or pass --input-shape if its input has more positions")
+            raise InputError(
+                f"{name}: a GroupNorm over {c} channel(s) x {positions} position(s) has one value per group, which normalizes to 0 and erases the input",
+                "keep this layer a BatchNorm (convert another model part), or pass --input-shape if its input has more positions",
+            )
         new = nn.GroupNorm(g, m.num_features, eps=m.eps, affine=True)
         with torch.no_grad():
             if getattr(m, "weight", None) is not None:
                 new.weight.copy_(m.weight)
                 new.bias.copy_(m.bias)
         new.train(m.training)
-        note = f"{g} group{'s' * (g != 1)}, {(c // g) * positions} values each" + (f" per sample{'' if shape is not None else ' (one position assumed: pass --input-shape to measure)'}") + ("" if g == groups else f"; the largest divisor of {c} not above {groups} with at least 2 values per group")
+        note = (
+            f"{g} group{'s' * (g != 1)}, {(c // g) * positions} values each"
+            + (f" per sample{'' if shape is not None else ' (one position assumed: pass --input-shape to measure)'}")
+            + ("" if g == groups else f"; the largest divisor of {c} not above {groups} with at least 2 values per group")
+        )
         report.converted.append({"name": name, "from": type(m).__name__, "to": "GroupNorm", "note": note})
         return new
 

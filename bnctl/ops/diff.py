@@ -104,8 +104,13 @@ class DiffResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "files": self.files, "samples": self.samples, "steps": [s.to_dict() for s in self.steps], "findings": self.findings,
-            "max_shift": self.max_shift, "fail_above": self.fail_above, "ok": self.ok,
+            "files": self.files,
+            "samples": self.samples,
+            "steps": [s.to_dict() for s in self.steps],
+            "findings": self.findings,
+            "max_shift": self.max_shift,
+            "fail_above": self.fail_above,
+            "ok": self.ok,
         }
 
     def __repr__(self) -> str:

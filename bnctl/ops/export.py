@@ -91,8 +91,9 @@ def export(
     report.steps.append("model.eval()")
     training = training_batchnorms(model)
     if training:
-        raise InputError(f"{', '.join(training[:3])} {'is' if len(training) == 1 else 'are'} still in train mode after model.eval(): the export would normalize with batch statistics",
-                         "fix the module's train() override (bnctl audit --input-shape ... names it)")
+        raise InputError(
+            f"{', '.join(training[:3])} {'is' if len(training) == 1 else 'are'} still in train mode after model.eval(): the export would normalize with batch statistics", "fix the module's train() override (bnctl audit --input-shape ... names it)"
+        )
     reference = verify.reference_outputs(model, inputs)
     report.tolerance, report.tolerance_source = tolerance_for(reference, tolerance)
     layout = settle_batch(model, inputs, layout, report.steps)

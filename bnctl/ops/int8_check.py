@@ -35,9 +35,7 @@ def int8_check(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
     """The ``int8_check`` block of a fold or export report for the ONNX ModelProto ``model``
     on ``feeds`` (its check inputs, also the calibration data)."""
     per_tensor, per_channel = onnx_run.quantized(model, feeds)
-    reference, tensor_out, channel_out = onnx_run.run_all(
-        [("the float graph", model), ("the per-tensor int8 graph", per_tensor), ("the per-channel int8 graph", per_channel)], feeds
-    )
+    reference, tensor_out, channel_out = onnx_run.run_all([("the float graph", model), ("the per-tensor int8 graph", per_tensor), ("the per-channel int8 graph", per_channel)], feeds)
     return {
         "per_tensor_output_sqnr_db": output_sqnr_db(reference, tensor_out),
         "per_channel_output_sqnr_db": output_sqnr_db(reference, channel_out),
@@ -52,5 +50,4 @@ def int8_check_text(block: dict[str, Any]) -> str:
     def db(value: float | None) -> str:
         return "exact" if value is None else f"{value:.1f} dB"
 
-    return (f"int8 check, ONNX Runtime's static quantizer (QDQ, symmetric int8) calibrated on {block['calibration']}: output SQNR "
-            f"per tensor {db(block['per_tensor_output_sqnr_db'])}, per channel {db(block['per_channel_output_sqnr_db'])}")
+    return f"int8 check, ONNX Runtime's static quantizer (QDQ, symmetric int8) calibrated on {block['calibration']}: output SQNR per tensor {db(block['per_tensor_output_sqnr_db'])}, per channel {db(block['per_channel_output_sqnr_db'])}"

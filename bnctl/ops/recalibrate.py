@@ -97,10 +97,7 @@ class RecalibrationReport:
             "samples_per_second": round(self.samples / self.seconds, 1) if self.seconds > 0 else None,
             "world_size": self.world_size,
             "stopped_early": self.stopped_early,
-            "layers": [
-                {"name": c.name, "reached": c.reached, "count": c.count, "mean_shift": c.mean_shift, "var_ratio": c.var_ratio}
-                for c in self.layers
-            ],
+            "layers": [{"name": c.name, "reached": c.reached, "count": c.count, "mean_shift": c.mean_shift, "var_ratio": c.var_ratio} for c in self.layers],
             "unreached": self.unreached,
             "notes": self.notes,
         }

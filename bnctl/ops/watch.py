@@ -136,8 +136,12 @@ class Watch:
         x = args[0] if args else None
         grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         if not grad:
-            self._event("BN501", layer.name, f"train-mode forward under {'torch.inference_mode()' if torch.is_inference_mode_enabled() else 'torch.no_grad()'} "
-                                             f"updates the running statistics (first at step {layer.calls}): an evaluation without model.eval()", layer.calls)
+            self._event(
+                "BN501",
+                layer.name,
+                f"train-mode forward under {'torch.inference_mode()' if torch.is_inference_mode_enabled() else 'torch.no_grad()'} updates the running statistics (first at step {layer.calls}): an evaluation without model.eval()",
+                layer.calls,
+            )
         else:
             layer.train_updates += 1
             weight = getattr(module, "weight", None)
@@ -146,13 +150,22 @@ class Watch:
         if grad and isinstance(x, torch.Tensor) and x.dim() >= 2 and type(module).__name__ != "SyncBatchNorm":
             world = _world_size()
             if world > 1 and x.shape[0] < SYNC_BELOW:
-                self._event("BN506", layer.name, f"a plain {type(module).__name__} under torch.distributed (world size {world}) normalizes each rank's batch of {x.shape[0]} alone: "
-                                                 f"SyncBatchNorm would use the {x.shape[0] * world} samples of the step (torch.nn.SyncBatchNorm.convert_sync_batchnorm, or bnctl convert --to syncbn)", layer.calls)
+                self._event(
+                    "BN506",
+                    layer.name,
+                    f"a plain {type(module).__name__} under torch.distributed (world size {world}) normalizes each rank's batch of {x.shape[0]} alone: "
+                    f"SyncBatchNorm would use the {x.shape[0] * world} samples of the step (torch.nn.SyncBatchNorm.convert_sync_batchnorm, or bnctl convert --to syncbn)",
+                    layer.calls,
+                )
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] > 0:
             values = x.numel() // x.shape[1]
             if values < MIN_VALUES:
-                self._event("BN503", layer.name, f"a train-mode forward with {values} value{'s' * (values != 1)} per channel (input {tuple(x.shape)}, step {layer.calls}): "
-                                                 "too few to estimate statistics; drop the last incomplete batch (drop_last=True) or freeze the BN", layer.calls)
+                self._event(
+                    "BN503",
+                    layer.name,
+                    f"a train-mode forward with {values} value{'s' * (values != 1)} per channel (input {tuple(x.shape)}, step {layer.calls}): too few to estimate statistics; drop the last incomplete batch (drop_last=True) or freeze the BN",
+                    layer.calls,
+                )
 
     def after(self, module: Any) -> None:
         """A BN module ran: fold whether its statistics are still finite into a device flag."""
@@ -219,8 +232,9 @@ class Watch:
             if layer.first_bad is not None:
                 step = int(layer.first_bad)
                 if step >= 0:
-                    self._event("BN504", layer.name, f"non-finite values or a negative variance entered the running statistics at step {step}: everything after this layer is NaN in eval mode; "
-                                                     "look for an overflow (AMP) or a NaN input at that step", step)
+                    self._event(
+                        "BN504", layer.name, f"non-finite values or a negative variance entered the running statistics at step {step}: everything after this layer is NaN in eval mode; look for an overflow (AMP) or a NaN input at that step", step
+                    )
             weight = getattr(layer.module, "weight", None)
             if self.optimizers and layer.train_updates and weight is not None and weight.requires_grad and id(weight) not in self.optimizer_params:
                 self._event("BN502", layer.name, f"weight and bias are in no optimizer's param groups, but the layer ran in train mode {layer.train_updates} times: its statistics keep moving while its parameters do not", None)
@@ -267,8 +281,7 @@ def caller() -> str | None:
 #: re-estimation routines that run BN in train mode under no_grad on purpose: (module, function)
 REESTIMATION = (("torch.optim.swa_utils", "update_bn"), ("fvcore.nn.precise_bn", "update_bn_stats"), ("bnctl.ops.recalibrate", "recalibrate"))
 #: calls that write or freeze a whole module: (module, attribute, what)
-EXPORTS = (("torch.onnx", "export", "torch.onnx.export"), ("torch.jit", "trace", "torch.jit.trace"), ("torch.jit", "script", "torch.jit.script"),
-           ("torch.export", "export", "torch.export.export"), ("torch", "save", "torch.save"))
+EXPORTS = (("torch.onnx", "export", "torch.onnx.export"), ("torch.jit", "trace", "torch.jit.trace"), ("torch.jit", "script", "torch.jit.script"), ("torch.export", "export", "torch.export.export"), ("torch", "save", "torch.save"))
 
 
 @contextlib.contextmanager
@@ -289,6 +302,7 @@ def watch(model: Any = None) -> Iterator[Watch]:
     w = Watch()
     handles, patched = [], []
     if model is None:
+
         def pre(module, args):
             if isinstance(module, _BatchNorm):
                 w._local.depth = getattr(w._local, "depth", 0) + 1

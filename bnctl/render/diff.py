@@ -11,8 +11,24 @@ from .inspect import num
 from .text import markup, plain
 
 #: the flat table's columns (CSV, Markdown, Parquet)
-COLUMNS = ("from", "to", "name", "name_to", "matched_by", "channels", "mean_shift_max", "mean_shift_mean", "var_log_ratio_max",
-           "var_log_ratio_mean", "weight_change_max", "bias_change_max", "num_batches_tracked_change", "top_channels", "changes", "findings")
+COLUMNS = (
+    "from",
+    "to",
+    "name",
+    "name_to",
+    "matched_by",
+    "channels",
+    "mean_shift_max",
+    "mean_shift_mean",
+    "var_log_ratio_max",
+    "var_log_ratio_mean",
+    "weight_change_max",
+    "bias_change_max",
+    "num_batches_tracked_change",
+    "top_channels",
+    "changes",
+    "findings",
+)
 
 
 def flat_rows(result: DiffResult) -> list[dict[str, Any]]:
@@ -68,9 +84,17 @@ def table(result: DiffResult, *, max_rows: int = 1000):
             t.add_column(title, justify="left" if title in ("layer", "findings") else "right", overflow="fold")
         for layer in step.layers[:max_rows]:
             name = markup(layer.name) + ("" if layer.name == layer.name_b else f" [dim]({markup(layer.name_b)})[/]")
-            t.add_row(name, str(layer.channels), num(layer.mean_shift_max), num(layer.mean_shift_mean), num(layer.var_log_ratio_max),
-                      num(layer.weight_change_max), num(layer.bias_change_max), num(layer.num_batches_tracked_change),
-                      ", ".join(f"[red]{f}[/]" for f in layer.findings))
+            t.add_row(
+                name,
+                str(layer.channels),
+                num(layer.mean_shift_max),
+                num(layer.mean_shift_mean),
+                num(layer.var_log_ratio_max),
+                num(layer.weight_change_max),
+                num(layer.bias_change_max),
+                num(layer.num_batches_tracked_change),
+                ", ".join(f"[red]{f}[/]" for f in layer.findings),
+            )
         parts.append(t)
     else:
         names = list(dict.fromkeys(l.name for s in result.steps for l in s.layers))

@@ -102,8 +102,7 @@ def inspect_table(result: InspectResult, *, width: int = WIDE, max_details: int 
     columns = [c for c in _COLUMNS if width >= WIDE or c[2]]
     table = Table(box=None, header_style="bold", pad_edge=False)
     for title, _, _ in columns:
-        table.add_column(title, justify="left" if title in ("layer", "kind", "flags") else "right",
-                         no_wrap=title != "flags", overflow="fold")
+        table.add_column(title, justify="left" if title in ("layer", "kind", "flags") else "right", no_wrap=title != "flags", overflow="fold")
     shown = _shown_rows(result.rows)
     for row in shown:
         table.add_row(*(value(row) for _, value, _ in columns))
@@ -146,10 +145,7 @@ def to_csv(result: InspectResult) -> str:
 
 def to_markdown(result: InspectResult) -> str:
     """A GitHub-flavoured Markdown table of the main columns, then the summary line."""
-    df = _flat_table(result)[
-        ["name", "kind", "num_features", "eps", "momentum", "num_batches_tracked",
-         "mean_absmax", "var_min", "var_max", "weight_absmin", "flags"]
-    ]
+    df = _flat_table(result)[["name", "kind", "num_features", "eps", "momentum", "num_batches_tracked", "mean_absmax", "var_min", "var_max", "weight_absmin", "flags"]]
     df = df.astype(object).where(df.notna(), "?")
     return df.to_markdown(index=False, floatfmt=".3g") + f"\n\n{summary_line(result)}\n"
 

@@ -11,7 +11,6 @@ from ..core.stats import as_float64, flag_counts
 from ..ops.inspect import InspectResult
 
 
-
 def pyplot(dest: Path):
     """matplotlib's pyplot (Agg) for a figure to be saved as ``dest``; errors name the extra and the suffixes."""
     try:

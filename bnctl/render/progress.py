@@ -17,8 +17,13 @@ class _Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("recalibrating"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+                TextColumn("recalibrating"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} samples/s"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
             )
             self.bar.__enter__()
         return self

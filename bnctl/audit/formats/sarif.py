@@ -34,40 +34,53 @@ def to_sarif(result: AuditResult) -> str:
     rules = []
     for code in codes:
         c = CHECKS[code]
-        rules.append({
-            "id": c.code,
-            "name": "".join(w.capitalize() for w in c.name.split("-")),
-            "shortDescription": {"text": c.summary},
-            "fullDescription": {"text": c.why},
-            "help": {"text": c.help_text, "markdown": f"**{c.summary}**\n\n{c.why}\n\nExample: `{c.example}`\n\nFix: {c.fix}"},
-            "helpUri": f"{HOME}#{c.code.lower()}",
-            "defaultConfiguration": {"level": SARIF_LEVELS[c.severity]},
-            "properties": {"tags": ["batchnorm", c.group], "precision": "high"},
-        })
+        rules.append(
+            {
+                "id": c.code,
+                "name": "".join(w.capitalize() for w in c.name.split("-")),
+                "shortDescription": {"text": c.summary},
+                "fullDescription": {"text": c.why},
+                "help": {"text": c.help_text, "markdown": f"**{c.summary}**\n\n{c.why}\n\nExample: `{c.example}`\n\nFix: {c.fix}"},
+                "helpUri": f"{HOME}#{c.code.lower()}",
+                "defaultConfiguration": {"level": SARIF_LEVELS[c.severity]},
+                "properties": {"tags": ["batchnorm", c.group], "precision": "high"},
+            }
+        )
     results = []
     for f in result.findings:
         location = {"physicalLocation": {"artifactLocation": {"uri": _uri(f.file)}, "region": {"startLine": 1}}}
         if f.layer:
             location["logicalLocations"] = [{"fullyQualifiedName": f.layer, "kind": "member"}]
         fingerprint = hashlib.sha256(f"{_uri(f.file)}|{f.layer}|{f.code}".encode()).hexdigest()[:32]
-        results.append({
-            "ruleId": f.code,
-            "ruleIndex": index[f.code],
-            "level": SARIF_LEVELS[f.severity],
-            "message": {"text": f"{f.layer}: {f.message}" if f.layer else f.message},
-            "locations": [location],
-            "partialFingerprints": {"bnctlFinding/v1": fingerprint},
-        })
+        results.append(
+            {
+                "ruleId": f.code,
+                "ruleIndex": index[f.code],
+                "level": SARIF_LEVELS[f.severity],
+                "message": {"text": f"{f.layer}: {f.message}" if f.layer else f.message},
+                "locations": [location],
+                "partialFingerprints": {"bnctlFinding/v1": fingerprint},
+            }
+        )
     notifications = [{"level": "error", "message": {"text": f"{fa.path}: {fa.error}"}} for fa in result.errors]
     notifications += [
-        {"level": "error" if n["explicit"] else "note", "message": {"text": f"{n['file']}: {', '.join(n['checks'])} ({n['group']}) did not run: {n['reason']}"},
-         "descriptor": {"id": n["checks"][0]}, "locations": [{"physicalLocation": {"artifactLocation": {"uri": _uri(n["file"])}}}]}
+        {
+            "level": "error" if n["explicit"] else "note",
+            "message": {"text": f"{n['file']}: {', '.join(n['checks'])} ({n['group']}) did not run: {n['reason']}"},
+            "descriptor": {"id": n["checks"][0]},
+            "locations": [{"physicalLocation": {"artifactLocation": {"uri": _uri(n["file"])}}}],
+        }
         for n in result.not_run
     ]
     notifications += [
-        {"level": "note", "message": {"text": f"{n['file']}: {', '.join(n['checks'])} ({n['group']}) does not apply: {n['reason']}"},
-         "descriptor": {"id": n["checks"][0]}, "locations": [{"physicalLocation": {"artifactLocation": {"uri": _uri(n["file"])}}}]}
-        for n in result.not_applicable if n["explicit"]
+        {
+            "level": "note",
+            "message": {"text": f"{n['file']}: {', '.join(n['checks'])} ({n['group']}) does not apply: {n['reason']}"},
+            "descriptor": {"id": n["checks"][0]},
+            "locations": [{"physicalLocation": {"artifactLocation": {"uri": _uri(n["file"])}}}],
+        }
+        for n in result.not_applicable
+        if n["explicit"]
     ]
     run = {
         "tool": {"driver": {"name": "bnctl", "version": __version__, "semanticVersion": __version__, "informationUri": HOME, "rules": rules}},

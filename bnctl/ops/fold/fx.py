@@ -379,7 +379,7 @@ def build_module(graph: fx.Graph, attrs: Attrs, class_name: str) -> fx.GraphModu
             if node.op == "call_module":  # a module whose own tensors were replaced (a BN merged into it)
                 for target, value in attrs.new.items():
                     if target.startswith(f"{node.target}."):
-                        owner_path, _, name = target[len(node.target) + 1:].rpartition(".")
+                        owner_path, _, name = target[len(node.target) + 1 :].rpartition(".")
                         owner = namespace[node.target].get_submodule(owner_path)
                         (owner._buffers if name in owner._buffers else owner._parameters)[name] = value
     return fx.GraphModule(namespace, graph, class_name=class_name)

@@ -16,13 +16,7 @@ from .onnx_graph import Graph, bn_params
 
 def _inference_bn(graph: Graph, node: Any) -> bool:
     """A BatchNormalization in inference mode whose four parameters are constants."""
-    return (
-        node.op_type == "BatchNormalization"
-        and not attribute(node, "training_mode", 0)
-        and not any(o for o in node.output[1:])
-        and len(node.input) >= 5
-        and all(n in graph.const for n in node.input[1:5])
-    )
+    return node.op_type == "BatchNormalization" and not attribute(node, "training_mode", 0) and not any(o for o in node.output[1:]) and len(node.input) >= 5 and all(n in graph.const for n in node.input[1:5])
 
 
 def merge_into_next(graph: Graph, bn: Any) -> dict | None:

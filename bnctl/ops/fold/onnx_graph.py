@@ -83,13 +83,7 @@ class Graph:
         they count as constants. Only the nodes these need are evaluated."""
         from ...core.onnx import computed_constants
 
-        wanted = [
-            name
-            for node in self.order
-            if node.op_type in ("BatchNormalization", "Add", "Sub", *LAYER_KINDS)
-            for name in (node.input if node.op_type in ("Add", "Sub") else node.input[1:])
-            if name and name not in self.const
-        ]
+        wanted = [name for node in self.order if node.op_type in ("BatchNormalization", "Add", "Sub", *LAYER_KINDS) for name in (node.input if node.op_type in ("Add", "Sub") else node.input[1:]) if name and name not in self.const]
         if wanted:
             self.const.update(computed_constants(self.model, wanted, self.const))
 
@@ -102,11 +96,7 @@ class Graph:
                 inferred = onnx.shape_inference.infer_shapes(self.model).graph
             except Exception:  # noqa: BLE001 - shapes are a help, not a must
                 inferred = self.model.graph
-            self._shapes = {
-                v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-                for v in (*inferred.value_info, *inferred.input, *inferred.output)
-                if v.type.tensor_type.HasField("shape")
-            }
+            self._shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim] for v in (*inferred.value_info, *inferred.input, *inferred.output) if v.type.tensor_type.HasField("shape")}
         return self._shapes.get(name)
 
     def rank(self, name: str) -> int | None:

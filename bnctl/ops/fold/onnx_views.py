@@ -82,8 +82,11 @@ def fold_through_view(graph: Any, bn: Any, through: Through, scale: np.ndarray, 
         const = next(i for i in add.input if i in graph.const)
         bias = graph.const[const].reshape(-1).astype(np.float64)
     new_w, new_b = fold_math.fold_after(
-        torch.from_numpy(np.array(weight, dtype=np.float64)), None if bias is None else torch.from_numpy(np.array(bias, dtype=np.float64)),
-        torch.from_numpy(scale), torch.from_numpy(shift), "linear",
+        torch.from_numpy(np.array(weight, dtype=np.float64)),
+        None if bias is None else torch.from_numpy(np.array(bias, dtype=np.float64)),
+        torch.from_numpy(scale),
+        torch.from_numpy(shift),
+        "linear",
     )
     dtype = graph.const[layer.input[1]].dtype
     why = fold_math.unrepresentable(new_w, new_b, dtype)

@@ -34,6 +34,7 @@ from .report import FoldReport, tolerance_for
 from .script import fold_script
 from .tree import fold_keeping_modules
 
+
 def trace_for_fold(model: nn.Module, given: int | None = None) -> fx.Graph:
     """``model``'s fx graph, traced in eval mode (BN subclasses bake their mode in); the
     parameters of ``forward`` after the ``given`` inputs keep their constant defaults."""
