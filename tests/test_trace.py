@@ -198,8 +198,9 @@ def test_the_script_runs_as_python_runs_it(cli, tmp_path):
 
 
 def test_trace_needs_a_script(cli, tmp_path):
-    result = cli("trace", tmp_path / "missing.py")
-    assert result.exit_code == 2 and result.stderr.startswith("error: ") and "tip: " in result.stderr
+    for argv in ((tmp_path / "missing.py",), ("-m", "no.such.module")):
+        result = cli("trace", *argv)
+        assert result.exit_code == 2 and result.stderr.startswith("error: ") and "tip: " in result.stderr, result.output
 
 
 def test_the_library_watch_reports_on_a_model():

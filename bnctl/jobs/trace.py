@@ -34,6 +34,18 @@ def trace_script(target: str, args: list[str], *, module: bool = False) -> Trace
 
     if not module and not Path(target).is_file():
         raise InputError(f"{target}: no such script", "pass the training script as python would run it: bnctl trace train.py --its-args (or -m package.module)")
+    if module:
+        import importlib.util
+
+        sys.path.insert(0, os.getcwd())
+        try:
+            found = importlib.util.find_spec(target) is not None
+        except (ImportError, ValueError):
+            found = False
+        finally:
+            sys.path.pop(0)
+        if not found:
+            raise InputError(f"-m {target}: no such module (from {os.getcwd()})", "run bnctl trace from the folder python -m would run it from, or pass the script's path instead")
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [target, *args]
     sys.path.insert(0, os.getcwd() if module else str(Path(target).resolve().parent))
