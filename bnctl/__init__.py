@@ -29,7 +29,7 @@ _EXPORTS = {
     "load_checkpoint": ("bnctl.io.checkpoint", "load"),
     "Checkpoint": ("bnctl.io.checkpoint", "Checkpoint"),
     "BNLayer": ("bnctl.core.layers", "BNLayer"),
-    "find_layers": ("bnctl.core.layers", "find"),
+    "find_layers": ("bnctl.io.kinds", "find_layers"),
     "BnctlError": ("bnctl.errors", "BnctlError"),
     "watch": ("bnctl.ops.watch", "watch"),
     "Watch": ("bnctl.ops.watch", "Watch"),
@@ -39,10 +39,10 @@ __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.layers import BNLayer
-    from .core.layers import find as find_layers
     from .errors import BnctlError
     from .io.checkpoint import Checkpoint
     from .io.checkpoint import load as load_checkpoint
+    from .io.kinds import find_layers
     from .io.source import CheckInputs, ModelSource
     from .ops.convert import ConvertReport, convert
     from .ops.diff import DiffResult, diff

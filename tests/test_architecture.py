@@ -92,3 +92,38 @@ def test_architecture_md_names_every_folder_and_module_folder():
 def test_no_module_is_over_400_lines():
     long = {p.relative_to(ROOT).as_posix(): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 420}
     assert not long, long
+
+
+def test_no_import_circle_between_files():
+    """No file imports, directly or through others, a file that imports it back (function-level
+    imports included): each module can be read with only what is below it in mind."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    edges = {name: sorted(t for t in _imports(path) if t in modules and t not in (name, "bnctl")) for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    circles = []
+    for start in sorted(edges):
+        if state.get(start):
+            continue
+        path, stack = [start], [iter(edges[start])]
+        state[start] = 1
+        while stack:
+            step = next(stack[-1], None)
+            if step is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(step) == 1:
+                circles.append(" -> ".join(path[path.index(step) :] + [step]))
+            elif not state.get(step):
+                state[step] = 1
+                path.append(step)
+                stack.append(iter(edges[step]))
+    assert not circles, "\n".join(circles)
+
+
+def test_jobs_write_models_through_one_path():
+    """Every job that writes a model hands an artifact to ``jobs/artifact.deliver``, which checks
+    it and calls ``io/writers.save``: no job calls a saver itself."""
+    savers = re.compile(r"_atomic\.write_bytes|torch\.save\(|jit\.save\(|export\.save\(|SerializeToString\(|writers\.save\(|save_file\(")
+    calls = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in sorted((PACKAGE / "jobs").glob("*.py")) if p.name != "artifact.py" for i, line in enumerate(p.read_text().splitlines(), 1) if savers.search(line)]
+    assert not calls, "\n".join(calls)
+    assert "writers.save(" in (PACKAGE / "jobs" / "artifact.py").read_text()

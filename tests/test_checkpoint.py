@@ -10,7 +10,6 @@ import zipfile
 import pytest
 import torch
 
-from bnctl.core import layers
 from bnctl.io import checkpoint
 from bnctl.io.checkpoint import Format
 from bnctl.errors import InputError, UnsafeCheckpointError
@@ -45,7 +44,7 @@ def test_format_is_detected_from_content(name, fmt, tmp_path):
 @pytest.mark.parametrize("name", SAMPLE_FORMATS)
 def test_every_sample_format_gives_the_reference_bn_tensors(name, reference):
     ckpt = checkpoint.load(CHECKPOINTS / name, trust=name == "sample.module.pt")
-    found = {layer.name.removeprefix("model."): layer for layer in layers.find(ckpt)}
+    found = {layer.name.removeprefix("model."): layer for layer in ckpt.layers()}
     assert sorted(found) == bn_names(reference)
     for bn, layer in found.items():
         for attr in BN_SUFFIXES:
@@ -74,7 +73,7 @@ def test_reading_bn_layers_does_not_read_the_big_tensors(tmp_path, fmt):
     ckpt = checkpoint.load(path)
     from bnctl.core import stats
 
-    rows = stats.rows(layers.find(ckpt))
+    rows = stats.rows(ckpt.layers())
     grown = _rss_bytes() - before
     assert [r["name"] for r in rows] == ["features.1"]
     assert grown < 64 * 2**20, f"resident memory grew by {grown / 2**20:.0f} MiB reading a 256 MiB file"
@@ -87,7 +86,7 @@ def test_safetensors_reads_only_requested_keys(monkeypatch):
     read = []
     original = SafetensorsTensors.__getitem__
     monkeypatch.setattr(SafetensorsTensors, "__getitem__", lambda self, k: read.append(k) or original(self, k))
-    layers.find(ckpt)
+    ckpt.layers()
     assert read and all(k.rpartition(".")[2] in (*BN_SUFFIXES, "num_batches_tracked") for k in read)
     assert not any("conv" in k for k in read)
 
@@ -115,7 +114,7 @@ def test_training_checkpoint_entries(tmp_path, reference, wrap, expected_key):
     torch.save(wrap(reference), path)
     ckpt = checkpoint.load(path)
     assert ckpt.key == expected_key
-    assert len(layers.find(ckpt)) == len(bn_names(reference))
+    assert len(ckpt.layers()) == len(bn_names(reference))
 
 
 def test_key_chooses_between_model_and_ema(tmp_path, reference):
@@ -168,7 +167,7 @@ def test_truncated_files(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError):
-        layers.find(checkpoint.load(path))
+        checkpoint.load(path).layers()
 
 
 def test_corrupted_zip_member(tmp_path):
@@ -246,7 +245,7 @@ def test_trust_with_unimportable_class(tmp_path):
 
 def test_broken_samples_are_readable():
     for path in BROKEN.iterdir():
-        assert layers.find(checkpoint.load(path)), path
+        assert checkpoint.load(path).layers(), path
 
 
 def _evil_pt2(tmp_path, marker, where: str):
@@ -340,7 +339,7 @@ def test_torchscript_as_torch_writes_it_is_read_without_trust(tmp_path, cli, how
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)["layers"]
     assert row["name"] == "bn" and row["kind"] == "BatchNorm2d" and row["num_batches_tracked"] == 3
-    (layer,) = layers.find(checkpoint.load(path))
+    (layer,) = checkpoint.load(path).layers()
     for attr in BN_SUFFIXES:
         torch.testing.assert_close(torch.as_tensor(getattr(layer, attr)), getattr(model.bn, attr).detach(), rtol=0, atol=0)
     assert cli("inspect", path, "--trust", "--format", "json").stdout.replace("\n", "") == result.stdout.replace("\n", "")

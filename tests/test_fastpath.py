@@ -48,7 +48,7 @@ def _rows_by_torch(path, key=None) -> str:
 def _rows_by_bnctl(path, key=None) -> str:
     ckpt = checkpoint.load(path, key=key)
     assert ckpt.reader is not None or path.suffix == ".safetensors"  # bnctl's own reader was used
-    return dumps(stats.rows(layers.find(ckpt)))
+    return dumps(stats.rows(ckpt.layers()))
 
 
 def _edge_cases() -> dict[str, dict[str, torch.Tensor]]:

@@ -217,3 +217,20 @@ def test_a_string_that_is_not_utf8_is_a_clean_error(cli, tmp_path):
     src.write_bytes(data)
     result = cli("fold", src, "-o", tmp_path / "f.onnx")
     assert result.exit_code == 2 and "not UTF-8" in result.stderr and "internal error" not in result.output, result.output
+
+
+def test_the_library_folds_an_onnx_graph_as_the_cli_does():
+    """``bnctl.fold`` takes an ONNX ModelProto: the folded graph (checked here in ONNX Runtime
+    directly, not by bnctl's report) computes what the original computes, with no BN left."""
+    import bnctl
+
+    original = onnx.load(str(ROOT / "samples" / "checkpoints" / "sample.onnx"))
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    folded, report = bnctl.fold(original, (x,))
+    assert report.ok and report.folded and report.path == "onnx"
+    assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
+    assert [n for n in original.graph.node if n.op_type == "BatchNormalization"]  # the input is not changed
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (original, folded)]
+    name = run[0].get_inputs()[0].name
+    expected, got = (r.run(None, {name: x})[0] for r in run)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -113,7 +113,7 @@ def test_flag_near_miss_is_silent(flag):
 
 
 def test_never_updated_is_judged_by_values_not_the_counter():
-    converted = layers.find(checkpoint.load(CHECKPOINTS / "converted_zero_counter.pt"))
+    converted = checkpoint.load(CHECKPOINTS / "converted_zero_counter.pt").layers()
     assert all(l.num_batches_tracked == 0 for l in converted)
     assert all(not row["flags"] for row in stats.rows(converted))
     fresh_but_counted = healthy(running_mean=torch.zeros(8), running_var=torch.ones(8), num_batches_tracked=620)
@@ -155,11 +155,11 @@ def test_missing_tensors_summarize_to_none():
     ],
 )
 def test_broken_samples_carry_their_flag(name, flag, layers_flagged):
-    rows = stats.rows(layers.find(checkpoint.load(BROKEN / name)))
+    rows = stats.rows(checkpoint.load(BROKEN / name).layers())
     flagged = [r["name"] for r in rows if flag in r["flags"]]
     assert flagged == ([r["name"] for r in rows] if layers_flagged == "all" else layers_flagged)
 
 
 def test_healthy_samples_have_no_flags():
     for name in ("sample.pt", "sample.onnx", "sample.pt2", "sample.torchscript.pt", "sample.safetensors"):
-        assert not any(r["flags"] for r in stats.rows(layers.find(checkpoint.load(CHECKPOINTS / name)))), name
+        assert not any(r["flags"] for r in stats.rows(checkpoint.load(CHECKPOINTS / name).layers())), name

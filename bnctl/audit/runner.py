@@ -330,7 +330,7 @@ def _selected(groups: dict[str, str], config: AuditConfig) -> list[dict[str, Any
 
 def _audit_file(source: ModelSource, inputs: tuple | None, data: tuple | None = None) -> FileAudit:
     from ..core import stats
-    from ..io import checkpoint as ckpt_mod
+    from ..io.kinds import OnnxGraph
     from . import checks
 
     path = source.path
@@ -345,41 +345,31 @@ def _audit_file(source: ModelSource, inputs: tuple | None, data: tuple | None = 
 
     with bulk():
         opened = source.open()
-        checkpoint, module = opened.checkpoint, opened.built
+        checkpoint, kind = opened.checkpoint, opened.kind
         found = opened.layers()
-        onnx = checkpoint.format == ckpt_mod.Format.ONNX
+        onnx = isinstance(kind, OnnxGraph)
         fa = FileAudit(str(path), checkpoint.describe(), len(found), checkpoint=checkpoint, found=found)
         raw = checks.from_rows(stats.rows(found), onnx) + _stale_average(checkpoint, found)
     done("statistics")
-    runnable = opened.module
-    if runnable is not None:
+    tree = opened.module
+    if tree is not None:
         from . import model_checks
 
-        if module is None:  # a saved module records its mode; one built by --arch does not
-            raw += model_checks.frozen_in_train_mode(runnable)
-        raw += model_checks.conv_bias_before_bn(runnable)
-        raw += model_checks.int8_fold_range(runnable)
+        if opened.built is None:  # a saved module records its mode; one built by --arch does not
+            raw += model_checks.frozen_in_train_mode(tree)
+        raw += model_checks.conv_bias_before_bn(tree)
+        raw += model_checks.int8_fold_range(tree)
         done("configuration")
-    elif onnx:
-        fa.inapplicable["configuration"] = "an ONNX graph has no module tree (its BN modes are checked by BN401)"
-    elif checkpoint.program is not None:
-        fa.inapplicable["configuration"] = "a .pt2 program has no module tree (the training flag of its batch-norm calls is checked by BN201)"
-        runnable = checkpoint.program.module() if opened.trusted else None
     else:
-        fa.unable["configuration"] = "a state_dict records no module configuration: pass --arch to build the model"
-    why_not = None
-    if inputs is None:
-        why_not = "needs check inputs: pass --input-shape or --data"
-    elif onnx:
-        why_not = "they run PyTorch models, not ONNX graphs"
-    elif checkpoint.script is not None or (checkpoint.program is not None and not opened.trusted):
-        why_not = "they run the program in the file, which bnctl does only with --trust"
-    elif runnable is None:
-        why_not = "they need the model: pass --arch to build it from the state_dict"
-    elif checkpoint.program is not None and not _accepts(runnable, inputs):
-        why_not = "the program's input shapes are fixed and differ from the check inputs"
+        (fa.unable if kind.tree_missing else fa.inapplicable)["configuration"] = kind.no_tree
+    why_not = "needs check inputs: pass --input-shape or --data" if inputs is None else opened.why_not_run()
+    runnable = None
+    if why_not is None:
+        runnable = opened.built if opened.built is not None else kind.as_module(opened.trusted)
+        if kind.fixed_shapes and not _accepts(runnable, inputs):
+            why_not = "the program's input shapes are fixed and differ from the check inputs"
     if onnx:
-        raw += checks.onnx_unfolded(checkpoint.onnx_model)
+        raw += checks.onnx_unfolded(kind.proto)
         done("onnx")
     if why_not is None:
         from ..core import verify
@@ -398,10 +388,8 @@ def _audit_file(source: ModelSource, inputs: tuple | None, data: tuple | None = 
             measured = f"measured on the check inputs: the model in float16 differs from float32 by {error:.2g} (relative)" if error is not None else "the model does not run in float16 here: not measured"
             raw = [(layer, code, message.replace(" (not measured)", "") + f"; {measured}" if code in ("BN105", "BN108") else message) for layer, code, message in raw]
         done("behaviour")
-    elif onnx:
-        fa.inapplicable["behaviour"] = why_not
     else:
-        fa.unable["behaviour"] = why_not
+        (fa.inapplicable if kind.never_runs else fa.unable)["behaviour"] = why_not
     fa.inapplicable["runtime"] = "runtime checks watch a training script as it runs: bnctl trace train.py"
     fa.findings = [Finding(str(path), layer, code, message) for layer, code, message in raw]
     return fa

@@ -327,28 +327,3 @@ class _ChannelsOf:
             if dims is not None and len(dims) > 1 and dims[1].HasField("dim_value"):
                 return int(dims[1].dim_value)
         return 0
-
-
-def find(checkpoint: Any, module: Any = None) -> list[BNLayer]:
-    """The BN layers of a :class:`~bnctl.checkpoint.Checkpoint`.
-
-    With ``module`` (built from ``--arch`` and loaded with the checkpoint's state_dict),
-    layers come from that module, so kinds, eps and momentum are known; its mode is not.
-    Tensors that cannot be used are left out, with the reason (:func:`usable`).
-    """
-    if checkpoint.tensors is not None and module is None:
-        found = from_state_dict(checkpoint.tensors)
-    elif checkpoint.onnx_model is not None:
-        found = from_onnx(checkpoint.onnx_model)
-    elif checkpoint.program is not None and isinstance(getattr(checkpoint.program, "graph", None), dict):
-        found = from_program_json(checkpoint.program)
-    else:
-        from . import modules  # torch: a module tree or a program
-
-        if module is not None:
-            found = modules.from_module(module, mode_known=False)
-        elif checkpoint.program is not None:
-            found = modules.from_program(checkpoint.program)
-        else:
-            found = modules.from_module(checkpoint.module if checkpoint.module is not None else checkpoint.script)
-    return [usable(layer) for layer in found]

@@ -26,6 +26,7 @@ from .._quiet import quiet
 from ..errors import BnctlError, InputError, UnsafeCheckpointError, one_line
 from .arch import importing_recorded
 from .archive import Archive, open_zip, regular_file
+from .kinds import EagerModule, Kind, OnnxGraph, Program, Script, StateDict, module_kind
 from .safetensors import header_length, header_parses
 
 
@@ -63,28 +64,33 @@ SUPPORTED = "torch state_dict or training checkpoint (.pt .pth .bin .ckpt), safe
 
 @dataclass
 class Checkpoint:
-    """What a file held, as read.
+    """What a file held, as read: its format and ``kind``, the one model kind it holds
+    (:mod:`bnctl.io.kinds`: a state_dict, a pickled module, TorchScript, a ``torch.export``
+    program or an ONNX graph), which answers what commands ask of it.
 
-    Exactly one of ``tensors`` (a state_dict), ``module`` (TorchScript loaded with ``--trust``,
-    or a pickled ``nn.Module``), ``script`` (a TorchScript archive read without running it,
-    :class:`~bnctl.io.torchzip.ScriptModuleView`), ``program`` (a ``torch.export`` program)
-    or ``onnx_model`` is set.
-    ``key`` names the entry of a training checkpoint that ``tensors`` came from, and
+    ``key`` names the entry of a training checkpoint that a state_dict came from, and
     ``candidates`` the entries that could have been chosen with ``--key``.
     """
 
     path: Path
     format: Format
-    tensors: Mapping[str, Any] | None = None  # numpy arrays or torch tensors
-    module: Any = None  # torch.nn.Module
-    script: Any = None
-    program: Any = None
-    onnx_model: Any = None
+    kind: Kind
     key: str | None = None
     candidates: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
     root: Any = None  # the whole object a torch/pickle file held (the training checkpoint dict)
     reader: Any = None  # reads the tensors of ``root`` that bnctl's own unpickler left unread
+
+    def layers(self, built: Any = None) -> list[Any]:
+        """The BN layers (:meth:`bnctl.io.kinds.Kind.layers`)."""
+        return self.kind.layers(built)
+
+    # read-only views of ``kind``, for code that wants one thing: None where the file holds another
+    tensors = property(lambda self: self.kind.tensors if isinstance(self.kind, StateDict) else None, doc="the state_dict, or None")
+    module = property(lambda self: self.kind.module if isinstance(self.kind, (EagerModule, Script)) else None, doc="a pickled module, or TorchScript loaded with --trust")
+    script = property(lambda self: self.kind.view if isinstance(self.kind, Script) else None, doc="a TorchScript archive read without loading it")
+    program = property(lambda self: self.kind.program if isinstance(self.kind, Program) else None, doc="a torch.export program (loaded, or read as JSON)")
+    onnx_model = property(lambda self: self.kind.proto if isinstance(self.kind, OnnxGraph) else None, doc="an ONNX ModelProto")
 
     def whole(self) -> Any:
         """The whole object the file held, every tensor read (for writing it back)."""
@@ -107,13 +113,7 @@ class Checkpoint:
     @property
     def content(self) -> str:
         """What the file holds: 'state_dict', 'module', 'program' or 'onnx'."""
-        if self.tensors is not None:
-            return "state_dict"
-        if self.module is not None or self.script is not None:
-            return "module"
-        if self.program is not None:
-            return "program"
-        return "onnx"
+        return self.kind.content
 
     def describe(self) -> str:
         """A short human description, e.g. ``torch checkpoint, entry 'state_dict'``."""
@@ -215,18 +215,18 @@ def load(path: str | Path, *, key: str | None = None, trust: bool = False) -> Ch
         if not trust:
             from .torchzip import read_script
 
-            return Checkpoint(path, fmt, script=read_script(path))
+            return Checkpoint(path, fmt, Script(view=read_script(path)))
         Archive(path, "torchscript", trust=True).verify()
-        return Checkpoint(path, fmt, module=_guarded(path, "TorchScript", lambda: _torch().jit.load(str(path), map_location="cpu")))
+        return Checkpoint(path, fmt, Script(module=_guarded(path, "TorchScript", lambda: _torch().jit.load(str(path), map_location="cpu"))))
     if fmt is Format.EXPORT:
         if not trust:
             from .pt2 import read_program
 
-            return Checkpoint(path, fmt, program=read_program(path))
+            return Checkpoint(path, fmt, Program(read_program(path)))
         Archive(path, "export", trust=True).verify()  # torch's reader checks no CRC
-        return Checkpoint(path, fmt, program=_guarded(path, "torch.export", lambda: _torch().export.load(str(path))))
+        return Checkpoint(path, fmt, Program(_guarded(path, "torch.export", lambda: _torch().export.load(str(path)))))
     if fmt is Format.ONNX:
-        return Checkpoint(path, fmt, onnx_model=_load_onnx(path))
+        return Checkpoint(path, fmt, OnnxGraph(_load_onnx(path)))
     if fmt is Format.TORCH and not trust:
         from . import pickles
         from .torchzip import LazyTensors, read_pickle
@@ -239,7 +239,7 @@ def load(path: str | Path, *, key: str | None = None, trust: bool = False) -> Ch
             checkpoint = _interpret(path, fmt, obj, key)
             checkpoint.reader = reader
             if checkpoint.tensors is not None:
-                checkpoint.tensors = LazyTensors(checkpoint.tensors, reader)
+                checkpoint.kind = StateDict(LazyTensors(checkpoint.tensors, reader))
             return checkpoint
     if fmt is Format.TORCH:
         Archive(path, "torch", trust=trust)
@@ -266,7 +266,7 @@ def _load_safetensors(path: Path, key: str | None) -> Checkpoint:
     tensors = SafetensorsTensors(path)
     if key is not None:
         raise InputError(f"--key {key!r} does not apply to {path}: a safetensors file is one flat state_dict", "drop --key")
-    return Checkpoint(path, Format.SAFETENSORS, tensors=tensors, metadata=dict(tensors.metadata))
+    return Checkpoint(path, Format.SAFETENSORS, StateDict(tensors), metadata=dict(tensors.metadata))
 
 
 def _load_onnx(path: Path):
@@ -333,7 +333,7 @@ def _interpret(path: Path, fmt: Format, obj: Any, key: str | None) -> Checkpoint
     if _is_module(obj):
         if key is not None:
             raise InputError(f"--key {key!r} does not apply: {path} holds a whole module", "drop --key")
-        return Checkpoint(path, fmt, module=obj)
+        return Checkpoint(path, fmt, module_kind(obj))
     if not isinstance(obj, Mapping):
         raise InputError(
             f"{path} holds a {type(obj).__name__}, not a state_dict or a training checkpoint",
@@ -342,7 +342,7 @@ def _interpret(path: Path, fmt: Format, obj: Any, key: str | None) -> Checkpoint
     if _is_state_dict(obj):
         if key is not None:
             raise InputError(f"--key {key!r} does not apply: {path} is a plain state_dict", "drop --key")
-        return Checkpoint(path, fmt, tensors=obj, root=obj)
+        return Checkpoint(path, fmt, StateDict(obj), root=obj)
     candidates = tuple(_candidate_entries(obj))
     metadata = {k: v for k, v in obj.items() if isinstance(v, (int, float, str, bool))}
     chosen = key if key is not None else _preferred(candidates)
@@ -359,7 +359,7 @@ def _interpret(path: Path, fmt: Format, obj: Any, key: str | None) -> Checkpoint
             f"choose one of: {', '.join(candidates) or ', '.join(map(str, obj))}",
         )
     if _is_module(value):
-        return Checkpoint(path, fmt, module=value, key=chosen, candidates=candidates, metadata=metadata, root=obj)
+        return Checkpoint(path, fmt, module_kind(value), key=chosen, candidates=candidates, metadata=metadata, root=obj)
     if isinstance(value, Mapping) and not _is_state_dict(value):
         nested = _preferred(tuple(_candidate_entries(value)))
         if nested is not None:
@@ -369,7 +369,7 @@ def _interpret(path: Path, fmt: Format, obj: Any, key: str | None) -> Checkpoint
             f"entry '{chosen}' of {path} is a {type(value).__name__}, not a state_dict",
             f"choose one of: {', '.join(candidates) or 'none found'}",
         )
-    return Checkpoint(path, fmt, tensors=value, key=chosen, candidates=candidates, metadata=metadata, root=obj)
+    return Checkpoint(path, fmt, StateDict(value), key=chosen, candidates=candidates, metadata=metadata, root=obj)
 
 
 def _layout(keys: Any) -> set[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import InputError, UnsafeCheckpointError
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -73,72 +73,49 @@ class OpenedModel:
     trusted: bool = False  # --trust: programs from the file may be loaded and run
     eps: float | None = None  # --eps: for layers whose file does not record it
 
+    @property
+    def kind(self) -> Any:
+        """The model kind the file holds (:mod:`bnctl.io.kinds`)."""
+        return self.checkpoint.kind
+
     def layers(self) -> list[Any]:
-        """The BN layers of what was read (:func:`bnctl.core.layers.find`), with ``--eps``
-        for those whose file does not record eps."""
+        """The BN layers of what was read (of the module ``--arch`` built, if any), with
+        ``--eps`` for those whose file does not record eps."""
         import dataclasses
 
-        from ..core import layers as layers_mod
-
-        found = layers_mod.find(self.checkpoint, self.built)
+        found = self.checkpoint.layers(self.built)
         if self.eps is None:
             return found
         return [dataclasses.replace(layer, eps=self.eps) if layer.eps is None else layer for layer in found]
 
     @property
-    def kind(self) -> str:
-        """What can be run: 'eager', 'script', 'program', 'onnx', or 'weights' (a state_dict without --arch)."""
-        import torch
-
-        model = self.model
-        if model is None:
-            return "weights"
-        if isinstance(model, torch.jit.ScriptModule):
-            return "script"
-        if self.checkpoint.program is not None:
-            return "program"
-        if self.checkpoint.onnx_model is not None:
-            return "onnx"
-        return "eager"
-
-    @property
-    def model(self) -> Any:
-        """The module (built by ``--arch``, TorchScript or pickled), the program, the ONNX graph, or None."""
-        c = self.checkpoint
-        if self.built is not None:
-            return self.built
-        for value in (c.module, c.program, c.onnx_model):
-            if value is not None:
-                return value
-        return None
-
-    @property
     def module(self) -> Any:
         """The module tree to read the configuration of: built by ``--arch``, saved, or a
         TorchScript archive read without loading it; else None."""
-        for value in (self.built, self.checkpoint.module, self.checkpoint.script):
-            if value is not None:
-                return value
-        return None
+        return self.built if self.built is not None else self.kind.tree()
+
+    def why_not_run(self) -> str | None:
+        """Why the model cannot be run as opened (None: :meth:`runnable` gives it)."""
+        return None if self.built is not None else self.kind.why_not_run(self.trusted)
 
     def runnable(self, verb: str) -> Any:
-        """:attr:`model`, or an error saying what ``verb`` needs: the model a state_dict belongs
-        to, or ``--trust`` for a program (TorchScript, ``.pt2``) that it would load and run."""
+        """The model to run (built by ``--arch``, a module, a program or an ONNX graph), or
+        an error saying what ``verb`` needs: the model a state_dict belongs to, or
+        ``--trust`` for a program (TorchScript, ``.pt2``) that it would load and run."""
+        from .kinds import StateDict, needs_arch, refuse_untrusted
+
+        if self.built is not None:
+            return self.built
         name = self.checkpoint.path.name
-        if self.checkpoint.script is not None or (self.checkpoint.program is not None and not self.trusted):
-            what = "a TorchScript archive" if self.checkpoint.script is not None else "a torch.export program"
-            raise UnsafeCheckpointError(
-                f"{name} is {what}, a program: {verb} loads and runs it, which bnctl does only with --trust",
-                "only if you trust where it came from: add --trust (bnctl inspect and bnctl audit read it without running it)",
-            )
-        if self.model is None:
-            raise InputError(f"{name} holds a state_dict: {verb} needs the model it belongs to", "pass --arch pkg.module:factory (and --arch-arg name=value) to build it")
-        return self.model
+        refuse_untrusted(self.kind, name, verb, self.trusted)
+        if isinstance(self.kind, StateDict):
+            raise needs_arch(name, verb)
+        return self.kind.runnable(self.trusted)
 
     def eager(self, verb: str) -> Any:
         """The model as an eager ``nn.Module`` whose modules can be swapped, else an InputError."""
         model = self.runnable(verb)
-        if self.kind == "eager":
+        if self.built is not None or self.kind.eager:
             return model
         what = self.checkpoint.describe()
         raise InputError(f"{self.checkpoint.path.name} is {'an' if what[:1] in 'AEIOU' else 'a'} {what}: {verb} needs an eager PyTorch model", "use the training checkpoint (state_dict + --arch) or a pickled module (--trust)")

@@ -9,7 +9,6 @@ in-memory model it came from.
 from __future__ import annotations
 
 import io
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,13 +90,18 @@ def _pt2(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> Artifac
     from .shapes import describe_program, export_program, forward_names
 
     program = export_program(model, inputs, layout.dims)
+    return program_artifact(program, describe_program(program, forward_names(model, len(inputs))))
+
+
+def program_artifact(program: Any, inputs: list | None = None) -> Artifact:
+    """A ``torch.export`` program as it will be written (``torch.export.save``), run as its ``module()``."""
 
     def data() -> bytes:
         buffer = io.BytesIO()  # a file object: torch.export.save wants a .pt2 name otherwise
         torch.export.save(program, buffer)
         return buffer.getvalue()
 
-    return Artifact(Target.PT2, program.module(), data, describe_program(program, forward_names(model, len(inputs))))
+    return Artifact(Target.PT2, program.module(), data, inputs or [])
 
 
 def _torchscript(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> Artifact:
@@ -132,17 +136,24 @@ def _state_dict(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> 
 
 
 def _onnx(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> Artifact:
+    from .exporter import onnx_bytes
+
+    data, _ = onnx_bytes(model, inputs, layout=layout)
+    return onnx_artifact(_load_onnx(data), dest, data)
+
+
+def onnx_artifact(proto: Any, dest: Path, data: bytes | None = None) -> Artifact:
+    """An ONNX graph as it will be written (``data``, its serialized bytes, when already
+    made), run in ONNX Runtime's child process."""
     from ..core import onnx as onnx_run
     from .shapes import describe_onnx
 
-    data, _ = onnx_bytes(model, inputs, layout=layout)
-    proto = _load_onnx(data)
     names = [i.name for i in onnx_run.graph_inputs(proto)]
 
     def run(*args: torch.Tensor) -> list[torch.Tensor]:
         return onnx_run.run(proto, {n: a.detach().numpy() for n, a in zip(names, args)}, what=f"the ONNX graph for {dest.name}")
 
-    return Artifact(Target.ONNX, run, lambda: data, describe_onnx(proto))
+    return Artifact(Target.ONNX, run, (lambda: data) if data is not None else proto.SerializeToString, describe_onnx(proto))
 
 
 def _load_onnx(data: bytes) -> Any:
@@ -151,96 +162,50 @@ def _load_onnx(data: bytes) -> Any:
     return onnx.load_from_string(data)
 
 
-# --- the ONNX exporter (bnctl export, and --to onnx) ----------------------------------------
+def like_input(checkpoint: Any, model: Any, *, strip: str | None = None, add: str | None = None) -> Artifact:
+    """``model`` (changed by a command from what ``checkpoint`` held) written back as the input
+    was (:mod:`bnctl.io.kinds`): a state_dict into its own file layout (the whole training
+    checkpoint, or the safetensors file with its metadata), a pickled module pickled again,
+    TorchScript as TorchScript, a program as a ``.pt2``, an ONNX graph as ONNX.
+    ``strip``/``add``: the key prefixes ``--arch`` fitted the state_dict with."""
+    from .kinds import EagerModule, OnnxGraph, Program, Script
+
+    kind = checkpoint.kind
+    if isinstance(kind, OnnxGraph):
+        return onnx_artifact(model, checkpoint.path)
+    if isinstance(kind, Program):
+        return program_artifact(model)
+    if isinstance(kind, Script):
+        return _torchscript(model, (), checkpoint.path, Layout())
+    if isinstance(kind, EagerModule):
+        return _module(model, (), checkpoint.path, Layout())
+    return _state_dict_like(checkpoint, model, strip, add)
 
 
-def _operator(exc: BaseException) -> str | None:
-    """The operator an exporter failed on, from its message (``aten::foo``, ``aten.foo.default``)."""
-    text = str(exc)
-    for pattern in (r"aten::[A-Za-z0-9_.]+", r"aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", r"torch\.ops\.[A-Za-z0-9_.]+", r"operator '?([A-Za-z0-9_:.]+)'?"):
-        match = re.search(pattern, text)
-        if match:
-            return match.group(0)
-    return None
+def _state_dict_like(checkpoint: Any, model: nn.Module, strip: str | None, add: str | None) -> Artifact:
+    """The state_dict of ``model`` under the file's own keys, in the file's own layout."""
+    from .arch import fit_keys, torch_tensors
+    from .checkpoint import Format
 
+    state = model.state_dict()
+    fitted, _ = fit_keys(checkpoint.tensors.keys(), state.keys(), strip=strip, add=add)
+    names = {model_key: file_key for file_key, model_key in fitted.items()}  # model key -> file key
+    updated = {names[k]: v.detach().cpu().contiguous() for k, v in state.items() if k in names}
+    if checkpoint.format == Format.SAFETENSORS:
+        from safetensors.torch import save
 
-class _Calls(nn.Module):
-    """A module that calls ``model``: hides a GraphModule's ``graph`` from the TorchScript-based exporter."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: Any) -> Any:
-        return self.model(*args)
-
-
-def onnx_bytes(
-    model: nn.Module,
-    inputs: tuple,
-    opset: int | None = None,
-    layout: Layout = Layout(dims="static"),
-) -> tuple[bytes, str]:
-    """``model`` as ONNX bytes and the exporter that made them: torch.export-based first,
-    TorchScript-based if that fails or cannot write ``opset``. An InputError naming the
-    operator if both fail.
-
-    ``layout`` (:class:`bnctl.io.shapes.Layout`): which input dims are dynamic ("static",
-    "auto" or dim indices) and the names; by default inputs are named from ``forward``'s
-    signature, outputs ``output``/``output_<i>``, dynamic dims ``batch``, ``height``, ``width``.
-    """
-    import onnx
-
-    from .shapes import dynamic_spec, forward_names, tidy_onnx
-
-    dims = layout.dims
-    names = list(layout.input_names) if layout.input_names else forward_names(model, len(inputs))
-    if len(names) != len(inputs):
-        raise InputError(f"--input-names gave {len(names)} name{'s' * (len(names) != 1)}, the model takes {len(inputs)} input{'s' * (len(inputs) != 1)}", "pass one name per --input-shape")
-    errors: list[Any] = []
-    result = None
-    with quiet():
-        try:
-            import onnxscript  # noqa: F401
-
-            spec, examples = dynamic_spec(inputs, dims, names)
-            program = torch.onnx.export(model, examples, dynamo=True, external_data=False, opset_version=opset, dynamic_shapes=spec, input_names=names, verbose=False)
-            result = (program.model_proto, "torch.onnx (torch.export-based)")
-            written = next((o.version for o in result[0].opset_import if o.domain in ("", "ai.onnx")), None)
-            if opset is not None and written != opset:
-                errors.append(f"the torch.export-based exporter wrote opset {written}, not {opset}")
-                result = None
-        except ImportError:
-            errors.append("onnxscript is not installed")
-        except InputError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - try the other exporter
-            errors.append(exc)
-        if result is None:
-            buffer = io.BytesIO()
-            try:
-                if dims == "static":
-                    axes = None
-                else:
-                    wanted = (0,) if dims == "auto" else dims
-                    axes = {n: {k: f"dim{k}" if k else "batch" for k in wanted if k < t.dim()} for n, t in zip(names, inputs) if isinstance(t, torch.Tensor)}
-                # wrapped: this exporter takes a GraphModule's fx graph for a TorchScript one
-                wrapped = _Calls(model) if isinstance(model, torch.fx.GraphModule) else model
-                torch.onnx.export(wrapped, inputs, buffer, dynamo=False, opset_version=opset or 17, input_names=names, dynamic_axes=axes)
-                result = (onnx.load_from_string(buffer.getvalue()), "torch.onnx (TorchScript-based fallback)")
-            except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
-    if result is not None:
-        proto, exporter = result
-        tidy_onnx(proto, layout.output_names)
-        return proto.SerializeToString(), exporter
-    named = [(e, _operator(e)) for e in errors if isinstance(e, BaseException)]
-    exc, op = next(((e, o) for e, o in reversed(named) if o), (errors[-1] if errors else None, None))
-    first = re.sub(r"\x1b\[[0-9;]*m", "", one_line(exc) if isinstance(exc, BaseException) else str(exc)) if exc is not None else "unknown error"
-    raise InputError(
-        f"the model does not export to ONNX{f' (operator {op})' if op else ''}{f' at opset {opset}' if opset else ''}: {first[:300]}",
-        "try another --opset (the torch.export-based exporter writes 18 and later), or leave --opset out" if opset and not op else "replace or register that operator (torch.onnx custom symbolic / onnxscript), or export another part of the model",
-    )
+        tensors = torch_tensors(checkpoint.tensors)
+        tensors.update(updated)
+        header = {k: str(v) for k, v in checkpoint.metadata.items()} or None
+        return Artifact(Target.STATE_DICT, model, lambda: save({k: v.contiguous() for k, v in tensors.items()}, metadata=header))
+    whole = checkpoint.whole()
+    entry = whole
+    for part in (checkpoint.key or "").split("."):
+        if part:
+            entry = entry[part]
+    for k, v in updated.items():
+        entry[k] = v
+    return Artifact(Target.STATE_DICT, model, lambda: torch_bytes(whole))
 
 
 _BUILDERS: dict[Target, Callable[[nn.Module, tuple, Path], Artifact]] = {

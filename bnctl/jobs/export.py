@@ -9,9 +9,12 @@ from typing import Any, Callable
 
 from .. import _atomic
 from ..errors import InputError
+from ..io import writers
+from ..io.kinds import OnnxGraph
 from ..io.shapes import Layout
 from ..io.source import CheckInputs, ModelSource
 from ..ops.export import ExportReport, export
+from .artifact import deliver
 
 
 def export_file(source: ModelSource, output: str | Path, *, inputs: CheckInputs = CheckInputs(), stage: Callable[[str], None] = lambda text: None, **options: Any) -> ExportReport:
@@ -23,13 +26,13 @@ def export_file(source: ModelSource, output: str | Path, *, inputs: CheckInputs 
     _atomic.refuse_overwrite(source.path, output)
     stage(f"reading {source.path}")
     opened = source.open()
-    model = opened.runnable("exporting")
     name = opened.checkpoint.path.name
-    program = opened.checkpoint.program
-    if opened.kind == "onnx":
+    if isinstance(opened.kind, OnnxGraph):
         raise InputError(f"{name} is already ONNX", "to fold its BatchNorm nodes use bnctl fold; to check it use bnctl audit")
+    model = opened.runnable("exporting")
+    program = opened.checkpoint.program
     if program is not None:
-        model = program.module()
+        model = opened.kind.as_module(opened.trusted)
         layout = options.get("layout", Layout())
         if layout.dims not in ("auto", "static"):
             raise InputError(f"{name} is a torch.export program: its dynamic dims were chosen when it was exported", "export the original model (state_dict + --arch) with --dynamic")
@@ -43,7 +46,5 @@ def export_file(source: ModelSource, output: str | Path, *, inputs: CheckInputs 
     proto, report = export(model, examples, **options)
     report.findings = onnx_findings(proto)
     report.output = str(output)
-    if report.ok:
-        _atomic.write_bytes(output, proto.SerializeToString())
-        report.written = True
+    deliver(writers.onnx_artifact(proto, output), output, report)  # the graph the operation checked in ONNX Runtime
     return report

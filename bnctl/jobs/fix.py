@@ -5,17 +5,19 @@ eval mode, write it (never over the input), and audit the written file again."""
 from __future__ import annotations
 
 import copy
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import _atomic
+from ..io.kinds import OnnxGraph, Program
+from ..io.writers import like_input
 from ..audit.fixes import Repairs, fix_module, fix_onnx, fix_program
 from ..audit.registry import FIXABLE
 from ..audit.runner import AuditConfig, AuditResult, audit
 from ..errors import InputError
 from ..io.source import CheckInputs, ModelSource
+from .artifact import deliver
 
 
 @dataclass
@@ -44,8 +46,6 @@ class FixReport:
 def fix_file(source: ModelSource, output: str | Path | None, *, config: AuditConfig | None = None, inputs: CheckInputs = CheckInputs()) -> FixReport:
     """Repair the findings of ``source`` that :data:`FIXABLE` lists and write the result to
     ``output`` (None: only say what would change)."""
-    from ..io import checkpoint as ckpt_mod
-
     config = config or AuditConfig()
     if output is not None:
         _atomic.refuse_overwrite(source.path, output)
@@ -57,28 +57,24 @@ def fix_file(source: ModelSource, output: str | Path | None, *, config: AuditCon
         if f.code in FIXABLE:
             codes.setdefault(f.code, set()).add(f.layer or "")
     opened = source.open()
-    checkpoint = opened.checkpoint
+    checkpoint, kind = opened.checkpoint, opened.kind
+    artifact = None
     if not codes:
-        data = None
-    elif checkpoint.format == ckpt_mod.Format.ONNX:
-        new, report.repairs = fix_onnx(checkpoint.onnx_model, codes.get("BN401", set()))
+        pass
+    elif isinstance(kind, OnnxGraph):
+        new, report.repairs = fix_onnx(kind.proto, codes.get("BN401", set()))
         if report.repairs.fixed:
             _check_onnx(new)
-        data = new.SerializeToString()
-    elif checkpoint.program is not None:
+        artifact = like_input(checkpoint, new)
+    elif isinstance(kind, Program):
         program = opened.runnable("fixing")  # a .pt2 is loaded and run only with --trust
         new, module, report.repairs = fix_program(program, codes.get("BN201", set()))
-        data = None
         if report.repairs.fixed:
-            import torch
-
             from ..core import verify
 
             args, _ = program.example_inputs
             report.max_abs_error = verify.compare(verify.run(module, tuple(args)), verify.run(new.module(), tuple(args)))[0]
-            buffer = io.BytesIO()
-            torch.export.save(new, buffer)
-            data = buffer.getvalue()
+            artifact = like_input(checkpoint, new)
     else:
         model = opened.runnable("fixing")  # TorchScript needs --trust; a state_dict needs --arch
         original = copy.deepcopy(model)
@@ -88,10 +84,10 @@ def fix_file(source: ModelSource, output: str | Path | None, *, config: AuditCon
             from ..core import verify
 
             report.max_abs_error = verify.compare(verify.reference_outputs(original.eval(), examples), verify.reference_outputs(model, examples))[0]
-        data = _module_bytes(model, opened)
-    if output is not None and data is not None and report.repairs.fixed:
-        _atomic.write_bytes(output, data)
-        report.output, report.written = str(output), True
+        artifact = like_input(checkpoint, model, strip=source.strip_prefix, add=source.add_prefix)
+    if output is not None and artifact is not None and report.repairs.fixed:
+        deliver(artifact, Path(output), report)
+        report.output = str(output)
         report.after = audit([Path(output)], model=source.at(output), inputs=inputs, config=config)
     return report
 
@@ -111,19 +107,3 @@ def _check_onnx(after: Any) -> None:
     except Exception as exc:  # noqa: BLE001 - the checker's ValidationError
         raise InputError(f"the repaired graph is not valid ONNX: {one_line(exc)}", "report this; nothing was written") from exc
     onnx_run.run(after, feeds, what="the repaired graph")  # an InputError (nothing written) if it cannot
-
-
-def _module_bytes(model: Any, opened: Any) -> bytes:
-    """The repaired model in the input's own format: TorchScript, a pickled module, or the
-    state_dict of a model built by --arch."""
-    import torch
-
-    from ..io.writers import torch_bytes
-
-    if isinstance(model, torch.jit.ScriptModule):
-        buffer = io.BytesIO()
-        torch.jit.save(model, buffer)
-        return buffer.getvalue()
-    if opened.built is not None:
-        return torch_bytes(model.state_dict())
-    return torch_bytes(model)

@@ -21,11 +21,11 @@ from torch import nn
 from .. import _atomic
 from ..core.modules import batchnorms
 from ..errors import InputError
-from ..io import checkpoint as ckpt_mod
 from ..io.data import check_one_size, loader, sample_files, shard
 from ..io.source import CheckInputs, ModelSource
-from ..io.writers import torch_bytes
+from ..io.writers import like_input
 from ..ops.recalibrate import NoBatchesError, RecalibrationReport, recalibrate
+from .artifact import deliver
 
 
 def tune_allocator() -> bool:
@@ -120,8 +120,8 @@ def recalibrate_file(
     model = model.to("cpu")
     if skipped[0]:
         report.notes.append(f"{skipped[0]} unreadable files skipped")
-    if rank == 0:
-        _write(checkpoint, model, output, source.strip_prefix, source.add_prefix)
+    if rank == 0:  # the input's own format, with the new statistics
+        deliver(like_input(checkpoint, model, strip=source.strip_prefix, add=source.add_prefix), output, report)
     if world > 1:
         import torch.distributed as dist
 
@@ -161,33 +161,3 @@ def _lay_out(model: nn.Module, memory_format: torch.memory_format | None, *, bac
         for tensor in itertools.chain(model.parameters(), model.buffers()):
             if tensor.dim() == rank:
                 tensor.data = tensor.data.contiguous(memory_format=target)
-
-
-def _write(checkpoint: ckpt_mod.Checkpoint, model: nn.Module, output: Path, strip: str | None = None, add: str | None = None) -> None:
-    """The input's format with the new statistics: the whole training checkpoint, the
-    safetensors file (metadata kept), or the pickled module."""
-    if checkpoint.content == "module":
-        _atomic.write_bytes(output, torch_bytes(model))
-        return
-    from ..io.arch import fit_keys, torch_tensors
-
-    state = model.state_dict()
-    fitted, _ = fit_keys(checkpoint.tensors.keys(), state.keys(), strip=strip, add=add)
-    names = {model_key: file_key for file_key, model_key in fitted.items()}  # model key -> file key
-    updated = {names[k]: v.detach().cpu().contiguous() for k, v in state.items() if k in names}
-    if checkpoint.format == ckpt_mod.Format.SAFETENSORS:
-        from safetensors.torch import save
-
-        tensors = torch_tensors(checkpoint.tensors)
-        tensors.update(updated)
-        header = {k: str(v) for k, v in checkpoint.metadata.items()} or None
-        _atomic.write_bytes(output, save({k: v.contiguous() for k, v in tensors.items()}, metadata=header))
-        return
-    whole = checkpoint.whole()
-    entry = whole
-    for part in (checkpoint.key or "").split("."):
-        if part:
-            entry = entry[part]
-    for k, v in updated.items():
-        entry[k] = v
-    _atomic.write_bytes(output, torch_bytes(whole))

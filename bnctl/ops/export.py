@@ -20,7 +20,7 @@ from torch import nn
 from ..core import verify
 from ..core.modules import training_batchnorms
 from ..errors import InputError
-from ..io.shapes import Layout, describe_onnx, forward_names, other_sizes, settle_batch
+from ..io.shapes import Layout, describe_onnx, forward_names, settle_batch
 from .fold.report import Checked, tolerance_for
 
 
@@ -80,7 +80,7 @@ def export(
     import onnx
 
     from ..core import onnx as onnx_run
-    from ..io.writers import onnx_bytes
+    from ..io.exporter import onnx_bytes
     from .convert import to_batchnorm
     from .fold import onnx as onnx_fold
     from .fold.pytorch import fold as fold_model
@@ -127,14 +127,11 @@ def export(
     report.inputs = describe_onnx(proto)
     report.outputs = [o.name for o in proto.graph.output]
     graph_names = [d["name"] for d in report.inputs]
-    checks = [inputs]
-    other = other_sizes(inputs, report.inputs)
-    if other is not None:
-        checks.append(other)
-    for check in checks:
-        expected = reference if check is inputs else verify.reference_outputs(copy.deepcopy(model).eval(), check)
-        got = onnx_run.run(proto, {n: t.detach().numpy() for n, t in zip(graph_names, check)}, what="the exported graph")
-        report.record(verify.compare(expected, got))
+
+    def run(*args: torch.Tensor) -> list[torch.Tensor]:
+        return onnx_run.run(proto, {n: t.detach().numpy() for n, t in zip(graph_names, args)}, what="the exported graph")
+
+    for check in report.check_run(run, model, inputs, report.inputs, reference):
         report.checked_shapes.append(verify.shapes_text(check))
     if int8_check and report.ok:
         from .int8_check import int8_check as quantize_and_compare

@@ -70,8 +70,13 @@ def fold(
     tolerance: float | None = None,
     keep_modules: bool = False,
     standalone: str | None = None,
-) -> tuple[nn.Module, FoldReport]:
+) -> tuple[Any, FoldReport]:
     """Fold every BatchNorm of ``model`` that folds exactly; the model itself is not changed.
+
+    ``model`` may be an ``nn.Module``, a TorchScript module, a ``torch.export`` program or an
+    ONNX ``ModelProto`` (folded on its graph and checked in ONNX Runtime:
+    :func:`.onnx_checked.fold_graph`, where ``example_inputs`` may be left out for a graph
+    with static input shapes); the folded model comes back in the same kind.
 
     ``example_inputs`` (a tensor or a tuple of them; a ``.pt2`` program brings its own) feed
     the verification: the report holds the max abs and relative output error of the folded
@@ -82,6 +87,10 @@ def fold(
     mul + add on the traced paths (fx and torch.export), and the report lists it with side
     ``"affine"``.
     """
+    if type(model).__name__ == "ModelProto":  # onnx's, without importing onnx for every fold
+        from .onnx_checked import fold_graph
+
+        return fold_graph(model, example_inputs, tolerance=tolerance, standalone=standalone)
     exported = isinstance(model, torch.export.ExportedProgram)
     if example_inputs is None and exported and model.example_inputs is not None:
         example_inputs = model.example_inputs[0]

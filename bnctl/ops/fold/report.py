@@ -88,6 +88,27 @@ class Checked:
             "ok": self.ok,
         }
 
+    def check_run(self, run: Any, model: Any, inputs: tuple, file_inputs: list[dict[str, Any]], reference: list | None = None) -> list[tuple]:
+        """Run ``run`` (what will be written) on ``inputs`` and, where ``file_inputs`` (the
+        file's inputs as written) leave dims dynamic, on inputs where each has another size;
+        record how far its outputs are from ``model``'s (``reference``: its outputs on
+        ``inputs``, when already computed). Returns the input sets checked."""
+        from ...core import verify
+        from ...io.shapes import other_sizes
+
+        checked = [inputs]
+        other = other_sizes(inputs, file_inputs)
+        if other is not None:
+            checked.append(other)
+        for check in checked:
+            if check is inputs and reference is not None:
+                expected = reference
+            else:
+                with verify.eval_mode(model):
+                    expected = verify.reference_outputs(model, check)
+            self.record(verify.compare(expected, verify.run(run, check)))
+        return checked
+
     def errors_text(self) -> str:
         """``max abs error 1.8e-07, max rel error 0.015``."""
         return "not compared" if self.difference is None else f"max abs error {self.max_abs_error:.2g}, max rel error {self.max_rel_error:.2g}"
@@ -118,6 +139,7 @@ class FoldReport(Checked):
     written: bool = False
     int8_check: dict[str, Any] | None = None  # --int8-check: ONNX Runtime's int8 quantization of the written graph (ops/int8_check.py)
     reference: list[torch.Tensor] = field(default_factory=list, repr=False)  # the original's outputs
+    feeds: dict[str, Any] = field(default_factory=dict, repr=False)  # an ONNX graph's check inputs by name (numpy)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of the fold contract (ARCHITECTURE.md) (non-finite numbers stay as they are: the JSON writer makes them null)."""
