@@ -15,7 +15,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from bnctl.audit.registry import CHECKS, GROUPS, SEVERITIES
+from bnctl.core.registry import CHECKS, GROUPS, SEVERITIES
 from bnctl.audit.runner import AuditConfig, audit
 from bnctl.io.source import CheckInputs, ModelSource
 from bnctl.models import sample_net

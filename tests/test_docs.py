@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bnctl.audit.reference import REGENERATE, checks_markdown
-from bnctl.audit.registry import CHECKS, FIXABLE
+from bnctl.core.registry import CHECKS, FIXABLE
 from conftest import ROOT
 
 README = ROOT / "README.md"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bnctl.core import layers, stats
-from bnctl.core.flags import FLAGS
+from bnctl.core.registry import FLAGS
 from bnctl.core.layers import BNLayer
 from bnctl.io import checkpoint
 from conftest import BROKEN, CHECKPOINTS

@@ -5,25 +5,18 @@ inspect reads); the configuration and behaviour checks, which need a module, are
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-Raw = tuple[str | None, str, str]
+from ..core.registry import FLAG_CODES
 
-#: inspect's flags that are audit findings, by code (train_mode is BN401 in ONNX graphs)
-FLAG_CODES = {
-    "nonfinite": "BN101",
-    "negative_var": "BN102",
-    "var_below_eps": "BN103",
-    "never_updated": "BN104",
-    "fp16_risk": "BN105",
-    "fp16_precision": "BN108",
-    "dead_channels": "BN106",
-    "bad_tensor": "BN107",
-    "eps_sensitive": "BN111",
-    "train_mode": "BN201",
-    "no_running_stats": "BN203",
-    "momentum_zero": "BN204",
-}
+
+class Raw(NamedTuple):
+    """A finding before the runner adds the file and filters it: the layer (None: the whole
+    model), the check's code, and the message (see :meth:`bnctl.core.registry.Check.message`)."""
+
+    layer: str | None
+    code: str
+    message: str
 
 
 def from_rows(rows: list[dict[str, Any]], onnx: bool) -> list[Raw]:
@@ -35,20 +28,20 @@ def from_rows(rows: list[dict[str, Any]], onnx: bool) -> list[Raw]:
             if code == "BN201" and onnx:
                 code, detail = "BN401", "BatchNormalization runs in training mode (training_mode=1 or running mean/var outputs)"
             if code is not None:
-                found.append((row["name"], code, detail))
+                found.append(Raw(row["name"], code, detail))
         if row["averaging"] == "cumulative":
-            found.append((row["name"], "BN205", "momentum=None: running statistics are a cumulative average"))
+            found.append(Raw(row["name"], "BN205", "momentum=None: running statistics are a cumulative average"))
         if row["kind"] == "SyncBatchNorm":
-            found.append((row["name"], "BN207", "SyncBatchNorm in a saved model: convert it back to BatchNorm for inference"))
+            found.append(Raw(row["name"], "BN207", "SyncBatchNorm in a saved model: convert it back to BatchNorm for inference"))
     modes = [r for r in rows if r["training"] is not None]
     training = [r["name"] for r in modes if r["training"]]
     if training and len(training) < len(modes):
         shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
-        found.append((None, "BN202", f"{len(training)} of {len(modes)} BN layers are in train mode ({shown}), the rest in eval"))
+        found.append(Raw(None, "BN202", f"{len(training)} of {len(modes)} BN layers are in train mode ({shown}), the rest in eval"))
     eps_values = sorted({r["eps"] for r in rows if r["eps"] is not None})
     if len(eps_values) > 1:
         counts = ", ".join(f"eps={e:g} in {sum(r['eps'] == e for r in rows)}" for e in eps_values)
-        found.append((None, "BN209", f"BN layers use different eps values: {counts}"))
+        found.append(Raw(None, "BN209", f"BN layers use different eps values: {counts}"))
     return found
 
 
@@ -60,7 +53,7 @@ def onnx_unfolded(model: Any) -> list[Raw]:
     from ..ops.fold import onnx as onnx_fold
 
     _, folded, _, _ = onnx_fold.fold_model(model, plan=True)
-    found = [(f["bn"], "BN402", f"foldable into {f['into']}, the layer {'before' if f['side'] == 'after' else 'after'} it: bnctl fold removes it") for f in folded]
+    found = [Raw(f["bn"], "BN402", f"foldable into {f['into']}, the layer {'before' if f['side'] == 'after' else 'after'} it: bnctl fold removes it") for f in folded]
     return found + int8_findings(folded, "BN403")
 
 
@@ -69,7 +62,7 @@ def int8_findings(folded: list[dict[str, Any]], code: str) -> list[Raw]:
     :data:`bnctl.core.int8.DROP_DB`, worded as the fold report words them."""
     from ..core import int8
 
-    return [(f["bn"], code, int8.advice(f["bn"], f["into"], f["int8"]).removeprefix("int8 ")) for f in folded if f.get("int8") and int8.drop_db(f["int8"]) > int8.DROP_DB]
+    return [Raw(f["bn"], code, int8.advice(f["bn"], f["into"], f["int8"]).removeprefix("int8 ")) for f in folded if f.get("int8") and int8.drop_db(f["int8"]) > int8.DROP_DB]
 
 
 def onnx_findings(model: Any) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The repairs of ``bnctl audit --fix`` (:data:`bnctl.audit.registry.FIXABLE`), on models in
+"""The repairs of ``bnctl audit --fix`` (:data:`bnctl.core.registry.FIXABLE`), on models in
 memory: each returns what it changed and what it could not repair, and writes nothing.
 
 Every repair keeps the eval-mode function exactly: a BN set to eval mode normalizes with the

@@ -22,14 +22,14 @@ def frozen_in_train_mode(module: nn.Module) -> list[Raw]:
     found: list[Raw] = []
     for name, m in module.named_modules():
         if is_batchnorm(m) and not is_frozen(m) and m.training and getattr(m, "weight", None) is not None and not m.weight.requires_grad:
-            found.append((name, "BN206", "weight and bias have requires_grad=False but the layer is in train mode: its statistics still move"))
+            found.append(Raw(name, "BN206", "weight and bias have requires_grad=False but the layer is in train mode: its statistics still move"))
     return found
 
 
 def conv_bias_before_bn(module: nn.Module) -> list[Raw]:
     """BN208: a conv/linear with a bias feeding a BN alone, from the traced data flow
     (the module tree's order where tracing fails)."""
-    return [(bn, "BN208", f"{layer} has a bias, which this BN's mean subtraction cancels") for bn, layer in conv_bias_pairs(module)]
+    return [Raw(bn, "BN208", f"{layer} has a bias, which this BN's mean subtraction cancels") for bn, layer in conv_bias_pairs(module)]
 
 
 def int8_fold_range(module: nn.Module) -> list[Raw]:
@@ -80,7 +80,7 @@ def data_drift(module: nn.Module, batch: tuple) -> list[Raw]:
     if shift <= DRIFT_SHIFT and ratio <= DRIFT_RATIO:
         return []
     return [
-        (
+        Raw(
             None,
             "BN110",
             f"on {report.samples} samples of --data, the statistics these weights produce are far from the stored ones (median layer: mean {shift:.2g} "
@@ -141,17 +141,17 @@ def behaviour(model: Any, inputs: tuple) -> list[Raw]:
     model.eval()
     if not isinstance(model, torch.jit.ScriptModule):
         for name in training_batchnorms(model):
-            found.append((name, "BN304", f"in train mode after model.eval(): {_responsible(model, name)}"))
+            found.append(Raw(name, "BN304", f"in train mode after model.eval(): {_responsible(model, name)}"))
     before = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     first = verify.run(model, inputs)
     second = verify.run(model, inputs)
     changed = [k for k, v in model.state_dict().items() if k in before and not _same(before[k], v)]
     if changed:
         shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
-        found.append((None, "BN303", f"an eval forward pass changed {len(changed)} buffers ({shown})"))
+        found.append(Raw(None, "BN303", f"an eval forward pass changed {len(changed)} buffers ({shown})"))
     rel = verify.compare(first, second).max_rel
     if rel > 1e-6:
-        found.append((None, "BN301", f"two eval forward passes on the same input differ (max rel. error {rel:.2g})"))
+        found.append(Raw(None, "BN301", f"two eval forward passes on the same input differ (max rel. error {rel:.2g})"))
     found += _batch_dependence(model, inputs, first)
     return found
 
@@ -181,12 +181,12 @@ def _batch_dependence(model: Any, inputs: tuple, batched: list[torch.Tensor]) ->
         except Exception as exc:  # noqa: BLE001 - e.g. BatchNorm1d training on one sample
             if _fixed_batch(exc):  # a program exported with a static batch refuses any other: nothing to compare
                 return []
-            return [(None, "BN302", f"a single sample fails in eval mode where a batch of {n} runs: {one_line(exc, last=True, limit=200)}")]
+            return [Raw(None, "BN302", f"a single sample fails in eval mode where a batch of {n} runs: {one_line(exc, last=True, limit=200)}")]
         rows = [t[i : i + 1] for t in batched if t.dim() and t.shape[0] == n]
         rel = verify.compare(rows, [t for t in alone if t.dim() and t.shape[0] == 1]).max_rel
         worst = max(worst, rel)
     if worst > 1e-4:
-        return [(None, "BN302", f"a sample's output changes with the rest of its batch of {n} (max rel. error {worst:.2g})")]
+        return [Raw(None, "BN302", f"a sample's output changes with the rest of its batch of {n} (max rel. error {worst:.2g})")]
     return []
 
 

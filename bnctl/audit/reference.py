@@ -1,4 +1,4 @@
-"""The reference of every audit check as Markdown, generated from :mod:`~bnctl.audit.registry`.
+"""The reference of every audit check as Markdown, generated from :mod:`~bnctl.core.registry`.
 
 ``python -m bnctl.audit.reference > docs/checks.md`` regenerates ``docs/checks.md``, which is
 committed; ``tests/test_docs.py`` fails when the file and the registry disagree. Imports
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from .registry import CHECKS, FIXABLE, GROUPS, Check
+from ..core.registry import CHECKS, FIXABLE, GROUPS, Check
 
 #: what each group needs to run, by the first digit of its codes (registry.py's docstring)
 GROUP_NOTES = {
@@ -57,12 +57,12 @@ def checks_markdown() -> str:
     """docs/checks.md: a title, a contents table per group (code linked to its section, name,
     severity, whether ``--fix`` repairs it, summary), then one section per check in code order
     with what it finds, why it matters, an example, the fix and ``--fix``'s repair. Every check
-    of :data:`~bnctl.audit.registry.CHECKS` appears exactly once; the text ends with one newline."""
+    of :data:`~bnctl.core.registry.CHECKS` appears exactly once; the text ends with one newline."""
     groups = [*GROUPS, *sorted({c.group for c in CHECKS.values()} - set(GROUPS))]
     lines = [
         "# Audit checks",
         "",
-        f"<!-- Generated from bnctl/audit/registry.py by `{REGENERATE}`; do not edit by hand. -->",
+        f"<!-- Generated from bnctl/core/registry.py by `{REGENERATE}`; do not edit by hand. -->",
         "",
         f"Every check of `bnctl audit` and `bnctl trace`, {len(CHECKS)} in all. Codes are stable: a code is never reused for another check.",
         "`--select` and `--ignore` (and `select`/`ignore` in `[tool.bnctl.audit]`) take codes, prefixes such as `BN1`, or names.",

@@ -18,7 +18,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-from .registry import CHECKS, SEVERITIES, check_selectors, matches
+from ..core.registry import CHECKS, SEVERITIES, check_selectors, matches
+from .checks import Raw
 
 
 @dataclass
@@ -305,7 +306,9 @@ def _stale_average(checkpoint: Any, found: list[Any]) -> list[tuple[str | None, 
         return []
     why = f"n_averaged={count}" if count is not None and count > 1 else f"entry '{checkpoint.key}'"
     key = f" --key {checkpoint.key}" if getattr(checkpoint, "key", None) else ""
-    return [(None, "BN110", f"weights averaged ({why}) but every BN's running statistics are at their initial values (mean 0, var 1): never re-estimated; run bnctl recalibrate {checkpoint.path}{key} --data DIR, or torch.optim.swa_utils.update_bn")]
+    return [
+        Raw(None, "BN110", f"weights averaged ({why}) but every BN's running statistics are at their initial values (mean 0, var 1): never re-estimated; run bnctl recalibrate {checkpoint.path}{key} --data DIR, or torch.optim.swa_utils.update_bn")
+    ]
 
 
 def _behaviour_inputs(inputs: CheckInputs) -> tuple | None:
@@ -383,10 +386,10 @@ def _audit_file(source: ModelSource, inputs: tuple | None, data: tuple | None = 
 
         if data is not None and not isinstance(runnable, torch.jit.ScriptModule):
             raw += model_checks.data_drift(runnable, data)
-        if any(code in ("BN105", "BN108") for _, code, _ in raw):
+        if any(CHECKS[code].measurable for _, code, _ in raw):
             error = model_checks.float16_error(runnable, inputs)
             measured = f"measured on the check inputs: the model in float16 differs from float32 by {error:.2g} (relative)" if error is not None else "the model does not run in float16 here: not measured"
-            raw = [(layer, code, message.replace(" (not measured)", "") + f"; {measured}" if code in ("BN105", "BN108") else message) for layer, code, message in raw]
+            raw = [Raw(layer, code, CHECKS[code].message(message, measured)) for layer, code, message in raw]
         done("behaviour")
     else:
         (fa.inapplicable if kind.never_runs else fa.unable)["behaviour"] = why_not

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..audit.formats import FORMATS
-from ..audit.registry import SEVERITIES
+from ..core.registry import SEVERITIES
 from ..errors import InputError
 from ..io.source import CheckInputs, ModelSource
 from .app import command, emit_text
@@ -65,7 +65,7 @@ def audit(
         return
     from .._atomic import refuse_overwrite
     from ..audit.runner import audit as run_audit
-    from ..audit.registry import check_selectors
+    from ..core.registry import check_selectors
     from ..audit.runner import expand, load_config
 
     refuse_overwrite(expand(paths, include or [], exclude or []), output)
@@ -94,7 +94,7 @@ def audit(
 
 def _fix(paths, source, inputs, output, diff: bool, config, select, ignore) -> None:
     from ..audit import formats
-    from ..audit.registry import check_selectors
+    from ..core.registry import check_selectors
     from ..audit.runner import load_config
     from ..jobs.fix import fix_file
     from ..render.text import plain

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..core.flags import FLAGS
+from ..core.registry import FLAGS
 from ..errors import InputError
 from ..io.source import ModelSource
 from ..render import INSPECT_FORMATS

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..audit.formats import FORMATS
-from ..audit.registry import SEVERITIES
+from ..core.registry import SEVERITIES
 from ..errors import InputError
 from .app import command, emit_text
 from .audit import _codes
@@ -39,7 +39,7 @@ def trace(
     1 findings at or above --fail-on, 2 bad usage.
     """
     from ..audit import formats
-    from ..audit.registry import check_selectors
+    from ..core.registry import check_selectors
     from ..audit.runner import AuditConfig
     from ..jobs.trace import as_audit, trace_script
 

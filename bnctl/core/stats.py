@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .flags import FLAGS
+from .registry import FLAGS, UNMEASURED
 from .layers import BNLayer
 
 #: |weight| below this marks a dead channel.
@@ -208,7 +208,7 @@ def _fp16_risk(layer: BNLayer, mean, var, weight, bias, scale) -> tuple[str | No
             reasons.append(f"folded shift reaches {float(np.abs(shift).max()):.3g} > {FP16_MAX:g}")
     denom = finite(var + eps_of(layer))
     tiny = int(((denom >= 0) & (denom < FP16_MIN_NORMAL)).sum())
-    precision = f"{tiny} channels have var+eps < {FP16_MIN_NORMAL:.2g}, float16-subnormal: potential precision loss in half precision (not measured)" if tiny else None
+    precision = f"{tiny} channels have var+eps < {FP16_MIN_NORMAL:.2g}, float16-subnormal: potential precision loss in half precision{UNMEASURED}" if tiny else None
     return "; ".join(reasons) or None, precision
 
 

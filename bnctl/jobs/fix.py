@@ -13,7 +13,7 @@ from .. import _atomic
 from ..io.kinds import OnnxGraph, Program
 from ..io.writers import like_input
 from ..audit.fixes import Repairs, fix_module, fix_onnx, fix_program
-from ..audit.registry import FIXABLE
+from ..core.registry import FIXABLE
 from ..audit.runner import AuditConfig, AuditResult, audit
 from ..errors import InputError
 from ..io.source import CheckInputs, ModelSource

@@ -5,7 +5,7 @@ Every BatchNorm forward (``_BatchNorm`` subclasses, SyncBatchNorm, functional
 ``F.batch_norm`` calls) is watched through torch's global module hooks and a wrapper of
 ``F.batch_norm``; exports and saves of whole modules through wrappers of ``torch.onnx.export``,
 ``torch.jit.trace``/``script``, ``torch.export.export`` and ``torch.save``; optimizers through
-torch's global step hook. The runtime checks (BN5xx, :mod:`bnctl.audit.registry`):
+torch's global step hook. The runtime checks (BN5xx, :mod:`bnctl.core.registry`):
 
 - BN501: a train-mode BN under ``torch.no_grad()``/``inference_mode()`` that updates its running
   statistics: evaluation without ``model.eval()``;

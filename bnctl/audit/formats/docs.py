@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...errors import InputError
-from ..registry import CHECKS, lookup
+from ...core.registry import CHECKS, lookup
 
 
 def list_checks() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from xml.etree import ElementTree as ET
 
-from ..registry import CHECKS, SEVERITIES
+from ...core.registry import CHECKS, SEVERITIES
 from ..runner import AuditResult
 
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ... import __version__
-from ..registry import CHECKS
+from ...core.registry import CHECKS
 from ..runner import AuditResult
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"

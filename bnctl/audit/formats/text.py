@@ -71,7 +71,7 @@ def to_text(result: AuditResult, *, verbose: bool = False, quiet: bool = False) 
 
 def statistics(result: AuditResult) -> str:
     """Counts per check, most frequent first (ruff's ``--statistics``), then the summary line."""
-    from ..registry import CHECKS
+    from ...core.registry import CHECKS
 
     counts: dict[str, int] = {}
     for f in result.findings:

