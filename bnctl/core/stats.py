@@ -8,7 +8,7 @@ that hides it); a summary of a tensor the file does not hold is NaN too, and the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -48,6 +48,37 @@ COLUMNS = (
 )
 
 
+class Row(TypedDict):
+    """One layer's row (:data:`COLUMNS`, the columns of ``inspect``'s JSON and CSV): its
+    identity, float64 summaries (None where the file does not hold the tensor, NaN where it
+    holds NaN), and its flags (:data:`bnctl.core.registry.FLAGS`) with one detail each."""
+
+    name: str
+    kind: str | None
+    num_features: int
+    eps: float | None
+    momentum: float | None
+    averaging: str | None
+    training: bool | None
+    num_batches_tracked: int | None
+    mean_absmax: float | None
+    var_min: float | None
+    var_max: float | None
+    weight_absmin: float | None
+    mean_min: float | None
+    mean_max: float | None
+    var_median: float | None
+    weight_absmax: float | None
+    bias_absmax: float | None
+    scale_max: float | None
+    dead_channels: int
+    flags: list[str]
+    details: list[str]
+
+
+assert tuple(Row.__annotations__) == COLUMNS
+
+
 def as_float64(t: Any) -> np.ndarray | None:
     """A tensor or array as a flat float64 numpy array (None stays None)."""
     if t is None:
@@ -73,7 +104,7 @@ def _median(t: np.ndarray) -> float:
     return float(np.partition(t, (t.size - 1) // 2)[(t.size - 1) // 2])
 
 
-def summarize(layer: BNLayer) -> dict[str, Any]:
+def summarize(layer: BNLayer) -> Row:
     """One row: the layer's identity, summaries of its tensors, its flags and their details."""
     mean, var = as_float64(layer.running_mean), as_float64(layer.running_var)
     weight, bias = as_float64(layer.weight), as_float64(layer.bias)
@@ -82,12 +113,12 @@ def summarize(layer: BNLayer) -> dict[str, Any]:
         return _summarize(layer, mean, var, weight, bias, eps)
 
 
-def _summarize(layer: BNLayer, mean, var, weight, bias, eps: float) -> dict[str, Any]:
+def _summarize(layer: BNLayer, mean, var, weight, bias, eps: float) -> Row:
     scale = None
     if var is not None:
         scale = (np.abs(weight) if weight is not None else np.ones_like(var)) / np.sqrt(var + eps)
     dead = int((np.abs(weight) < DEAD_WEIGHT).sum()) if weight is not None else 0
-    row: dict[str, Any] = {
+    row: Any = {
         "name": layer.name,
         "kind": layer.kind,
         "num_features": layer.num_features,
@@ -212,14 +243,14 @@ def _fp16_risk(layer: BNLayer, mean, var, weight, bias, scale) -> tuple[str | No
     return "; ".join(reasons) or None, precision
 
 
-def rows(layers: list[BNLayer]) -> list[dict[str, Any]]:
+def rows(layers: list[BNLayer]) -> list[Row]:
     """One :func:`summarize` row per layer, in order.
 
     Layers with the same channel count are summarized together, as rows of one array (a
     file with 200,000 layers costs seconds, not minutes); any layer that might carry a flag
     is summarized on its own by :func:`summarize`, so rows and details are the same either way.
     """
-    out: list[dict[str, Any] | None] = [None] * len(layers)
+    out: list[Row | None] = [None] * len(layers)
     groups: dict[int, list[int]] = {}
     for i, layer in enumerate(layers):
         complete = all(t is not None for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias))
@@ -245,7 +276,7 @@ def _stacked(tensors: list[Any]) -> np.ndarray:
     return np.stack([as_float64(t) for t in tensors])
 
 
-def _rows_together(group: list[BNLayer]) -> list[dict[str, Any] | None]:
+def _rows_together(group: list[BNLayer]) -> list[Row | None]:
     """Rows of layers with the same channel count and every tensor present; None for a layer
     that might carry a flag (the caller summarizes it alone, with its details)."""
     mean, var, weight, bias = (_stacked([getattr(l, name) for l in group]) for name in ("running_mean", "running_var", "weight", "bias"))
@@ -279,7 +310,7 @@ def _rows_together(group: list[BNLayer]) -> list[dict[str, Any] | None]:
             "scale_max": scale.max(1),
         }
     values = {k: v.tolist() for k, v in columns.items()}
-    result: list[dict[str, Any] | None] = []
+    result: list[Row | None] = []
     for k, layer in enumerate(group):
         if suspicious[k] or layer.training or (layer.averaging == "ema" and layer.momentum == 0):
             result.append(None)
@@ -300,14 +331,14 @@ def _rows_together(group: list[BNLayer]) -> list[dict[str, Any] | None]:
     return result
 
 
-def table(row_list: list[dict[str, Any]]):
+def table(row_list: list[Row]):
     """Rows as a pandas DataFrame with the columns of :data:`COLUMNS`."""
     import pandas as pd
 
     return pd.DataFrame(row_list, columns=list(COLUMNS))
 
 
-def flag_counts(row_list: list[dict[str, Any]]) -> dict[str, int]:
+def flag_counts(row_list: list[Row]) -> dict[str, int]:
     """How many layers carry each flag, in :data:`FLAGS` order, flags that occur only."""
     counts = {flag: sum(flag in r["flags"] for r in row_list) for flag in FLAGS}
     return {flag: n for flag, n in counts.items() if n}
