@@ -52,7 +52,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .ops.recalibrate import RecalibrationReport, recalibrate
 
 
+#: subpackages reachable as attributes after a plain ``import bnctl`` (``bnctl.audit.audit(...)``)
+_SUBPACKAGES = ("audit",)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"bnctl.{name}")
     if name in _EXPORTS:
         import importlib
 
@@ -62,4 +70,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *_EXPORTS, *_SUBPACKAGES])

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import bnctl
-from conftest import CHECKPOINTS, SAMPLES
+from conftest import BROKEN, CHECKPOINTS, SAMPLES
 
 ARCH = ("--arch", "bnctl.models:sample_net")
 
@@ -197,3 +197,12 @@ def test_forward_says_how_a_batch_is_fed(cli, tmp_path):
     result = cli("recalibrate", CHECKPOINTS / "sample.pt", *ARCH, "--data", folder, "--workers", "0", "--forward", f"{tmp_path / 'feed.py'}:image", "-o", tmp_path / "b.pt", "-f", "json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["samples"] == 6
+
+
+def test_the_audit_library_is_reachable_after_a_plain_import_bnctl():
+    """``import bnctl`` then ``bnctl.audit.audit(...)`` works (the subpackage is loaded on first
+    use), and finds what the CLI finds in the same file."""
+    code = f"import bnctl\nresult = bnctl.audit.audit([{str(BROKEN / 'nan_stats.pt')!r}])\nprint(sorted({{f.code for f in result.findings}}))\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "BN101" in proc.stdout
