@@ -136,6 +136,13 @@ def test_convert_cli_writes_a_loadable_module_and_a_state_dict(cli, tmp_path, sa
     assert cli("convert", CHECKPOINTS / "sample.pt", *ARCH, "--to", "syncbn", "--as", "state-dict", "-o", sd).exit_code == 0
     state = torch.load(sd, weights_only=True)
     assert state.keys() == sample.state_dict().keys()
+    # a .safetensors name writes safetensors (the state_dict builder every job shares), with the same tensors
+    st = tmp_path / "sync_sd.safetensors"
+    assert cli("convert", CHECKPOINTS / "sample.pt", *ARCH, "--to", "syncbn", "--as", "state-dict", "-o", st).exit_code == 0
+    from safetensors.torch import load_file
+
+    tensors = load_file(st)
+    assert tensors.keys() == state.keys() and all(torch.equal(tensors[k], state[k]) for k in state)
     unknown = cli("convert", CHECKPOINTS / "sample.pt", *ARCH, "--to", "layernorm", "-o", tmp_path / "x.pt")
     assert unknown.exit_code == 2 and "syncbn" in unknown.output and "groupnorm" in unknown.output
 
