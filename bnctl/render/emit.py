@@ -133,6 +133,7 @@ def emit(result: Any, name: str, output: Path | None = None, **options: Any) -> 
         text = _plain_text(rendered(FILE_WIDTH)) if fmt.output == "rich" else rendered(FILE_WIDTH)
         if output is None:
             sys.stdout.write(text)
+            sys.stdout.flush()  # before any later line on stderr, as rich's console and typer.echo do
             return
         _atomic.write_text(output, text)
     sys.stderr.write(f"wrote {output}\n")
