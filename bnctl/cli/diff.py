@@ -19,11 +19,12 @@ DiffFormat, DiffFormatOpt = format_option("DiffResult", help="Output format.")
 
 
 def _samples(data: Path | None = None, **images: Any) -> CheckInputs:
+    """``--data`` and the image options as the CheckInputs ``bnctl recalibrate --seed 0`` reads."""
     return check_inputs(None, data, 0, preprocess(**images))
 
 
-#: --data and the image options: the samples, read as bnctl recalibrate reads them (--seed 0);
-#: in the order ``bnctl diff --help`` has always listed them
+#: --data and the image options; this group before MODELS in diff's signature, and --data after
+#: the image options, keep the order ``bnctl diff --help`` has always listed them in
 SAMPLES = OptionGroup(
     (*IMAGES.params, ("data", Annotated[Optional[Path], typer.Option("--data", help="Compare one checkpoint's statistics with the exact statistics of this folder's samples (nothing is written).", rich_help_panel="Data")], None)),
     _samples,
