@@ -1,5 +1,5 @@
-"""The Typer app, its root options (``--debug``, ``--version``), the one error map, and how
-commands print: ``error:``/``tip:`` lines on stderr, text to stdout or a file.
+"""The Typer app, its root options (``--debug``, ``--version``), and the one error map:
+``error:``/``tip:`` lines on stderr. Results are printed by :func:`bnctl.render.emit.emit`.
 
 Commands live one per module (:mod:`bnctl.cli.inspect`, ...) and import torch, pandas and
 the library inside their bodies, so ``bnctl --help`` answers at once.
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -116,32 +114,3 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     _state["debug"] = debug
-
-
-def console(piped_width: int = 160) -> Any:
-    """A rich Console on stdout: the terminal's width, or ``piped_width`` when piped."""
-    from rich.console import Console
-
-    tty = sys.stdout.isatty()
-    return Console(width=None if tty else piped_width, soft_wrap=not tty)  # piped: whole lines, never hard-wrapped
-
-
-def emit_text(text: str, output: Path | None) -> None:
-    """``text`` to stdout, or atomically to ``output`` (saying so on stderr)."""
-    from .. import _atomic
-
-    if output is None:
-        sys.stdout.write(text)
-    else:
-        _atomic.write_text(output, text)
-        typer.echo(f"wrote {output}", err=True)
-
-
-def emit_report(report: Any, fmt: str, table: Any) -> None:
-    """A write command's report: its JSON document, or ``table(report)`` on the console."""
-    if fmt == "json":
-        from ..render.json import dumps
-
-        sys.stdout.write(dumps(report.to_dict()))
-    else:
-        console().print(table(report))

@@ -4,24 +4,49 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from ..audit.formats import FORMATS
 from ..core.registry import SEVERITIES
+from ..audit.runner import AuditConfig
 from ..errors import InputError
 from ..io.source import CheckInputs, ModelSource
-from .app import command, emit_text
+from ..render.emit import emit
+from .app import command
 from .options import CHECKS, MODEL, choices
 
 AuditFormat = choices("AuditFormat", FORMATS)
 Severity = choices("Severity", SEVERITIES)
 
 
-def _codes(values: list[str] | None) -> list[str]:
-    """``--select BN1,BN2 --select BN301`` -> ``["BN1", "BN2", "BN301"]``."""
-    return [c.strip() for v in values or [] for c in v.split(",") if c.strip()]
+def configured(settings: AuditConfig, select: list[str] | None, ignore: list[str] | None, fail_on: Severity | None = None) -> AuditConfig:
+    """``settings`` with ``--select`` (replacing its selection), ``--ignore`` (added to its
+    ignores) and ``--fail-on`` applied, for ``bnctl audit``, ``--fix`` and ``bnctl trace``;
+    ``--select`` and ``--ignore`` may be repeated and comma-separated (``BN1,BN2``)."""
+    from ..core.registry import check_selectors
+
+    def codes(values: list[str]) -> list[str]:
+        return [c.strip() for v in values for c in v.split(",") if c.strip()]
+
+    if select:
+        settings.select = check_selectors(codes(select), "--select")
+    if ignore:
+        settings.ignore = settings.ignore + check_selectors(codes(ignore), "--ignore")
+    if fail_on is not None:
+        settings.fail_on = fail_on.value
+    return settings
+
+
+def report(result: Any, fmt: str, output: Path | None, **options: Any) -> None:
+    """Write an audit result (``bnctl audit``, ``bnctl trace``) in ``fmt``, and its summary
+    line on stderr unless it went to the terminal as text (where it is the last line)."""
+    from ..audit.formats import summary_line
+
+    emit(result, fmt, output, **options)
+    if output is not None or fmt != "text":
+        typer.echo(summary_line(result), err=True)
 
 
 @command()
@@ -65,62 +90,32 @@ def audit(
         return
     from .._atomic import refuse_overwrite
     from ..audit.runner import audit as run_audit
-    from ..core.registry import check_selectors
     from ..audit.runner import expand, load_config
-
-    refuse_overwrite(expand(paths, include or [], exclude or []), output)
-
-    settings = load_config(path=config)
-    if select:
-        settings.select = check_selectors(_codes(select), "--select")
-    if ignore:
-        settings.ignore = settings.ignore + check_selectors(_codes(ignore), "--ignore")
-    if fail_on is not None:
-        settings.fail_on = fail_on.value
     from ..render.progress import stages
 
+    refuse_overwrite(expand(paths, include or [], exclude or []), output)
+    settings = configured(load_config(path=config), select, ignore, fail_on)
     with stages(sys.stderr.isatty()) as stage:
         result = run_audit(paths, model=source, inputs=inputs, config=settings, include=include or [], exclude=exclude or [], stage=stage)
-    if fmt.value == "text":
-        from ..audit.formats import text
-
-        emit_text(text.statistics(result) if statistics else text.to_text(result, verbose=verbose, quiet=quiet), output)
-    else:
-        emit_text(formats.RENDERERS[fmt.value](result), output)
-    if output is not None or fmt.value != "text":
-        typer.echo(formats.summary_line(result), err=True)
+    report(result, fmt.value, output, verbose=verbose, quiet=quiet, statistics=statistics)
     raise typer.Exit(result.exit_code(exit_zero))
 
 
 def _fix(paths, source, inputs, output, diff: bool, config, select, ignore) -> None:
-    from ..audit import formats
-    from ..core.registry import check_selectors
+    """``--fix``: repair one file and write it to ``output`` (``diff``: say what would change)."""
     from ..audit.runner import load_config
     from ..jobs.fix import fix_file
-    from ..render.text import plain
 
     if len(paths) != 1 or paths[0].is_dir():
         raise InputError("--fix repairs one file at a time", "pass one checkpoint, e.g. bnctl audit model.onnx --fix -o fixed.onnx")
     if output is None and not diff:
         raise InputError("--fix writes the repaired model to --output", "add -o fixed.<ext>, or --diff to see the changes without writing")
-    settings = load_config(path=config)
-    if select:
-        settings.select = check_selectors(_codes(select), "--select")
-    if ignore:
-        settings.ignore = settings.ignore + check_selectors(_codes(ignore), "--ignore")
-    report = fix_file(source.at(paths[0]), None if diff else output, config=settings, inputs=inputs)
-    lines = [plain(f"{'would fix' if diff else 'fixed'}: {code} {layer}: {change}") for code, layer, change in report.repairs.fixed]
-    lines += [plain(f"not fixed: {code} {layer}: {why}") for code, layer, why in report.repairs.unfixed]
-    remaining = sorted({f.code for f in report.before.findings} - {c for c, _, _ in report.repairs.fixed})
-    if not report.repairs.fixed:
-        lines.append("nothing to fix" + (f" (findings of {', '.join(remaining)} are not fixable here)" if remaining else ""))
-    if report.max_abs_error is not None:
-        lines.append(f"eval-mode outputs, repaired against original on the check inputs: max abs error {report.max_abs_error:.2g}")
-    typer.echo("\n".join(lines))
+    fixed = fix_file(source.at(paths[0]), None if diff else output, config=configured(load_config(path=config), select, ignore), inputs=inputs)
+    emit(fixed, "text", diff=diff)
     if diff:
-        raise typer.Exit(1 if report.repairs.fixed else 0)
-    if not report.written:
-        raise typer.Exit(report.before.exit_code())
+        raise typer.Exit(1 if fixed.repairs.fixed else 0)
+    if not fixed.written:
+        raise typer.Exit(fixed.before.exit_code())
     typer.echo(f"wrote {output}; its audit:", err=True)
-    typer.echo(formats.to_text(report.after).rstrip())
-    raise typer.Exit(report.after.exit_code())
+    emit(fixed.after, "text")
+    raise typer.Exit(fixed.after.exit_code())

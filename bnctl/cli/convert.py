@@ -10,11 +10,13 @@ import typer
 from ..io.source import CheckInputs, ModelSource
 from ..jobs import SAVE_AS
 from ..ops import CONVERT_TARGETS
-from .app import command, emit_report
-from .options import CHECKS, MODEL, PathArg, ReportFormat, ReportFormatOpt, choices
+from ..render.emit import emit
+from .app import command
+from .options import CHECKS, MODEL, PathArg, choices, format_option
 
 ConvertTo = choices("ConvertTo", CONVERT_TARGETS)
 SaveAs = choices("SaveAs", SAVE_AS)
+ConvertFormat, ConvertFormatOpt = format_option("ConvertReport")
 
 
 @command()
@@ -26,12 +28,11 @@ def convert(
     inputs: CheckInputs = CHECKS,
     groups: Annotated[int, typer.Option("--groups", help="GroupNorm groups: the largest divisor of each layer's channels not above this.")] = 32,
     save_as: Annotated[SaveAs, typer.Option("--as", help="module: the whole module pickled (bnctl and your classes importable to load it); state-dict: the weights of the converted architecture.")] = SaveAs("module"),
-    fmt: ReportFormatOpt = ReportFormat("table"),
+    fmt: ConvertFormatOpt = ConvertFormat("table"),
 ) -> None:
     """Convert BatchNorm layers: to SyncBatchNorm and back, to and from FrozenBatchNorm, to GroupNorm."""
     from ..jobs.convert import convert_file
-    from ..render.reports import convert_table
 
     report = convert_file(source.at(path), output, to.value, inputs=inputs, groups=groups, save_as=save_as.value)
-    emit_report(report, fmt.value, convert_table)
+    emit(report, fmt.value)
     typer.echo(f"wrote {output}", err=True)

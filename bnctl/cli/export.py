@@ -9,8 +9,11 @@ from typing import Annotated, Optional
 import typer
 
 from ..io.source import CheckInputs, ModelSource
-from .app import command, emit_report, fail
-from .options import CHECKS, MODEL, DynamicOpt, InputNamesOpt, Int8CheckOpt, OutputNamesOpt, PathArg, ReportFormat, ReportFormatOpt, layout
+from ..render.emit import emit
+from .app import command, fail
+from .options import CHECKS, MODEL, DynamicOpt, InputNamesOpt, Int8CheckOpt, OutputNamesOpt, PathArg, format_option, layout
+
+ExportFormat, ExportFormatOpt = format_option("ExportReport")
 
 
 @command()
@@ -34,12 +37,10 @@ def export(
         ),
     ] = None,
     int8_check: Int8CheckOpt = False,
-    fmt: ReportFormatOpt = ReportFormat("table"),
+    fmt: ExportFormatOpt = ExportFormat("table"),
 ) -> None:
     """Export to ONNX ready for inference: eval, SyncBN reverted, BN folded, checked in ONNX Runtime."""
     from ..jobs.export import export_file
-    from ..render.reports import export_table
-
     from ..render.progress import stages
 
     with stages(sys.stderr.isatty()) as stage:
@@ -54,7 +55,7 @@ def export(
             tolerance=tolerance,
             int8_check=int8_check,
         )
-    emit_report(report, fmt.value, export_table)
+    emit(report, fmt.value)
     if report.written:
         typer.echo(f"wrote {output}", err=True)
     if not report.ok:

@@ -11,8 +11,11 @@ import typer
 
 from ..io.source import CheckInputs, ModelSource
 from ..io.targets import Target
-from .app import command, emit_report, fail
-from .options import CHECKS, MODEL, DynamicOpt, InputNamesOpt, Int8CheckOpt, OutputNamesOpt, PathArg, ReportFormat, ReportFormatOpt, layout
+from ..render.emit import emit
+from .app import command, fail
+from .options import CHECKS, MODEL, DynamicOpt, InputNamesOpt, Int8CheckOpt, OutputNamesOpt, PathArg, format_option, layout
+
+FoldFormat, FoldFormatOpt = format_option("FoldReport")
 
 
 class Standalone(str, enum.Enum):
@@ -55,12 +58,10 @@ def fold(
         Optional[Standalone],
         typer.Option("--standalone", help="What becomes of a BN that folds into no layer: affine makes it a per-channel multiply-add (ONNX Mul + Add), for runtimes without a BatchNorm op. Default: it stays, with its reason.", show_default=False),
     ] = None,
-    fmt: ReportFormatOpt = ReportFormat("table"),
+    fmt: FoldFormatOpt = FoldFormat("table"),
 ) -> None:
     """Fold BatchNorm into the conv/linear layers next to it, check the outputs did not change, write the model."""
     from ..jobs.fold import fold_file
-    from ..render.reports import fold_table
-
     from ..render.progress import stages
 
     with stages(sys.stderr.isatty()) as stage:
@@ -76,7 +77,7 @@ def fold(
             standalone=standalone.value if standalone else None,
             stage=stage,
         )
-    emit_report(report, fmt.value, fold_table)
+    emit(report, fmt.value)
     if report.written:
         typer.echo(f"wrote {output} ({report.format})", err=True)
     if not report.ok:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Callable, Optional, Sequence
 import typer
 
 from ..errors import InputError
-from ..render import REPORT_FORMATS
+from ..render.emit import formats
 
 
 def choices(name: str, values: Sequence[str]) -> type[enum.Enum]:
@@ -22,8 +22,12 @@ def choices(name: str, values: Sequence[str]) -> type[enum.Enum]:
     return enum.Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
 
 
-ReportFormat = choices("ReportFormat", REPORT_FORMATS)
-ReportFormatOpt = Annotated[ReportFormat, typer.Option("--format", "-f", help="Report format.")]
+def format_option(kind: str, help: str = "Report format.") -> tuple[type[enum.Enum], Any]:
+    """The ``--format``/``-f`` option of a command whose result is a ``kind``: the Enum of the
+    formats :mod:`bnctl.render.emit` has for that kind, and the option as Typer takes it."""
+    values = choices(f"{kind}Format", formats(kind))
+    return values, Annotated[values, typer.Option("--format", "-f", help=help)]
+
 
 # --- which model ------------------------------------------------------------------------
 
@@ -119,6 +123,28 @@ def model_source(arch: str | None = None, arch_arg: list[str] | None = None, key
     return ModelSource(None, arch, parse_arch_args(arch_arg or []), key, trust, strip_prefix, add_prefix, eps)
 
 
+def per_file(values: list[str] | None, count: int, option: str) -> list[str | None]:
+    """An option given once (for every file) or once per file, as one value per file."""
+    values = values or []
+    if len(values) in (0, 1):
+        return (values or [None]) * count
+    if len(values) != count:
+        raise InputError(f"{option} was given {len(values)} times for {count} files", f"give {option} once for every file, or once per file in order")
+    return list(values)
+
+
+def model_sources(arch: list[str] | None = None, arch_arg: list[str] | None = None, key: list[str] | None = None, trust: bool = False):
+    """The model options of a command that reads several files, ``--arch`` and ``--key`` once
+    for every file or once per file, as a function of the files that gives their
+    :class:`~bnctl.io.source.ModelSource` (each as :func:`model_source` builds it)."""
+
+    def sources(paths: list[Path]) -> list[Any]:
+        archs, keys = per_file(arch, len(paths), "--arch"), per_file(key, len(paths), "--key")
+        return [model_source(a, arch_arg, k, trust).at(p) for p, a, k in zip(paths, archs, keys)]
+
+    return sources
+
+
 def check_inputs(input_shape: list[str] | None = None, data: Path | None = None, seed: int = 0, preprocess: Any = None):
     """The check-input options as :class:`~bnctl.io.source.CheckInputs`."""
     from ..io.source import CheckInputs, parse_input
@@ -152,6 +178,16 @@ EpsOpt = Annotated[
     Optional[float], typer.Option("--eps", help="The eps the BN layers were trained with, where the file does not record it (a state_dict): used by the statistics and their checks instead of PyTorch's default 1e-5.", rich_help_panel="Model")
 ]
 MODEL = OptionGroup((("arch", ArchOpt, None), ("arch_arg", ArchArgOpt, None), ("key", KeyOpt, None), ("trust", TrustOpt, False), ("strip_prefix", StripPrefixOpt, None), ("add_prefix", AddPrefixOpt, None), ("eps", EpsOpt, None)), model_source)
+#: the model options of a command that reads several files (``bnctl diff``)
+MODELS = OptionGroup(
+    (
+        ("arch", Annotated[Optional[list[str]], typer.Option("--arch", help="Build the model of a state_dict: 'pkg.module:factory' or 'file.py:factory'. Once for every file, or once per file.", rich_help_panel="Model")], None),
+        ("arch_arg", ArchArgOpt, None),
+        ("key", Annotated[Optional[list[str]], typer.Option("--key", help="Entry of a training checkpoint to read. Once for every file, or once per file.", rich_help_panel="Model")], None),
+        ("trust", TrustOpt, False),
+    ),
+    model_sources,
+)
 IMAGES = OptionGroup(
     (
         ("image_size", Annotated[Optional[str], typer.Option("--image-size", help="Resize images to H or H,W. Default: as they are (they must then share one size).", rich_help_panel="Data")], None),

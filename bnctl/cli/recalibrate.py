@@ -11,13 +11,15 @@ import typer
 
 from ..io.source import CheckInputs, ModelSource
 from ..jobs import DEVICES
-from .app import command, emit_report
-from .options import IMAGES, MODEL, PathArg, ReportFormat, ReportFormatOpt, choices, resolve_transform
+from ..render.emit import emit
+from .app import command
+from .options import IMAGES, MODEL, PathArg, choices, format_option, resolve_transform
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..io.data import Preprocess
 
 Device = choices("Device", DEVICES)
+RecalibrateFormat, RecalibrateFormatOpt = format_option("RecalibrationReport")
 
 
 @command()
@@ -41,12 +43,11 @@ def recalibrate(
         ),
     ] = None,
     until_stable: Annotated[Optional[float], typer.Option("--until-stable", help="Stop once no layer's estimate moved more than this over 3 batches (one process only).")] = None,
-    fmt: ReportFormatOpt = ReportFormat("table"),
+    fmt: RecalibrateFormatOpt = RecalibrateFormat("table"),
 ) -> None:
     """Re-estimate every BatchNorm's running statistics exactly on a data folder (torchrun for many processes)."""
     from ..jobs.recalibrate import recalibrate_file
     from ..render.progress import sample_progress
-    from ..render.reports import recalibration_table
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with sample_progress(enabled=rank0 and sys.stderr.isatty()) as progress:
@@ -65,5 +66,5 @@ def recalibrate(
         )
     if not rank0:
         return
-    emit_report(report, fmt.value, recalibration_table)
+    emit(report, fmt.value)
     typer.echo(f"wrote {output}", err=True)

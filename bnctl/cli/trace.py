@@ -8,15 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..audit.formats import FORMATS
-from ..core.registry import SEVERITIES
 from ..errors import InputError
-from .app import command, emit_text
-from .audit import _codes
-from .options import choices
-
-TraceFormat = choices("TraceFormat", FORMATS)
-TraceSeverity = choices("TraceSeverity", SEVERITIES)
+from .app import command
+from .audit import AuditFormat, Severity, configured, report
 
 
 @command(context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
@@ -24,9 +18,9 @@ def trace(
     target: Annotated[Optional[str], typer.Argument(help="The training script (or, with -m, the module) and its arguments, as python would take them.", show_default=False, metavar="SCRIPT")] = None,
     args: Annotated[Optional[list[str]], typer.Argument(help="The script's arguments.", show_default=False)] = None,
     module: Annotated[Optional[str], typer.Option("-m", help="Run a module as python -m does.", show_default=False)] = None,
-    fmt: Annotated[TraceFormat, typer.Option("--format", "-f", help="Report format.")] = TraceFormat("text"),
+    fmt: Annotated[AuditFormat, typer.Option("--format", "-f", help="Report format.")] = AuditFormat("text"),
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report to this file (atomically) instead of stdout.")] = None,
-    fail_on: Annotated[Optional[TraceSeverity], typer.Option("--fail-on", help="Exit 1 on findings of this severity or worse. Default: error.", show_default=False)] = None,
+    fail_on: Annotated[Optional[Severity], typer.Option("--fail-on", help="Exit 1 on findings of this severity or worse. Default: error.", show_default=False)] = None,
     select: Annotated[Optional[list[str]], typer.Option("--select", help="Only these checks (codes, prefixes, names). Repeatable.")] = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Skip these checks. Repeatable.")] = None,
 ) -> None:
@@ -38,27 +32,16 @@ def trace(
     Exit codes: the script's own when it fails (the report is still written), else 0 clean,
     1 findings at or above --fail-on, 2 bad usage.
     """
-    from ..audit import formats
-    from ..core.registry import check_selectors
     from ..audit.runner import AuditConfig
-    from ..jobs.trace import as_audit, trace_script
+    from ..jobs.trace import as_audit, distributed_rank, gather, share, trace_script
 
     if module is not None:
-        rest = ([target] if target is not None else []) + list(args or [])
-        name, script_args = module, rest
+        name, script_args = module, ([target] if target is not None else []) + list(args or [])
     elif target is None:
         raise InputError("no script to trace", "pass the training script and its arguments: bnctl trace train.py --epochs 1 (or -m package.module)")
     else:
         name, script_args = target, list(args or [])
-    config = AuditConfig()
-    if select:
-        config.select = check_selectors(_codes(select), "--select")
-    if ignore:
-        config.ignore = check_selectors(_codes(ignore), "--ignore")
-    if fail_on is not None:
-        config.fail_on = fail_on.value
-    from ..jobs.trace import distributed_rank, gather, share
-
+    config = configured(AuditConfig(), select, ignore, fail_on)
     run = trace_script(name, script_args, module=module is not None)
     ranked = distributed_rank()
     if ranked is not None and ranked[0] != 0:  # under torchrun: rank 0 reports for every rank
@@ -66,12 +49,5 @@ def trace(
         raise typer.Exit(run.exit_code)
     result = as_audit(run, config, gather(ranked[1]) if ranked is not None else None)
     sys.stdout.flush()
-    if fmt.value == "text":
-        from ..audit.formats import text
-
-        emit_text(text.to_text(result), output)
-    else:
-        emit_text(formats.RENDERERS[fmt.value](result), output)
-    if output is not None or fmt.value != "text":
-        typer.echo(formats.summary_line(result), err=True)
+    report(result, fmt.value, output)
     raise typer.Exit(run.exit_code or result.exit_code())

@@ -10,6 +10,7 @@ a tuple (the model's arguments) or a dict (its keyword arguments).
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -156,6 +157,18 @@ def check_one_size(files: list[Path], preprocess: Preprocess | None) -> None:
         listing = ", ".join(f"{h}x{w} ({n})" for (w, h), n in common[:4]) + (f" and {len(common) - 4} more" if len(common) > 4 else "")
         (w, h), _ = common[0]
         raise InputError(f"the images have {len(sizes)} sizes (H x W: {listing}); a batch needs one", f"pass --image-size {h},{w} (or --transform) to resize them")
+
+
+def ordered_samples(folder: Path, preprocess: Preprocess | None, seed: int) -> list[Path]:
+    """Every sample file of ``folder``, checked to stack into batches (:func:`check_one_size`),
+    in the order ``seed`` draws: ``bnctl recalibrate --seed`` reads them in this order. An
+    InputError where the folder is missing or holds no sample."""
+    files = sample_files(folder)
+    if not files:
+        raise InputError(f"--data {folder}: no image or tensor files", "put images (jpg, png, ...) or .npy/.npz/.pt samples in it (subfolders are fine)")
+    check_one_size(files, preprocess)
+    random.Random(seed).shuffle(files)
+    return files
 
 
 def collate(samples: list[Any]) -> tuple[Any, int]:

@@ -27,7 +27,8 @@ import numpy as np
 
 from ..core.layers import BNLayer
 from ..core.stats import as_float64, eps_of
-from ..io.source import ModelSource
+from ..errors import InputError
+from ..io.source import CheckInputs, ModelSource
 
 #: a statistic "moved" when some channel's mean shift or |log var ratio| is above this
 MOVED = 1e-6
@@ -246,3 +247,15 @@ def drift(source: ModelSource, batches: Any, *, device: str | None = None) -> Di
         layer.num_batches_tracked_change = None
         layer.findings = []
     return DiffResult([str(source.path), "data"], [step], samples=report.samples)
+
+
+def drift_folder(source: ModelSource, inputs: CheckInputs, *, batch_size: int = 32, workers: int = 0) -> DiffResult:
+    """:func:`drift` on every sample of ``inputs.data``, read with ``inputs.preprocess`` in the
+    order ``inputs.seed`` draws, ``batch_size`` a batch: the batches ``bnctl recalibrate``
+    with the same seed computes its statistics on."""
+    from ..io.data import loader, ordered_samples
+
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size} is not positive", "use e.g. --batch-size 32")
+    files = ordered_samples(Path(inputs.data), inputs.preprocess, inputs.seed)
+    return drift(source, (batch for batch, _ in loader(files, inputs.preprocess, batch_size, workers) if batch is not None))

@@ -1,5 +1,6 @@
-"""What ``bnctl inspect`` prints and writes: the rich table, its summary line, CSV, Markdown,
-Parquet and JSON. Functions return text (Parquet is written atomically); printing is the CLI's job.
+"""What ``bnctl inspect`` prints and writes: the rich table, its summary line, CSV, Markdown
+and Parquet (its JSON is :func:`bnctl.render.json.to_json`). Functions return text (Parquet is
+written atomically); :mod:`.emit` prints and writes them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from .. import _atomic
 from ..core.stats import flag_counts
 from ..errors import MissingExtraError
 from ..ops.inspect import InspectResult
-from .json import dumps
 from .text import markup, plain
 
 TABULAR = ("csv", "parquet", "markdown")
@@ -124,11 +124,6 @@ def inspect_table(result: InspectResult, *, width: int = WIDE, max_details: int 
     parts.append(Text(""))
     parts.append(Text(plain(summary_line(result)), style="bold"))
     return Group(*parts)
-
-
-def to_json(result: InspectResult) -> str:
-    """The JSON contract of ``bnctl inspect --format json`` (strict JSON: no NaN)."""
-    return dumps(result.to_dict())
 
 
 def _flat_table(result: InspectResult):

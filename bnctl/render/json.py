@@ -21,3 +21,8 @@ def clean(value: Any) -> Any:
 def dumps(document: Any) -> str:
     """``document`` as JSON text that any JSON parser reads."""
     return json.dumps(clean(document), indent=2, allow_nan=False) + "\n"
+
+
+def to_json(result: Any) -> str:
+    """A result's JSON document (its ``to_dict()``): the contracts in ARCHITECTURE.md."""
+    return dumps(result.to_dict())

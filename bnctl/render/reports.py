@@ -127,7 +127,7 @@ def export_table(report: Any):
     table = Table(box=None, header_style="bold", pad_edge=False)
     for title in ("ONNX op", "exported as is", "bnctl export"):
         table.add_column(title, justify="left" if title == "ONNX op" else "right")
-    ops = sorted(set(report.nodes_before) | set(report.nodes_after), key=lambda o: -(report.nodes_before.get(o, 0) + report.nodes_after.get(o, 0)))
+    ops = sorted(set(report.nodes_before) | set(report.nodes_after), key=lambda o: (-(report.nodes_before.get(o, 0) + report.nodes_after.get(o, 0)), o))  # ties by name: the same table every run
     for op in ops:
         table.add_row(op, str(report.nodes_before.get(op, 0)), str(report.nodes_after.get(op, 0)))
     table.add_row("[bold]nodes[/]", str(sum(report.nodes_before.values())), str(sum(report.nodes_after.values())))

@@ -1,6 +1,9 @@
-"""The audit as text: one line per finding, then a ruff-style summary line."""
+"""The audit as text: one line per finding, then a ruff-style summary line; and what
+``--fix`` repaired."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from ...render.text import plain
 from ..runner import AuditResult
@@ -69,7 +72,7 @@ def to_text(result: AuditResult, *, verbose: bool = False, quiet: bool = False) 
     return "\n".join(lines) + "\n"
 
 
-def statistics(result: AuditResult) -> str:
+def counts(result: AuditResult) -> str:
     """Counts per check, most frequent first (ruff's ``--statistics``), then the summary line."""
     from ...core.registry import CHECKS
 
@@ -78,3 +81,23 @@ def statistics(result: AuditResult) -> str:
         counts[f.code] = counts.get(f.code, 0) + 1
     lines = [f"{n:>6}  {code}  [{CHECKS[code].severity}] {CHECKS[code].name}" for code, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
     return "\n".join([*lines, summary_line(result)]) + "\n"
+
+
+def text(result: AuditResult, *, verbose: bool = False, quiet: bool = False, statistics: bool = False) -> str:
+    """What ``--format text`` writes: the counts per check with ``statistics``
+    (:func:`counts`), else the findings (:func:`to_text`)."""
+    return counts(result) if statistics else to_text(result, verbose=verbose, quiet=quiet)
+
+
+def fix_text(report: Any, *, diff: bool = False) -> str:
+    """A ``--fix`` report (:class:`bnctl.jobs.fix.FixReport`): one line per repair (``would
+    fix`` with ``diff``) and per finding left unrepaired and why, or why nothing was; then the
+    largest change of the eval-mode outputs."""
+    lines = [plain(f"{'would fix' if diff else 'fixed'}: {code} {layer}: {change}") for code, layer, change in report.repairs.fixed]
+    lines += [plain(f"not fixed: {code} {layer}: {why}") for code, layer, why in report.repairs.unfixed]
+    remaining = sorted({f.code for f in report.before.findings} - {c for c, _, _ in report.repairs.fixed})
+    if not report.repairs.fixed:
+        lines.append("nothing to fix" + (f" (findings of {', '.join(remaining)} are not fixable here)" if remaining else ""))
+    if report.max_abs_error is not None:
+        lines.append(f"eval-mode outputs, repaired against original on the check inputs: max abs error {report.max_abs_error:.2g}")
+    return "\n".join(lines) + "\n"
