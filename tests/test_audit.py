@@ -417,6 +417,22 @@ def test_fix_turns_onnx_training_mode_bn_into_inference_bn_and_onnx_runtime_agre
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_fix_exits_by_the_fail_on_given_on_the_command_line(cli, tmp_path):
+    """--fix's exit code is the written file's audit under --fail-on (it used pyproject's alone):
+    a training-mode BN after a Conv, fixed, leaves BN402 (info: foldable)."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(size=(3, 3, 1, 1)).astype(np.float32), "w")]
+    inits += [numpy_helper.from_array((rng.random(3) + 0.5).astype(np.float32), n) for n in ("s", "b", "m", "v")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y", "rm", "rv"], training_mode=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])], inits)
+    src = tmp_path / "train.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=9), src)
+    default = cli("audit", src, "--fix", "-o", tmp_path / "a.onnx")
+    assert default.exit_code == 0 and "BN402" in default.stdout, default.output
+    strict = cli("audit", src, "--fix", "-o", tmp_path / "b.onnx", "--fail-on", "info")
+    assert strict.exit_code == 1 and "BN402" in strict.stdout, strict.output
+
+
 def test_fix_refuses_statistics_that_are_not_real(cli, tmp_path):
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (("s", np.ones(3)), ("b", np.zeros(3)), ("m", np.zeros(3)), ("v", np.ones(3)))]
     nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], training_mode=1)]

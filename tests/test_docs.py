@@ -156,10 +156,10 @@ def test_python_export_examples_run(page, tmp_path):
 
 
 def test_a_broken_example_fails_the_driver(tmp_path):
-    blocks = [(3, "import bnctl\nbnctl.audit.audit(['x.pt'])\n")]
+    blocks = [(3, "import bnctl\nbnctl.no_such_function(['x.pt'])\n")]
     done = subprocess.run([sys.executable, "-c", DRIVER, "README.md"], input=repr(blocks), cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert done.returncode != 0
-    assert 'File "README.md", line 4' in done.stderr and "has no attribute 'audit'" in done.stderr
+    assert 'File "README.md", line 4' in done.stderr and "has no attribute 'no_such_function'" in done.stderr
 
 
 # --- links and pages --------------------------------------------------------------------

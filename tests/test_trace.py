@@ -288,3 +288,15 @@ def test_watching_reads_nothing_back_from_the_device_while_the_loop_runs(monkeyp
             opt.step()
         during = list(reads)
     assert during == [] and w.layers  # read only by finish(), after the loop
+
+
+def test_verbose_lists_each_layer_the_grouped_line_points_to(cli, tmp_path):
+    """A check firing on more than 3 layers is one text line that says ``--verbose lists each``;
+    ``bnctl trace --verbose`` does list each (trace had no --verbose while its report said so)."""
+    path = tmp_path / "five.py"
+    path.write_text("import torch\nfrom torch import nn\nmodel = nn.Sequential(*[nn.BatchNorm1d(4) for _ in range(5)])\nwith torch.no_grad():\n    model(torch.randn(8, 4))\n")
+    grouped = cli("trace", path)
+    assert grouped.exit_code == 1 and "--verbose lists each" in grouped.stdout
+    each = cli("trace", "--verbose", path)
+    assert each.exit_code == 1 and "--verbose lists each" not in each.stdout
+    assert sum("BN501" in line for line in each.stdout.splitlines() if "layers:" not in line) >= 5

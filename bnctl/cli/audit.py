@@ -60,7 +60,7 @@ def audit(
     select: Annotated[Optional[list[str]], typer.Option("--select", help="Only these checks: codes, prefixes (BN1) or names, comma-separated. Repeatable.", rich_help_panel="Checks")] = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Skip these checks (codes, prefixes, names). Repeatable.", rich_help_panel="Checks")] = None,
     exit_zero: Annotated[bool, typer.Option("--exit-zero", metavar="", help="Exit 0 even with findings (unreadable files still exit 2).")] = False,
-    config: Annotated[Optional[Path], typer.Option("--config", help="Read [tool.bnctl.audit] from this file. Default: the nearest pyproject.toml.", rich_help_panel="Checks")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Read \\[tool.bnctl.audit] from this file. Default: the nearest pyproject.toml.", rich_help_panel="Checks")] = None,
     list_checks: Annotated[bool, typer.Option("--list", metavar="", help="List every check and exit.", rich_help_panel="Checks")] = False,
     explain: Annotated[Optional[str], typer.Option("--explain", help="Explain a check (code or name) and exit.", rich_help_panel="Checks", show_default=False)] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="In folders, audit only files matching this glob (a name or a path below the folder). Repeatable.", rich_help_panel="Files")] = None,
@@ -86,7 +86,7 @@ def audit(
     if not paths:
         raise InputError("no checkpoint to audit", "pass files or folders, e.g. bnctl audit model.pt (or --list to see the checks)")
     if fix or diff:
-        _fix(paths, source, inputs, output, diff, config, select, ignore)
+        _fix(paths, source, inputs, output, diff, config, select, ignore, fail_on)
         return
     from .._atomic import refuse_overwrite
     from ..audit.runner import audit as run_audit
@@ -101,7 +101,7 @@ def audit(
     raise typer.Exit(result.exit_code(exit_zero))
 
 
-def _fix(paths, source, inputs, output, diff: bool, config, select, ignore) -> None:
+def _fix(paths, source, inputs, output, diff: bool, config, select, ignore, fail_on) -> None:
     """``--fix``: repair one file and write it to ``output`` (``diff``: say what would change)."""
     from ..audit.runner import load_config
     from ..jobs.fix import fix_file
@@ -110,7 +110,7 @@ def _fix(paths, source, inputs, output, diff: bool, config, select, ignore) -> N
         raise InputError("--fix repairs one file at a time", "pass one checkpoint, e.g. bnctl audit model.onnx --fix -o fixed.onnx")
     if output is None and not diff:
         raise InputError("--fix writes the repaired model to --output", "add -o fixed.<ext>, or --diff to see the changes without writing")
-    fixed = fix_file(source.at(paths[0]), None if diff else output, config=configured(load_config(path=config), select, ignore), inputs=inputs)
+    fixed = fix_file(source.at(paths[0]), None if diff else output, config=configured(load_config(path=config), select, ignore, fail_on), inputs=inputs)
     emit(fixed, "text", diff=diff)
     if diff:
         raise typer.Exit(1 if fixed.repairs.fixed else 0)

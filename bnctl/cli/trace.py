@@ -23,6 +23,7 @@ def trace(
     fail_on: Annotated[Optional[Severity], typer.Option("--fail-on", help="Exit 1 on findings of this severity or worse. Default: error.", show_default=False)] = None,
     select: Annotated[Optional[list[str]], typer.Option("--select", help="Only these checks (codes, prefixes, names). Repeatable.")] = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Skip these checks. Repeatable.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Text: one line per finding (default: a check firing on more than 3 layers is one line).")] = False,
 ) -> None:
     """Run a training script and catch BatchNorm bugs as they happen: evaluation without
     model.eval(), frozen BNs whose statistics move, tiny batches, NaN statistics, exports in
@@ -49,5 +50,5 @@ def trace(
         raise typer.Exit(run.exit_code)
     result = as_audit(run, config, gather(ranked[1]) if ranked is not None else None)
     sys.stdout.flush()
-    report(result, fmt.value, output)
+    report(result, fmt.value, output, verbose=verbose)
     raise typer.Exit(run.exit_code or result.exit_code())

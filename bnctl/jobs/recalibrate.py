@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
-import random
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +20,7 @@ from torch import nn
 from .. import _atomic
 from ..core.modules import batchnorms
 from ..errors import InputError
-from ..io.data import check_one_size, loader, sample_files, shard
+from ..io.data import loader, ordered_samples, shard
 from ..io.source import CheckInputs, ModelSource
 from ..io.writers import like_input
 from ..ops.recalibrate import NoBatchesError, RecalibrationReport, recalibrate
@@ -81,11 +80,7 @@ def recalibrate_file(
     checkpoint, model = opened.checkpoint, opened.eager("recalibrating")
     if not batchnorms(model, estimating=True):
         raise InputError(f"{checkpoint.path.name}: the model has no BatchNorm layer with running statistics", "nothing to recalibrate")
-    files = sample_files(data)
-    if not files:
-        raise InputError(f"--data {data}: no image or tensor files", "put images (jpg, png, ...) or .npy/.npz/.pt samples in it (subfolders are fine)")
-    check_one_size(files, inputs.preprocess)
-    random.Random(inputs.seed).shuffle(files)
+    files = ordered_samples(data, inputs.preprocess, inputs.seed)
     if max_samples is not None:
         files = files[:max_samples]
     rank, world = _distributed(device)
