@@ -83,12 +83,14 @@ def inspect(target: str | Path | ModelSource | Any, **source: Any) -> InspectRes
         target = ModelSource(Path(target), **source)
     elif source:
         target = dataclasses.replace(target, **source)
+    from ..io.kinds import StateDict
+
     with bulk():
         opened = target.open()
         found = opened.layers()
         rows = stats.rows(found)
     checkpoint, module, notes = opened.checkpoint, opened.built, opened.notes
-    if checkpoint.content == "state_dict" and module is None and found:
+    if isinstance(opened.kind, StateDict) and module is None and found:
         notes.append("a state_dict does not record kind, eps, momentum or train/eval mode: shown as unknown; pass --arch to read them from the model")
     if module is not None:
         notes.append("train/eval mode is unknown: a state_dict does not record it")
