@@ -1,6 +1,6 @@
-"""The statistics and ONNX checks of :mod:`bnctl.audit.registry` (no torch: they read what
+"""The statistics and ONNX checks of :mod:`bnctl.core.registry` (no torch: they read what
 inspect reads); the configuration and behaviour checks, which need a module, are in
-:mod:`bnctl.audit.model_checks`. Each function returns findings as
+:mod:`bnctl.audit.model_checks`. Each function returns findings as :class:`Raw`
 ``(layer or None, code, message)``; the runner adds the file and filters them."""
 
 from __future__ import annotations

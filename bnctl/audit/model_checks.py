@@ -1,6 +1,6 @@
-"""The configuration and behaviour checks of :mod:`bnctl.audit.registry`: they read a module
+"""The configuration and behaviour checks of :mod:`bnctl.core.registry`: they read a module
 tree (configuration) or run the model on check inputs (behaviour). Each function returns
-findings as ``(layer or None, code, message)``."""
+findings as :class:`~bnctl.audit.checks.Raw` ``(layer or None, code, message)``."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from .._quiet import quiet
 from ..errors import BnctlError, InputError, UnsafeCheckpointError, one_line
 from .arch import importing_recorded
 from .archive import Archive, open_zip, regular_file
-from .kinds import EagerModule, Kind, OnnxGraph, Program, Script, StateDict, module_kind
+from .kinds import EagerModule, Kind, OnnxGraph, Program, Script, StateDict
 from .safetensors import header_length, header_parses
 
 
@@ -333,7 +333,7 @@ def _interpret(path: Path, fmt: Format, obj: Any, key: str | None) -> Checkpoint
     if _is_module(obj):
         if key is not None:
             raise InputError(f"--key {key!r} does not apply: {path} holds a whole module", "drop --key")
-        return Checkpoint(path, fmt, module_kind(obj))
+        return Checkpoint(path, fmt, EagerModule(obj))
     if not isinstance(obj, Mapping):
         raise InputError(
             f"{path} holds a {type(obj).__name__}, not a state_dict or a training checkpoint",
@@ -359,7 +359,7 @@ def _interpret(path: Path, fmt: Format, obj: Any, key: str | None) -> Checkpoint
             f"choose one of: {', '.join(candidates) or ', '.join(map(str, obj))}",
         )
     if _is_module(value):
-        return Checkpoint(path, fmt, module_kind(value), key=chosen, candidates=candidates, metadata=metadata, root=obj)
+        return Checkpoint(path, fmt, EagerModule(value), key=chosen, candidates=candidates, metadata=metadata, root=obj)
     if isinstance(value, Mapping) and not _is_state_dict(value):
         nested = _preferred(tuple(_candidate_entries(value)))
         if nested is not None:

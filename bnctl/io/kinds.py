@@ -123,7 +123,7 @@ class Script(Kind):
     def found(self, built: Any = None) -> list[core_layers.BNLayer]:
         from ..core import modules
 
-        return modules.from_module(self.tree())
+        return modules.from_module(built, mode_known=False) if built is not None else modules.from_module(self.tree())
 
     def tree(self) -> Any:
         return self.module if self.module is not None else self.view
@@ -156,7 +156,7 @@ class Program(Kind):
             return core_layers.from_program_json(self.program)
         from ..core import modules
 
-        return modules.from_program(self.program)
+        return modules.from_module(built, mode_known=False) if built is not None else modules.from_program(self.program)
 
     def why_not_run(self, trusted: bool) -> str | None:
         return None if trusted and self.loaded else "they run the program in the file, which bnctl does only with --trust"
@@ -193,13 +193,6 @@ def find_layers(checkpoint: Any, module: Any = None) -> list[core_layers.BNLayer
     """The BN layers of a :class:`~bnctl.io.checkpoint.Checkpoint` (``bnctl.find_layers``);
     with ``module`` (built from ``--arch`` and loaded with its state_dict), those of that module."""
     return checkpoint.layers(module)
-
-
-def module_kind(module: Any) -> Kind:
-    """A module unpickled from a file: TorchScript stays :class:`Script`, anything else is an :class:`EagerModule`."""
-    import torch
-
-    return Script(module=module) if isinstance(module, torch.jit.ScriptModule) else EagerModule(module)
 
 
 def refuse_untrusted(kind: Kind, name: str, verb: str, trusted: bool) -> None:

@@ -1,9 +1,12 @@
-"""Write a model in the format the user asked for, atomically, after checking that what will
-be written computes what it should.
+"""A model as it will be written: an :class:`Artifact` (how to run it, its bytes, its inputs
+as the file records them), built in the format the user asked for (:func:`build`, ``--to``)
+or in the input's own (:func:`like_input`); :func:`save`, the one function that writes one,
+atomically.
 
-Each writer first builds the artifact (an exported program, a TorchScript module, ONNX
-bytes, ...) and a runner for *that artifact*, so the proof covers the file and not only the
-in-memory model it came from.
+A builder makes the artifact itself (an exported program, a TorchScript module, ONNX bytes,
+a pickled module loaded back) and a runner for *that artifact*, so that the check a job runs
+before saving (:func:`bnctl.jobs.artifact.deliver`) covers the file, not only the in-memory
+model it came from.
 """
 
 from __future__ import annotations
@@ -69,16 +72,17 @@ def torch_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def build(model: nn.Module, target: Target, inputs: tuple, dest: Path, layout: Layout = Layout()) -> Artifact:
-    """Turn ``model`` into the artifact for ``target``; errors that name the failing step.
-    ``layout``: the dynamic dims of a ``.pt2`` or ONNX file, and an ONNX graph's names."""
+def build(model: nn.Module, target: Target, inputs: tuple, dest: Path, layout: Layout = Layout(), tip: str = "try another --to (pt2, torchscript, module, state-dict); rerun with --debug for details") -> Artifact:
+    """Turn ``model`` into the artifact for ``target``; errors that name the failing step
+    (``tip``: what the command's user can do instead). ``layout``: the dynamic dims of a
+    ``.pt2`` or ONNX file, and an ONNX graph's names."""
     try:
         with quiet():
             return _BUILDERS[target](model, inputs, dest, layout)
     except BnctlError:
         raise
     except Exception as exc:  # noqa: BLE001 - an exporter failing is the user's model's story
-        raise InputError(f"could not write the model as {target.value}: {type(exc).__name__}: {one_line(exc)}", "try another --to (pt2, torchscript, module, state-dict); rerun with --debug for details") from exc
+        raise InputError(f"could not write the model as {target.value}: {type(exc).__name__}: {one_line(exc)}", tip) from exc
 
 
 def save(artifact: Artifact, dest: Path) -> None:
@@ -122,8 +126,25 @@ def _torchscript(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) ->
 
 def _module(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> Artifact:
     data = torch_bytes(model)
-    reloaded = torch.load(io.BytesIO(data), weights_only=False)  # bytes we just wrote ourselves
-    return Artifact(Target.MODULE, reloaded, lambda: data)
+    loaded: list[nn.Module] = []
+
+    def run(*args: Any) -> Any:  # the file's bytes loaded back, on the first run only (none: no cost)
+        if not loaded:
+            loaded.append(torch.load(io.BytesIO(data), weights_only=False))  # bytes we just wrote ourselves
+        return loaded[0](*args)
+
+    return Artifact(Target.MODULE, run, lambda: data)
+
+
+def state_dict_artifact(model: nn.Module, dest: Path) -> Artifact:
+    """``model.state_dict()`` as it is (``_metadata`` kept): safetensors for a
+    ``.safetensors`` name, else a torch file. It runs as ``model``."""
+    state = model.state_dict()
+    if dest.suffix.lower() == ".safetensors":
+        from safetensors.torch import save
+
+        return Artifact(Target.STATE_DICT, model, lambda: save({k: v.detach().contiguous() for k, v in state.items()}))
+    return Artifact(Target.STATE_DICT, model, lambda: torch_bytes(state))
 
 
 def _state_dict(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> Artifact:
@@ -162,23 +183,25 @@ def _load_onnx(data: bytes) -> Any:
     return onnx.load_from_string(data)
 
 
-def like_input(checkpoint: Any, model: Any, *, strip: str | None = None, add: str | None = None) -> Artifact:
-    """``model`` (changed by a command from what ``checkpoint`` held) written back as the input
-    was (:mod:`bnctl.io.kinds`): a state_dict into its own file layout (the whole training
-    checkpoint, or the safetensors file with its metadata), a pickled module pickled again,
-    TorchScript as TorchScript, a program as a ``.pt2``, an ONNX graph as ONNX.
-    ``strip``/``add``: the key prefixes ``--arch`` fitted the state_dict with."""
+def like_input(checkpoint: Any, model: Any, dest: Path, *, strip: str | None = None, add: str | None = None) -> Artifact:
+    """``model`` (changed by a command from what ``checkpoint`` held) as it will be written to
+    ``dest`` in the input's own kind (:mod:`bnctl.io.kinds`): a state_dict into the file's own
+    layout (the whole training checkpoint with its other entries, or the safetensors file with
+    its metadata), a pickled module pickled again, TorchScript as TorchScript, a program as a
+    ``.pt2``, an ONNX graph as ONNX. ``strip``/``add``: the key prefixes ``--arch`` fitted the
+    state_dict with. A pickled module runs loaded back from its bytes, an ONNX graph in ONNX
+    Runtime, the others as the model in memory."""
     from .kinds import EagerModule, OnnxGraph, Program, Script
 
     kind = checkpoint.kind
     if isinstance(kind, OnnxGraph):
-        return onnx_artifact(model, checkpoint.path)
+        return onnx_artifact(model, dest)
     if isinstance(kind, Program):
         return program_artifact(model)
     if isinstance(kind, Script):
-        return _torchscript(model, (), checkpoint.path, Layout())
+        return _torchscript(model, (), dest, Layout())
     if isinstance(kind, EagerModule):
-        return _module(model, (), checkpoint.path, Layout())
+        return _module(model, (), dest, Layout())
     return _state_dict_like(checkpoint, model, strip, add)
 
 
@@ -192,20 +215,28 @@ def _state_dict_like(checkpoint: Any, model: nn.Module, strip: str | None, add: 
     names = {model_key: file_key for file_key, model_key in fitted.items()}  # model key -> file key
     updated = {names[k]: v.detach().cpu().contiguous() for k, v in state.items() if k in names}
     if checkpoint.format == Format.SAFETENSORS:
-        from safetensors.torch import save
 
-        tensors = torch_tensors(checkpoint.tensors)
-        tensors.update(updated)
-        header = {k: str(v) for k, v in checkpoint.metadata.items()} or None
-        return Artifact(Target.STATE_DICT, model, lambda: save({k: v.contiguous() for k, v in tensors.items()}, metadata=header))
-    whole = checkpoint.whole()
-    entry = whole
-    for part in (checkpoint.key or "").split("."):
-        if part:
-            entry = entry[part]
-    for k, v in updated.items():
-        entry[k] = v
-    return Artifact(Target.STATE_DICT, model, lambda: torch_bytes(whole))
+        def safetensors_bytes() -> bytes:
+            from safetensors.torch import save
+
+            tensors = torch_tensors(checkpoint.tensors)
+            tensors.update(updated)
+            header = {k: str(v) for k, v in checkpoint.metadata.items()} or None
+            return save({k: v.contiguous() for k, v in tensors.items()}, metadata=header)
+
+        return Artifact(Target.STATE_DICT, model, safetensors_bytes)
+
+    def torch_file() -> bytes:
+        whole = checkpoint.whole()  # every tensor of the file read: only when it is written
+        entry = whole
+        for part in (checkpoint.key or "").split("."):
+            if part:
+                entry = entry[part]
+        for k, v in updated.items():
+            entry[k] = v
+        return torch_bytes(whole)
+
+    return Artifact(Target.STATE_DICT, model, torch_file)
 
 
 _BUILDERS: dict[Target, Callable[[nn.Module, tuple, Path], Artifact]] = {

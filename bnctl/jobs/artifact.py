@@ -31,17 +31,21 @@ def deliver(
 ) -> bool:
     """Check ``artifact`` and save it to ``output``; returns whether it was written.
 
-    With ``model`` and ``examples``, the artifact runs on them first: a ``report`` that
-    records comparisons (fold, export: :class:`~bnctl.ops.fold.report.Checked`) takes the
-    differences and decides with its tolerance (``report.ok``); any other report gets an
-    InputError if the artifact does not compute what ``model`` computes. ``before_save``
-    (``--int8-check``) sees the artifact once it checked out. ``report.written`` is set.
+    With ``model`` and ``examples``, the artifact runs on them first (where it is not the
+    in-memory ``model`` itself). A report that records comparisons (fold:
+    :class:`~bnctl.ops.fold.report.Checked`) takes the differences, at other sizes too where
+    the file leaves dims dynamic, and decides with its tolerance (``report.ok``); anything
+    else must compute what ``model`` computes (both in eval mode), else an InputError and
+    nothing written. Without check inputs, or where the operation already ran the very object
+    that is written (an ONNX graph the fold or export compared in ONNX Runtime), nothing runs
+    here. ``before_save`` (``--int8-check``) sees the artifact once it checked out.
+    ``report.written`` is set.
     """
     checked = hasattr(report, "record")
     if model is not None and examples is not None:
         if checked:
             report.check_run(artifact.run, model, examples, artifact.inputs, getattr(report, "reference", None) or None)
-        else:
+        elif artifact.run is not model:
             with verify.eval_mode(model):
                 expected = verify.reference_outputs(model, examples)
             run = artifact.run

@@ -23,9 +23,9 @@ def convert_file(
     save_as: str = "module",
 ) -> ConvertReport:
     """Read ``source`` (a state_dict with ``arch``, or a pickled module), convert, write ``output``
-    as a pickled module or as the converted architecture's state_dict (a ``.safetensors``
-    name writes safetensors). With check inputs, the file about to be written runs on them
-    first and must compute what the converted model computes."""
+    as a pickled module (with check inputs, loaded back from its bytes and run on them first:
+    it must compute what the converted model computes) or as the converted architecture's
+    state_dict (safetensors for a ``.safetensors`` name)."""
     output = Path(output)
     _atomic.refuse_overwrite(source.path, output)
     model = source.open().eager("converting")
@@ -33,7 +33,9 @@ def convert_file(
     if examples is not None:
         verify.reference_outputs(model.eval(), examples)  # an InputError naming the shape if the model rejects it
     converted, report = convert(model, to, inputs=examples, groups=groups)
-    target = Target.MODULE if save_as == "module" else Target.STATE_DICT
-    artifact = writers.build(converted, target, examples or (), output)
-    deliver(artifact, output, report, model=converted.eval(), examples=examples)
+    if save_as == "module":
+        artifact = writers.build(converted, Target.MODULE, examples or (), output, tip="try --as state-dict; rerun with --debug for details")
+    else:
+        artifact = writers.state_dict_artifact(converted, output)
+    deliver(artifact, output, report, model=converted, examples=examples)
     return report

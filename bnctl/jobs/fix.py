@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import _atomic
-from ..io.kinds import OnnxGraph, Program
-from ..io.writers import like_input
+from ..io.kinds import OnnxGraph, Program, StateDict
+from ..io.writers import like_input, state_dict_artifact
 from ..audit.fixes import Repairs, fix_module, fix_onnx, fix_program
 from ..core.registry import FIXABLE
 from ..audit.runner import AuditConfig, AuditResult, audit
@@ -58,37 +58,37 @@ def fix_file(source: ModelSource, output: str | Path | None, *, config: AuditCon
             codes.setdefault(f.code, set()).add(f.layer or "")
     opened = source.open()
     checkpoint, kind = opened.checkpoint, opened.kind
-    artifact = None
+    repaired, examples = None, None
     if not codes:
         pass
     elif isinstance(kind, OnnxGraph):
-        new, report.repairs = fix_onnx(kind.proto, codes.get("BN401", set()))
+        repaired, report.repairs = fix_onnx(kind.proto, codes.get("BN401", set()))
         if report.repairs.fixed:
-            _check_onnx(new)
-        artifact = like_input(checkpoint, new)
+            _check_onnx(repaired)  # run in ONNX Runtime: the graph that is written
     elif isinstance(kind, Program):
         program = opened.runnable("fixing")  # a .pt2 is loaded and run only with --trust
-        new, module, report.repairs = fix_program(program, codes.get("BN201", set()))
+        repaired, module, report.repairs = fix_program(program, codes.get("BN201", set()))
         if report.repairs.fixed:
             from ..core import verify
 
             args, _ = program.example_inputs
-            report.max_abs_error = verify.compare(verify.run(module, tuple(args)), verify.run(new.module(), tuple(args)))[0]
-            artifact = like_input(checkpoint, new)
+            report.max_abs_error = verify.compare(verify.run(module, tuple(args)), verify.run(repaired.module(), tuple(args)))[0]
     else:
-        model = opened.runnable("fixing")  # TorchScript needs --trust; a state_dict needs --arch
-        original = copy.deepcopy(model)
-        report.repairs = fix_module(model, codes)
+        repaired = opened.runnable("fixing")  # TorchScript needs --trust; a state_dict needs --arch
+        original = copy.deepcopy(repaired)
+        report.repairs = fix_module(repaired, codes)
         examples = inputs.make()
         if examples is not None:
             from ..core import verify
 
-            report.max_abs_error = verify.compare(verify.reference_outputs(original.eval(), examples), verify.reference_outputs(model, examples))[0]
-        artifact = like_input(checkpoint, model, strip=source.strip_prefix, add=source.add_prefix)
-    if output is not None and artifact is not None and report.repairs.fixed:
-        deliver(artifact, Path(output), report)
+            report.max_abs_error = verify.compare(verify.reference_outputs(original.eval(), examples), verify.reference_outputs(repaired, examples))[0]
+    if output is not None and report.repairs.fixed:
+        output = Path(output)
+        # the input's own kind; a state_dict as the model's state_dict (the file's other entries are not repaired)
+        artifact = state_dict_artifact(repaired, output) if isinstance(kind, StateDict) else like_input(checkpoint, repaired, output)
+        deliver(artifact, output, report, model=repaired if examples is not None else None, examples=examples)
         report.output = str(output)
-        report.after = audit([Path(output)], model=source.at(output), inputs=inputs, config=config)
+        report.after = audit([output], model=source.at(output), inputs=inputs, config=config)
     return report
 
 

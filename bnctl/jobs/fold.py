@@ -7,12 +7,9 @@ outputs within the tolerance; the input file is never overwritten.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
-
-from typing import Any
+from typing import Any, Callable
 
 from .. import _atomic
-from ..core import verify
 from ..errors import InputError
 from ..io import writers
 from ..io.kinds import OnnxGraph, Script
@@ -103,8 +100,6 @@ def fold_file(
     report.input_dims = artifact.inputs
     if target in (Target.TORCHSCRIPT, Target.STATE_DICT, Target.MODULE):
         report.notes.append(f"a {target.value} file records no input shapes (a traced module may still fix sizes its code read)" if target == Target.TORCHSCRIPT else f"a {target.value} file records no input shapes")
-    checked = report.check_run(artifact.run, model, examples, artifact.inputs, report.reference)
-    report.inputs += "".join(f"; {verify.shapes_text(other, tuples=True)}" for other in checked[1:])
 
     def quantize(artifact: writers.Artifact) -> None:
         import onnx
@@ -114,7 +109,7 @@ def fold_file(
         graph = onnx.load_from_string(artifact.data())
         report.int8_check = quantize_and_compare(graph, {i.name: t.detach().numpy() for i, t in zip(graph_inputs(graph), examples)})
 
-    deliver(artifact, output, report, before_save=quantize if int8_check else None)
+    deliver(artifact, output, report, model=model, examples=examples, before_save=quantize if int8_check else None)
     return report
 
 

@@ -116,7 +116,7 @@ def recalibrate_file(
     if skipped[0]:
         report.notes.append(f"{skipped[0]} unreadable files skipped")
     if rank == 0:  # the input's own format, with the new statistics
-        deliver(like_input(checkpoint, model, strip=source.strip_prefix, add=source.add_prefix), output, report)
+        deliver(like_input(checkpoint, model, output, strip=source.strip_prefix, add=source.add_prefix), output, report)
     if world > 1:
         import torch.distributed as dist
 

@@ -45,6 +45,9 @@ class ExportReport(Checked):
     written: bool = False
     int8_check: dict[str, Any] | None = None  # --int8-check (ops/int8_check.py)
 
+    def ran_on(self, checked: list[tuple]) -> None:
+        self.checked_shapes += [verify.shapes_text(check) for check in checked]
+
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "difference"} | self.bound()
 
@@ -131,8 +134,7 @@ def export(
     def run(*args: torch.Tensor) -> list[torch.Tensor]:
         return onnx_run.run(proto, {n: t.detach().numpy() for n, t in zip(graph_names, args)}, what="the exported graph")
 
-    for check in report.check_run(run, model, inputs, report.inputs, reference):
-        report.checked_shapes.append(verify.shapes_text(check))
+    report.check_run(run, model, inputs, report.inputs, reference)
     if int8_check and report.ok:
         from .int8_check import int8_check as quantize_and_compare
 

@@ -107,7 +107,11 @@ class Checked:
                 with verify.eval_mode(model):
                     expected = verify.reference_outputs(model, check)
             self.record(verify.compare(expected, verify.run(run, check)))
+        self.ran_on(checked)
         return checked
+
+    def ran_on(self, checked: list[tuple]) -> None:
+        """Note the input sets :meth:`check_run` ran on (a report that lists them says so)."""
 
     def errors_text(self) -> str:
         """``max abs error 1.8e-07, max rel error 0.015``."""
@@ -140,6 +144,11 @@ class FoldReport(Checked):
     int8_check: dict[str, Any] | None = None  # --int8-check: ONNX Runtime's int8 quantization of the written graph (ops/int8_check.py)
     reference: list[torch.Tensor] = field(default_factory=list, repr=False)  # the original's outputs
     feeds: dict[str, Any] = field(default_factory=dict, repr=False)  # an ONNX graph's check inputs by name (numpy)
+
+    def ran_on(self, checked: list[tuple]) -> None:
+        from ...core import verify
+
+        self.inputs += "".join(f"; {verify.shapes_text(other, tuples=True)}" for other in checked[1:])  # the first: the fold's own
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of the fold contract (ARCHITECTURE.md) (non-finite numbers stay as they are: the JSON writer makes them null)."""
