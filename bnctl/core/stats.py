@@ -113,12 +113,9 @@ def summarize(layer: BNLayer) -> Row:
         return _summarize(layer, mean, var, weight, bias, eps)
 
 
-def _summarize(layer: BNLayer, mean, var, weight, bias, eps: float) -> Row:
-    scale = None
-    if var is not None:
-        scale = (np.abs(weight) if weight is not None else np.ones_like(var)) / np.sqrt(var + eps)
-    dead = int((np.abs(weight) < DEAD_WEIGHT).sum()) if weight is not None else 0
-    row: Any = {
+def _identity(layer: BNLayer) -> dict[str, Any]:
+    """The columns of a row that say which layer it is and how it is configured."""
+    return {
         "name": layer.name,
         "kind": layer.kind,
         "num_features": layer.num_features,
@@ -127,6 +124,16 @@ def _summarize(layer: BNLayer, mean, var, weight, bias, eps: float) -> Row:
         "averaging": layer.averaging,
         "training": layer.training,
         "num_batches_tracked": layer.num_batches_tracked,
+    }
+
+
+def _summarize(layer: BNLayer, mean, var, weight, bias, eps: float) -> Row:
+    scale = None
+    if var is not None:
+        scale = (np.abs(weight) if weight is not None else np.ones_like(var)) / np.sqrt(var + eps)
+    dead = int((np.abs(weight) < DEAD_WEIGHT).sum()) if weight is not None else 0
+    row: Any = {
+        **_identity(layer),
         "mean_absmax": _reduce(mean, lambda t: np.abs(t).max()),
         "var_min": _reduce(var, np.min),
         "var_max": _reduce(var, np.max),
@@ -315,16 +322,7 @@ def _rows_together(group: list[BNLayer]) -> list[Row | None]:
         if suspicious[k] or layer.training or (layer.averaging == "ema" and layer.momentum == 0):
             result.append(None)
             continue
-        row: dict[str, Any] = {
-            "name": layer.name,
-            "kind": layer.kind,
-            "num_features": layer.num_features,
-            "eps": layer.eps,
-            "momentum": layer.momentum,
-            "averaging": layer.averaging,
-            "training": layer.training,
-            "num_batches_tracked": layer.num_batches_tracked,
-        }
+        row: Any = _identity(layer)
         row.update({name: column[k] for name, column in values.items()})
         row.update(dead_channels=0, flags=[], details=[])
         result.append(row)

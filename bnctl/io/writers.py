@@ -148,12 +148,7 @@ def state_dict_artifact(model: nn.Module, dest: Path) -> Artifact:
 
 
 def _state_dict(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> Artifact:
-    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    if dest.suffix.lower() == ".safetensors":
-        from safetensors.torch import save
-
-        return Artifact(Target.STATE_DICT, model, lambda: save(tensors))
-    return Artifact(Target.STATE_DICT, model, lambda: torch_bytes(tensors))
+    return state_dict_artifact(model, dest)
 
 
 def _onnx(model: nn.Module, inputs: tuple, dest: Path, layout: Layout) -> Artifact:
